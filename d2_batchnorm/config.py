@@ -1,0 +1,151 @@
+"""
+Config keys of d2_batchnorm and their validation — the only place either is defined.
+
+``add_batchnorm_config(cfg)`` extends detectron2's default config in place. detectron2's
+own keys keep their meaning (``TEST.PRECISE_BN.ENABLED``, ``TEST.PRECISE_BN.NUM_ITER``,
+``MODEL.*.NORM``); new keys extend the node they belong to, or sit under ``BN`` for
+policies that concern every BatchNorm of the model. README.md lists every key with its
+default and allowed values.
+
+``validate_batchnorm_config(cfg)`` checks values before any model, data loader or process
+group is built, and raises ``ValueError`` naming the key, the bad value and what is allowed.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_batchnorm_config", "validate_batchnorm_config"]
+
+RETINANET_NORM_STATS = ("per_level", "shared", "naive")
+POPULATION_STATS = ("", "per_level", "shared")
+TEST_BN_STATS = ("population", "mini_batch")
+LEAKAGE_MITIGATIONS = ("none", "syncbn", "shuffle")
+
+
+def add_batchnorm_config(cfg: CN) -> CN:
+    """
+    Adds d2_batchnorm's keys with their defaults to ``cfg`` (a detectron2 config from
+    ``get_cfg()``), in place. Calling it twice is harmless. Returns ``cfg``.
+    """
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    _add_keys(cfg)
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def _set_default(node: CN, key: str, value) -> None:
+    if key not in node:
+        node[key] = value
+
+
+def _add_keys(cfg: CN) -> None:
+    # ---- PreciseBN (detectron2: TEST.PRECISE_BN.ENABLED / NUM_ITER keep their meaning)
+    pbn = cfg.TEST.PRECISE_BN
+    # Global number of images (all workers together) to compute population statistics
+    # from; > 0 takes precedence over NUM_ITER (iterations per worker).
+    _set_default(pbn, "NUM_SAMPLES", 0)
+    # Run PreciseBN every PERIOD iterations (and after the last one); 0: TEST.EVAL_PERIOD.
+    _set_default(pbn, "PERIOD", 0)
+    # Images per worker per PreciseBN batch; 0: the training batch per worker.
+    _set_default(pbn, "IMS_PER_BATCH", 0)
+    # Datasets to compute the statistics on; empty: DATASETS.TRAIN. Naming a test-domain
+    # dataset recomputes the statistics on that domain before evaluation.
+    _set_default(pbn, "DATASETS", ())
+    # Also evaluate with the EMA statistics before PreciseBN replaces them, so both APs are
+    # logged in one run ("ema/<metric>" next to "<metric>").
+    _set_default(pbn, "EVAL_EMA", True)
+
+    # ---- statistics at inference
+    # "population": running (EMA or precise) statistics; "mini_batch": every BN normalizes
+    # each test batch by its own statistics (train-mode BN at inference).
+    _set_default(cfg.TEST, "BN_STATS", "population")
+    # Images per worker per inference batch when TEST.BN_STATS is "mini_batch".
+    _set_default(cfg.TEST, "IMS_PER_BATCH", 1)
+
+    # ---- policies for every BatchNorm of the model
+    if "BN" not in cfg:
+        cfg.BN = CN()
+    # Freeze all BN layers (population statistics, affine still trained) for the last N
+    # training iterations; 0 disables.
+    _set_default(cfg.BN, "FROZEN_LAST_ITERS", 0)
+    # "SyncBN" normalizes over groups of this many consecutive workers; 0: all workers.
+    _set_default(cfg.BN, "SYNC_GROUP_SIZE", 0)
+    # "GhostBN" normalizes over virtual batches of this many samples; 0: whole batch.
+    _set_default(cfg.BN, "GHOST_BATCH_SIZE", 0)
+
+    # ---- RetinaNet head shared across FPN levels
+    # Training statistics: "per_level" (each level its own), "shared" (all levels jointly),
+    # "naive" (detectron2's shared BN: per-level batch statistics, one EMA).
+    _set_default(cfg.MODEL.RETINANET, "NORM_STATS", "per_level")
+    # Population statistics: "" (same as NORM_STATS), "per_level" or "shared".
+    _set_default(cfg.MODEL.RETINANET, "POPULATION_STATS", "")
+    # With per-level statistics: one affine (gamma, beta) shared by all levels, or one each.
+    _set_default(cfg.MODEL.RETINANET, "NORM_SHARE_AFFINE", True)
+
+    # ---- information leakage in R-CNN heads with BN
+    # "none": per-worker BN; "syncbn": statistics over all workers; "shuffle": RoI features
+    # shuffled across workers before the head and restored after it.
+    _set_default(cfg.MODEL.ROI_BOX_HEAD, "LEAKAGE_MITIGATION", "none")
+    _set_default(cfg.MODEL.ROI_MASK_HEAD, "LEAKAGE_MITIGATION", "none")
+
+
+def _check_choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} = {value!r} is not allowed; allowed values: {list(allowed)}")
+
+
+def _check_int(key: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} = {value!r} is not allowed; it must be an integer >= {minimum}")
+
+
+def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
+    """
+    Raises ``ValueError`` naming the first bad key of ``cfg``, its value and what is allowed.
+
+    Args:
+        cfg: a config extended by :func:`add_batchnorm_config`.
+        world_size: the number of training processes, for keys that must divide it.
+    """
+    if "BN" not in cfg:
+        raise ValueError("the config lacks d2_batchnorm's keys: call add_batchnorm_config(cfg)")
+    pbn = cfg.TEST.PRECISE_BN
+    _check_int("TEST.PRECISE_BN.NUM_ITER", pbn.NUM_ITER, 1)
+    _check_int("TEST.PRECISE_BN.NUM_SAMPLES", pbn.NUM_SAMPLES, 0)
+    _check_int("TEST.PRECISE_BN.PERIOD", pbn.PERIOD, 0)
+    _check_int("TEST.PRECISE_BN.IMS_PER_BATCH", pbn.IMS_PER_BATCH, 0)
+    if not isinstance(pbn.DATASETS, (list, tuple)):
+        raise ValueError(
+            f"TEST.PRECISE_BN.DATASETS = {pbn.DATASETS!r} is not allowed; "
+            "it must be a list of registered dataset names"
+        )
+    _check_choice("TEST.BN_STATS", cfg.TEST.BN_STATS, TEST_BN_STATS)
+    _check_int("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH, 1)
+    if cfg.TEST.BN_STATS == "mini_batch" and cfg.TEST.IMS_PER_BATCH < 2:
+        raise ValueError(
+            f"TEST.IMS_PER_BATCH = {cfg.TEST.IMS_PER_BATCH} is not allowed with "
+            "TEST.BN_STATS = 'mini_batch': mini-batch statistics need at least 2 images "
+            "per batch"
+        )
+
+    _check_int("BN.FROZEN_LAST_ITERS", cfg.BN.FROZEN_LAST_ITERS, 0)
+    if cfg.BN.FROZEN_LAST_ITERS > cfg.SOLVER.MAX_ITER:
+        raise ValueError(
+            f"BN.FROZEN_LAST_ITERS = {cfg.BN.FROZEN_LAST_ITERS} is not allowed; it must be "
+            f"<= SOLVER.MAX_ITER ({cfg.SOLVER.MAX_ITER})"
+        )
+    _check_int("BN.SYNC_GROUP_SIZE", cfg.BN.SYNC_GROUP_SIZE, 0)
+    if cfg.BN.SYNC_GROUP_SIZE > 0 and world_size % cfg.BN.SYNC_GROUP_SIZE != 0:
+        raise ValueError(
+            f"BN.SYNC_GROUP_SIZE = {cfg.BN.SYNC_GROUP_SIZE} is not allowed; it must be 0 "
+            f"(all workers) or divide the number of workers ({world_size})"
+        )
+    _check_int("BN.GHOST_BATCH_SIZE", cfg.BN.GHOST_BATCH_SIZE, 0)
+
+    _check_choice("MODEL.RETINANET.NORM_STATS", cfg.MODEL.RETINANET.NORM_STATS, RETINANET_NORM_STATS)
+    _check_choice(
+        "MODEL.RETINANET.POPULATION_STATS", cfg.MODEL.RETINANET.POPULATION_STATS, POPULATION_STATS
+    )
+    for key in ("MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION", "MODEL.ROI_MASK_HEAD.LEAKAGE_MITIGATION"):
+        node, name = key.rsplit(".", 1)
+        _check_choice(key, cfg.MODEL[node.split(".")[1]][name], LEAKAGE_MITIGATIONS)

@@ -1,0 +1,5 @@
+"""Datasets: the generated toy COCO-format dataset and its registration."""
+from .builtin import TOY_DATASETS, prepare_datasets, register_toy_datasets, toy_dataset_root
+from .toy import TOY_CATEGORIES, ToyDatasetSpec, ensure_toy_coco, generate_toy_coco
+
+register_toy_datasets()

@@ -1,0 +1,177 @@
+"""
+A deterministic, generated COCO-format detection dataset ("toy COCO") that trains from
+scratch in minutes on CPU.
+
+Each image (``image_size`` x ``image_size`` RGB, PNG) shows 1–4 non-overlapping objects of
+three categories — square, disk, triangle — with random colors and sizes on a noisy
+background. Annotations are standard COCO instances JSON: ``bbox`` [x, y, w, h],
+polygon ``segmentation``, ``area``, ``iscrowd``; so detectron2's ``load_coco_json`` and
+pycocotools read them like real COCO.
+
+Variants (selected by :class:`ToyDatasetSpec`):
+  * ``style="shifted"``: darker, lower-contrast background and desaturated colors — a
+    different test domain for recomputing BN statistics;
+  * ``single_class_per_image=True``: every image holds objects of one class only, so a
+    head that sees per-image batch statistics can exploit them (information leakage).
+
+The same spec and seed always give byte-identical JSON and images.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["ToyDatasetSpec", "TOY_CATEGORIES", "generate_toy_coco", "ensure_toy_coco"]
+
+TOY_CATEGORIES = ("square", "disk", "triangle")
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ToyDatasetSpec:
+    """What a generated toy dataset holds."""
+
+    num_train: int = 320
+    num_val: int = 80
+    image_size: int = 128
+    seed: int = 0
+    style: str = "default"  # "default" | "shifted"
+    single_class_per_image: bool = False
+
+    def __post_init__(self):
+        if self.style not in ("default", "shifted"):
+            raise ValueError(f"style = {self.style!r} is not allowed; use 'default' or 'shifted'")
+        for key in ("num_train", "num_val"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} = {getattr(self, key)} is not allowed; it must be >= 1")
+        if self.image_size < 32:
+            raise ValueError(f"image_size = {self.image_size} is not allowed; it must be >= 32")
+
+
+def _polygon(category: str, x0: float, y0: float, size: float) -> List[Tuple[float, float]]:
+    if category == "square":
+        return [(x0, y0), (x0 + size, y0), (x0 + size, y0 + size), (x0, y0 + size)]
+    if category == "triangle":
+        return [(x0 + size / 2, y0), (x0 + size, y0 + size), (x0, y0 + size)]
+    cx, cy, r = x0 + size / 2, y0 + size / 2, size / 2
+    return [
+        (cx + r * math.cos(2 * math.pi * k / 24), cy + r * math.sin(2 * math.pi * k / 24))
+        for k in range(24)
+    ]
+
+
+def _polygon_area(points: List[Tuple[float, float]]) -> float:
+    xs, ys = np.array(points).T
+    return float(0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+
+
+def _make_image(rng: np.random.Generator, spec: ToyDatasetSpec):
+    s = spec.image_size
+    shifted = spec.style == "shifted"
+    base = rng.uniform(20, 60) if shifted else rng.uniform(90, 170)
+    noise = rng.normal(0, 6 if shifted else 18, size=(s, s, 3))
+    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+
+    image_class = int(rng.integers(len(TOY_CATEGORIES)))
+    boxes, objects = [], []
+    for _ in range(int(rng.integers(1, 5))):
+        for _attempt in range(20):  # rejection-sample a free spot
+            size = float(rng.uniform(0.18, 0.4) * s)
+            x0, y0 = (float(v) for v in rng.uniform(2, s - size - 2, size=2))
+            box = (x0 - 2, y0 - 2, x0 + size + 2, y0 + size + 2)
+            if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes):
+                break
+        else:
+            continue
+        category = image_class if spec.single_class_per_image else int(rng.integers(3))
+        color = rng.integers(0, 256, size=3)
+        if shifted:
+            color = (color * 0.4 + 60).astype(int)
+        points = _polygon(TOY_CATEGORIES[category], x0, y0, size)
+        draw.polygon(points, fill=tuple(int(c) for c in color))
+        boxes.append(box)
+        objects.append((category, points))
+    return image, objects
+
+
+def generate_toy_coco(root: str, spec: ToyDatasetSpec = ToyDatasetSpec()) -> Dict[str, str]:
+    """
+    Writes the dataset under ``root``: ``train/``, ``val/`` (PNG images) and
+    ``annotations/instances_{train,val}.json``. Overwrites what is there.
+
+    Returns:
+        {"train": json path, "val": json path}
+    """
+    rng = np.random.default_rng(spec.seed)
+    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(TOY_CATEGORIES)]
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    paths = {}
+    for split, count in (("train", spec.num_train), ("val", spec.num_val)):
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(1, count + 1):
+            image, objects = _make_image(rng, spec)
+            file_name = f"{image_id:06d}.png"
+            image.save(os.path.join(root, split, file_name))
+            images.append(
+                {"id": image_id, "file_name": file_name, "width": spec.image_size, "height": spec.image_size}
+            )
+            for category, points in objects:
+                xs, ys = [p[0] for p in points], [p[1] for p in points]
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": category + 1,
+                        "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                        "area": _polygon_area(points),
+                        "segmentation": [[round(c, 2) for p in points for c in p]],
+                        "iscrowd": 0,
+                    }
+                )
+        paths[split] = os.path.join(root, "annotations", f"instances_{split}.json")
+        with open(paths[split], "w") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return paths
+
+
+def ensure_toy_coco(root: str, spec: ToyDatasetSpec = ToyDatasetSpec()) -> str:
+    """
+    Generates the dataset at ``root`` unless a complete one of the same spec is there.
+    Safe when several processes call it at once: each generates into a temporary folder
+    and the first to finish moves it into place. Returns ``root``.
+    """
+    stamp = dict(asdict(spec), format_version=_FORMAT_VERSION)
+    stamp_path = os.path.join(root, "spec.json")
+    if os.path.isfile(stamp_path):
+        with open(stamp_path) as f:
+            if json.load(f) == stamp:
+                return root
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".toy_coco_", dir=parent)
+    try:
+        generate_toy_coco(tmp, spec)
+        with open(os.path.join(tmp, "spec.json"), "w") as f:
+            json.dump(stamp, f)
+        if os.path.isdir(root):  # stale or from another spec
+            if os.path.isfile(stamp_path):
+                with open(stamp_path) as f:
+                    if json.load(f) == stamp:  # another process won the race
+                        return root
+            shutil.rmtree(root, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process moved its copy in first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

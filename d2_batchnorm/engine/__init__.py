@@ -1,0 +1,6 @@
+"""Training: BNTrainer, launching, config set-up."""
+from .defaults import get_bn_cfg, load_config, setup
+from .launch import launch, launched_by_torchrun, run_on_local_workers
+from .trainer import BNTrainer, create_ddp_model
+
+__all__ = [k for k in globals() if not k.startswith("_")]

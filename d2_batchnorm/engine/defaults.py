@@ -1,0 +1,54 @@
+"""Config set-up shared by tools/train_net.py and the other tools."""
+import os
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import default_setup
+
+from ..config import add_batchnorm_config, validate_batchnorm_config
+
+__all__ = ["get_bn_cfg", "load_config", "setup"]
+
+
+def get_bn_cfg():
+    """detectron2's default config extended with d2_batchnorm's keys."""
+    return add_batchnorm_config(get_cfg())
+
+
+def load_config(config_file: str, opts=(), world_size: int = 1):
+    """
+    Reads ``config_file`` and ``opts`` (``KEY VALUE`` pairs) into a frozen config, and
+    validates it for ``world_size`` workers. Without CUDA, ``MODEL.DEVICE`` becomes "cpu".
+
+    Raises:
+        ValueError: a missing config file, an unknown key, or a bad value — the message
+        names it.
+    """
+    cfg = get_bn_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ValueError(f"--config-file {config_file!r} does not exist")
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:
+            raise ValueError(f"{config_file}: {e.args[0] if e.args else e}") from None
+    if len(opts) % 2:
+        raise ValueError(f"command-line opts must be KEY VALUE pairs; got {list(opts)}")
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ValueError(f"command-line opts: {e.args[0] if e.args else e}") from None
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
+        cfg.MODEL.DEVICE = "cpu"
+    validate_batchnorm_config(cfg, world_size)
+    cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """``load_config`` from detectron2's command-line ``args`` plus ``default_setup``."""
+    from detectron2.utils import comm
+
+    cfg = load_config(args.config_file, args.opts, comm.get_world_size())
+    default_setup(cfg, args)
+    return cfg

@@ -1,0 +1,110 @@
+"""
+Starting worker processes through torch.distributed, the way detectron2 does.
+
+* :func:`launch` — detectron2's ``launch`` (N processes per machine: NCCL on GPUs, gloo
+  on CPU) that also runs under ``torchrun`` (``env://``) and refuses ``--num-gpus``
+  larger than the GPUs present before any worker starts.
+* :func:`run_on_local_workers` — runs a function in N local gloo processes and returns
+  each rank's result; used by the tests and the benchmarks.
+"""
+import os
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine import launch as d2_launch
+from detectron2.engine.launch import _find_free_port
+from detectron2.utils import comm
+
+__all__ = ["launch", "launched_by_torchrun", "run_on_local_workers"]
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a process started by ``torchrun`` (it sets these variables)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def _init_from_torchrun_env() -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend, init_method="env://")
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    comm.create_local_process_group(local_size)
+    comm.synchronize()
+
+
+def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
+           dist_url: str = "auto", args=()):
+    """
+    Runs ``main_func(*args)`` in ``num_gpus_per_machine`` processes on each of
+    ``num_machines`` machines. Without CUDA, the processes run on CPU over gloo.
+    Under ``torchrun`` the process group comes from the environment and the other
+    arguments are ignored.
+
+    Raises:
+        ValueError: ``num_gpus_per_machine`` < 1, or more than the GPUs present.
+    """
+    if launched_by_torchrun():
+        _init_from_torchrun_env()
+        return main_func(*args)
+    if num_gpus_per_machine < 1:
+        raise ValueError(f"--num-gpus = {num_gpus_per_machine} is not allowed; it must be >= 1")
+    if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
+        raise ValueError(
+            f"--num-gpus = {num_gpus_per_machine} but this machine has only "
+            f"{torch.cuda.device_count()} GPU(s)"
+        )
+    return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
+                     machine_rank=machine_rank, dist_url=dist_url, args=args)
+
+
+def _local_worker(rank, world_size, port, fn, args, queue):
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(minutes=5))
+        comm.create_local_process_group(world_size)
+        torch.manual_seed(rank)
+        result = fn(*args)
+        queue.put((rank, True, result))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_local_workers(fn, world_size: int = 2, args=(), timeout: float = 600.0):
+    """
+    Runs ``fn(*args)`` in ``world_size`` new CPU processes that form a gloo process group
+    (detectron2's ``comm`` helpers work in them), and returns ``[result of rank 0, ...]``.
+    ``fn`` and its results must be picklable. Raises ``RuntimeError`` with the worker's
+    traceback if any rank fails.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _find_free_port()
+    procs = [
+        ctx.Process(target=_local_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    try:
+        for _ in range(world_size):
+            rank, ok, payload = queue.get()
+            (results if ok else errors)[rank] = payload
+            if errors:
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=timeout if not errors else 5)
+            if p.is_alive():
+                p.terminate()
+    if errors:
+        rank = min(errors)
+        raise RuntimeError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
+    return [results[r] for r in range(world_size)]

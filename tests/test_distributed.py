@@ -1,0 +1,46 @@
+"""d2_batchnorm.distributed with 2 real gloo processes."""
+import torch
+
+from d2_batchnorm import distributed as d
+
+
+def _collectives():
+    rank = d.group_rank()
+    summed = d.all_reduce_sum_(torch.tensor([1.0, float(rank)], dtype=torch.float64))
+    counts = d.all_gather_counts(rank + 3, torch.device("cpu"))
+    # rank r sends r+1 rows to rank 0 and 2-r rows to rank 1 (rank 1 sends 1 to itself)
+    send = [rank + 1, 2 - rank] if rank == 0 else [2, 1]
+    recv = [[1, 2][rank], 2 if rank == 0 else 1]
+    x = torch.arange(sum(send), dtype=torch.float32).add(100 * rank).unsqueeze(1).requires_grad_()
+    y = d.differentiable_all_to_all(x, send, recv)
+    (y * torch.arange(1, y.shape[0] + 1).unsqueeze(1)).sum().backward()
+    z = d.differentiable_all_reduce_sum(x.detach().sum().reshape(1).requires_grad_())
+    return summed, counts, y.detach().squeeze(1).tolist(), x.grad.squeeze(1).tolist(), z.item()
+
+
+def test_collectives_on_two_gloo_ranks(run_workers):
+    (s0, c0, y0, g0, z0), (s1, c1, y1, g1, z1) = run_workers(_collectives)
+    assert s0.tolist() == s1.tolist() == [2.0, 1.0]
+    assert c0 == c1 == [3, 4]
+    # rank 0 sends [0] to itself and [1, 2] to rank 1; rank 1 sends [100, 101] to 0, [102] to 1
+    assert y0 == [0.0, 100.0, 101.0]
+    assert y1 == [1.0, 2.0, 102.0]
+    # gradient of each row = its position (1-based) on the receiving rank
+    assert g0 == [1.0, 1.0, 2.0]
+    assert g1 == [2.0, 3.0, 3.0]
+    assert z0 == z1 == 0 + 1 + 2 + 100 + 101 + 102
+
+
+def _sync_group_of_world():
+    return d.get_sync_group(2) is None, d.get_sync_group(1) is not None
+
+
+def test_sync_groups(run_workers):
+    assert run_workers(_sync_group_of_world) == [(True, True), (True, True)]
+
+
+def test_sync_group_size_must_divide_world():
+    import pytest
+
+    with pytest.raises(ValueError, match="divide the world size"):
+        d.get_sync_group(-1)

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""
+Trains and evaluates a detectron2 model with d2_batchnorm's trainer, with detectron2's
+command-line conventions:
+
+    python tools/train_net.py --config-file configs/Toy/retinanet_R18_FPN_bn_head.yaml \
+        --num-gpus 2 [--eval-only] [--resume] [KEY VALUE ...]
+
+On a machine without CUDA, ``--num-gpus N`` starts N CPU processes over gloo. Also runs
+under ``torchrun --nproc-per-node N tools/train_net.py ...``. The config, the datasets and
+``--num-gpus`` are checked before any worker starts.
+"""
+import sys
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser
+from detectron2.utils import comm
+
+import d2_batchnorm  # noqa: F401  (registers datasets and models)
+from d2_batchnorm.data import prepare_datasets
+from d2_batchnorm.engine import BNTrainer, launch, launched_by_torchrun, load_config, setup
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = BNTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return BNTrainer.test(cfg, model)
+    trainer = BNTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def check_before_launch(args) -> None:
+    """Fails fast, in the launching process, on a bad config or missing dataset."""
+    world_size = args.num_gpus * args.num_machines
+    cfg = load_config(args.config_file, args.opts, world_size)
+    prepare_datasets(
+        list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + list(cfg.TEST.PRECISE_BN.DATASETS)
+    )
+
+
+def cli(argv=None) -> int:
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    if not launched_by_torchrun() or comm.get_rank() == 0:
+        try:
+            check_before_launch(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    except ValueError as e:  # launch's own argument checks
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
