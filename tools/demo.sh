@@ -10,11 +10,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/bootstrap_env.sh
 export PYTHONWARNINGS=ignore
 out=${D2BN_DEMO_OUTPUT:-output/demo}
+mkdir -p "$out"
 
 echo "== 1/2: RetinaNet (R18-FPN, BN head) on the toy dataset, 2 CPU processes"
 "$D2BN_PYTHON" tools/train_net.py --num-gpus 2 \
   --config-file configs/Toy/retinanet_R18_FPN_bn_head.yaml \
-  OUTPUT_DIR "$out/retinanet_bn_head" 2>&1 | tee "$out.retinanet.log" | grep -E "eta:|copypaste|error" || true
+  OUTPUT_DIR "$out/retinanet_bn_head" 2>&1 | tee "$out/retinanet_bn_head.log" \
+  | { grep --line-buffered -E "eta:|copypaste|error|Error" || true; }
 "$D2BN_PYTHON" tools/print_metrics.py "$out/retinanet_bn_head"
 
 if [ -f tools/demo_compare.sh ]; then

@@ -1,0 +1,64 @@
+"""Package-level promises: the import-time message without detectron2, config keys."""
+import subprocess
+import sys
+
+import pytest
+
+from d2_batchnorm import add_batchnorm_config, validate_batchnorm_config
+from d2_batchnorm.engine import get_bn_cfg
+
+
+def test_import_without_detectron2_names_the_ways_to_install_it():
+    code = "import sys; sys.modules['detectron2'] = None; import d2_batchnorm"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "d2_batchnorm needs detectron2" in proc.stderr
+    assert "sal-detectron2" in proc.stderr and "facebookresearch/detectron2" in proc.stderr
+
+
+def test_add_batchnorm_config_is_idempotent_and_keeps_detectron2_keys():
+    cfg = get_bn_cfg()
+    before = cfg.dump()
+    add_batchnorm_config(cfg)
+    assert cfg.dump() == before
+    assert cfg.TEST.PRECISE_BN.ENABLED is False and cfg.TEST.PRECISE_BN.NUM_ITER == 200
+    validate_batchnorm_config(cfg)
+
+
+def test_validation_requires_our_keys():
+    from detectron2.config import get_cfg
+
+    with pytest.raises(ValueError, match="add_batchnorm_config"):
+        validate_batchnorm_config(get_cfg())
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("TEST.PRECISE_BN.NUM_ITER", 0, "TEST.PRECISE_BN.NUM_ITER = 0 is not allowed; it must be an integer >= 1"),
+        ("TEST.PRECISE_BN.NUM_SAMPLES", -5, "TEST.PRECISE_BN.NUM_SAMPLES = -5"),
+        ("TEST.BN_STATS", "batch", "allowed values: ['population', 'mini_batch']"),
+        ("BN.FROZEN_LAST_ITERS", 10**9, "<= SOLVER.MAX_ITER"),
+        ("MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION", "shufle", "MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION = 'shufle'"),
+        ("MODEL.RETINANET.POPULATION_STATS", "per-level", "MODEL.RETINANET.POPULATION_STATS"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(key, value, message):
+    cfg = get_bn_cfg()
+    node, name = key.rsplit(".", 1)
+    target = cfg
+    for part in node.split("."):
+        target = target[part]
+    target[name] = value
+    with pytest.raises(ValueError) as err:
+        validate_batchnorm_config(cfg)
+    assert message in str(err.value)
+
+
+def test_mini_batch_statistics_need_two_test_images():
+    cfg = get_bn_cfg()
+    cfg.TEST.BN_STATS = "mini_batch"
+    with pytest.raises(ValueError, match="TEST.IMS_PER_BATCH"):
+        validate_batchnorm_config(cfg)
+    cfg.TEST.IMS_PER_BATCH = 4
+    validate_batchnorm_config(cfg)
