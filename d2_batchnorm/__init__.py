@@ -23,6 +23,7 @@ except ImportError as e:  # pragma: no cover - exercised only without detectron2
 from . import data  # noqa: F401  (registers the toy datasets)
 from . import modeling  # noqa: F401  (registers our models)
 from .config import add_batchnorm_config, validate_batchnorm_config
+from .precise_bn import update_bn_stats
 
 __version__ = "0.1.0"
-__all__ = ["add_batchnorm_config", "validate_batchnorm_config"]
+__all__ = ["add_batchnorm_config", "validate_batchnorm_config", "update_bn_stats"]

@@ -1,0 +1,479 @@
+"""
+Precise population statistics for BatchNorm ("PreciseBN"), exact across workers.
+
+During training a BN layer keeps an exponential moving average (EMA) of per-batch
+statistics, computed with weights that kept changing. :func:`update_bn_stats` freezes the
+weights, runs the model in training mode over a number of batches, and replaces every BN's
+``running_mean`` / ``running_var`` by the statistics of *all* samples it saw, on all
+workers together ("Rethinking 'Batch' in BatchNorm", Wu & Johnson 2021, Sec. 3 and
+appendix).
+
+The math. A call of a BN module with input ``x`` of shape (N, C, *) contributes, per
+channel c, ``n = N * prod(*)`` samples with mean ``m`` and sum of squared deviations
+``M2 = n * var_biased``. Two sets ``a``, ``b`` merge exactly (Chan et al., 1979)::
+
+    n     = n_a + n_b
+    delta = m_b - m_a
+    m     = m_a + delta * n_b / n
+    M2    = M2_a + M2_b + delta^2 * n_a * n_b / n
+
+accumulated in float64. At the end every rank's (n, m, M2) is placed in its own row of a
+(world_size, K) zero tensor, ONE all-reduce (sum) gathers the rows on every rank, and
+every rank merges the rows in rank order — the same float64 operations on the same
+numbers, so all ranks end with bitwise-identical buffers. The buffers get::
+
+    running_mean = m           running_var = M2 / n     (population / biased variance)
+
+which is what fvcore's ``update_bn_stats`` stores on one process.
+
+Which modules: every ``torch.nn.modules.batchnorm._BatchNorm`` in training mode (BN1d/2d/
+3d, ``nn.SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, the modules of a
+``CycleBatchNormList``, d2_batchnorm's norms). Frozen BN and BN in eval mode are untouched.
+Statistics come from each call's *input* (its first positional argument), never from the
+running buffers, so synchronized norms are not counted once per worker. A module whose
+``running_mean`` has shape (L, C) receives a list of L tensors per call; tensor i pools
+into row i (per-level statistics of a head shared across L feature levels).
+"""
+import itertools
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import distributed as dist_utils
+
+__all__ = ["update_bn_stats", "get_bn_modules", "count_samples", "PreciseBNResult"]
+
+logger = logging.getLogger(__name__)
+
+
+class PreciseBNResult(NamedTuple):
+    """What :func:`update_bn_stats` did (identical on every rank)."""
+
+    num_iters: int  # batches used (per worker)
+    num_samples: int  # images (or tensor rows) used, all workers together
+    num_modules: int  # BN modules whose statistics were replaced
+    seconds: float  # wall time of the whole update on this rank
+    uncalled: Tuple[str, ...]  # names of BN modules in training mode that were never called
+
+
+def get_bn_modules(model: nn.Module) -> List[Tuple[str, _BatchNorm]]:
+    """
+    ``(name, module)`` of every ``_BatchNorm`` of ``model`` in training mode that tracks
+    running statistics, in ``named_modules`` order. A DDP wrapper is looked through.
+    """
+    model = _unwrap(model)
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
+
+
+def count_samples(batch: Any) -> int:
+    """
+    Number of images in one batch of a data loader:
+
+    * a Tensor (N, ...): N;
+    * a list/tuple of dicts (detectron2's batches): its length;
+    * a list/tuple whose first element is a Tensor, e.g. ``(images, targets)``: that
+      tensor's N;
+    * a dict: the first Tensor value's N;
+    * anything else with a length: its length.
+    """
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, (list, tuple)):
+        if len(batch) > 0 and isinstance(batch[0], torch.Tensor):
+            return count_samples(batch[0])
+        return len(batch)
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor):
+                return count_samples(v)
+    try:
+        return len(batch)
+    except TypeError:
+        raise ValueError(
+            f"cannot count the images of a batch of type {type(batch).__name__}; batches must "
+            "be a Tensor, a list/tuple (of dicts or starting with a Tensor) or a dict"
+        ) from None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper, else ``model``."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+class _Moments:
+    """
+    Float64 pooled statistics of one BN module: ``count`` (L,), ``mean`` (L, C) and
+    ``m2`` (L, C) (sum of squared deviations from ``mean``), L = 1 for (C,) buffers.
+    """
+
+    def __init__(self, num_slots: int, num_channels: int, device: torch.device):
+        self.count = torch.zeros(num_slots, dtype=torch.float64, device=device)
+        self.mean = torch.zeros(num_slots, num_channels, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(num_slots, num_channels, dtype=torch.float64, device=device)
+
+    def add(self, slot: int, n: float, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Merges n samples with per-channel ``mean`` and ``m2`` (float64, (C,)) into ``slot``."""
+        if n <= 0:
+            return
+        n_a = float(self.count[slot])
+        total = n_a + n
+        delta = mean - self.mean[slot]
+        self.mean[slot] += delta * (n / total)
+        self.m2[slot] += m2 + delta.square() * (n_a * n / total)
+        self.count[slot] = total
+
+    def add_tensor(self, slot: int, x: torch.Tensor) -> None:
+        """Merges the per-channel statistics of ``x`` (N, C, *) into ``slot``."""
+        channels = self.mean.shape[1]
+        if x.dim() < 2 or x.shape[1] != channels:
+            raise ValueError(
+                f"a BN module with {channels} channels got an input of shape {tuple(x.shape)}; "
+                f"expected (N, C, *) with C = {channels}"
+            )
+        n = x.numel() // channels
+        if n == 0:
+            return
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        dims = [0] + list(range(2, x.dim()))
+        var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+        mean = mean.to(torch.float64)
+        self.add(slot, float(n), mean, var.to(torch.float64) * n)
+
+    def pack(self) -> torch.Tensor:
+        """Flat float64 [count (L), mean (L*C), m2 (L*C)]."""
+        return torch.cat([self.count, self.mean.flatten(), self.m2.flatten()])
+
+    def merge_packed(self, flat: torch.Tensor) -> None:
+        """Merges another rank's :meth:`pack` output into this one, slot by slot."""
+        num_slots, channels = self.mean.shape
+        count = flat[:num_slots]
+        mean = flat[num_slots : num_slots + num_slots * channels].view(num_slots, channels)
+        m2 = flat[num_slots + num_slots * channels :].view(num_slots, channels)
+        for slot in range(num_slots):
+            self.add(slot, float(count[slot]), mean[slot], m2[slot])
+
+    @property
+    def numel(self) -> int:
+        return self.count.numel() + 2 * self.mean.numel()
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook once the last BN call of a forward has completed."""
+
+
+class _Recorder:
+    """
+    Forward pre-hook of every statistics module: records each call's input statistics.
+
+    Early exit. The first forward runs the whole model while :meth:`learn` logs the start
+    ("pre") and end ("post") of every module's forward. The stop point is the end of the
+    last BN call, extended over the ends of its callers that return right after it with
+    no other module starting in between (e.g. ``CycleBatchNormList``, which advances its
+    position after its BN returns). Later forwards raise :class:`_StopForward` at that
+    point — the k-th end of the stop module — so the layers and losses after the last BN
+    are not computed, and the modules that wrap it finish their bookkeeping. This assumes
+    every batch calls the BN modules in the same order (true for the detection models of
+    detectron2); a forward that never reaches the stop point simply runs to the end.
+    """
+
+    def __init__(self, modules: Sequence[_BatchNorm], device: torch.device):
+        self.device = device
+        self.moments: Dict[int, _Moments] = {}
+        for m in modules:
+            slots = m.running_mean.shape[0] if m.running_mean.dim() == 2 else 1
+            channels = m.running_mean.shape[-1]
+            self.moments[id(m)] = _Moments(slots, channels, device)
+        self.stop_module: Optional[nn.Module] = None
+        self.stop_count = 0
+        self._ends = 0
+        self._handle = None
+
+    def __call__(self, module: _BatchNorm, args: Tuple[Any, ...]) -> None:
+        if not args:
+            raise ValueError(
+                f"{type(module).__name__} was called without a positional input; PreciseBN "
+                "reads the batch from the first positional argument"
+            )
+        x = args[0]
+        moments = self.moments[id(module)]
+        if module.running_mean.dim() == 2:
+            if not isinstance(x, (list, tuple)) or len(x) != moments.mean.shape[0]:
+                raise ValueError(
+                    f"a BN module with per-slot statistics of shape "
+                    f"{tuple(module.running_mean.shape)} must be called with a list of "
+                    f"{moments.mean.shape[0]} tensors; got {type(x).__name__}"
+                )
+            for slot, t in enumerate(x):
+                moments.add_tensor(slot, t)
+        elif isinstance(x, (list, tuple)):
+            for t in x:
+                moments.add_tensor(0, t)
+        else:
+            moments.add_tensor(0, x)
+
+    def run(self, net: nn.Module, batch: Any) -> None:
+        """``net(batch)``, stopping at the stop point once it is learned."""
+        if self.stop_module is None:
+            self.learn(net, batch)
+            return
+        self._ends = 0
+        try:
+            net(batch)
+        except _StopForward:
+            pass
+
+    def learn(self, net: nn.Module, batch: Any) -> None:
+        """Runs the whole ``net(batch)`` and sets the stop point from the order of calls."""
+        events: List[Tuple[bool, nn.Module]] = []  # (is_start, module)
+        handles = []
+        for m in net.modules():
+            handles.append(m.register_forward_pre_hook(lambda mod, a: events.append((True, mod))))
+            handles.append(m.register_forward_hook(lambda mod, a, o: events.append((False, mod))))
+        try:
+            net(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        # index of the end event of each start event, by matching a stack
+        end_of, stack, last_bn_start = {}, [], None
+        for i, (is_start, m) in enumerate(events):
+            if is_start:
+                stack.append(i)
+                if id(m) in self.moments:
+                    last_bn_start = i
+            elif stack:
+                end_of[stack.pop()] = i
+        if last_bn_start is None or last_bn_start not in end_of:
+            return
+        stop = end_of[last_bn_start]
+        while stop + 1 < len(events) and not events[stop + 1][0]:
+            stop += 1
+        module = events[stop][1]
+        self.stop_module = module
+        self.stop_count = sum(1 for is_start, m in events[: stop + 1] if not is_start and m is module)
+        self._handle = module.register_forward_hook(self._maybe_stop)
+
+    def _maybe_stop(self, module, args, output) -> None:
+        self._ends += 1
+        if self._ends == self.stop_count:
+            raise _StopForward()
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+@contextmanager
+def _saved_state(model: nn.Module, modules: Sequence[_BatchNorm]):
+    """
+    Saves the train/eval mode of every module of ``model`` and the momentum and buffers of
+    each BN module. Yields a function that puts the saved buffers back; it is called when
+    the block raises (then the error propagates). Modes and momenta are restored whenever
+    the block ends.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in modules]
+    saved = [(m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for m in modules]
+
+    def restore_buffers():
+        for m, buffers in saved:
+            for k, b in m.named_buffers(recurse=False):
+                b.copy_(buffers[k])
+
+    try:
+        yield restore_buffers
+    except BaseException:
+        restore_buffers()
+        raise
+    finally:
+        for m, training in modes:
+            m.training = training
+        for m, momentum in momenta:
+            m.momentum = momentum
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} = {value!r} is not allowed; it must be a positive integer")
+
+
+@torch.no_grad()
+def update_bn_stats(
+    model: nn.Module,
+    data_loader: Iterable[Any],
+    num_iters: int = 200,
+    progress: Optional[str] = None,
+    *,
+    num_samples: Optional[int] = None,
+) -> PreciseBNResult:
+    """
+    Replaces the running statistics of every BN module of ``model`` in training mode by the
+    population statistics of the batches ``model(batch)`` sees, pooled over all workers.
+    Same calling convention as ``fvcore.nn.precise_bn.update_bn_stats``; in a distributed
+    run every rank must call it, and all ranks end with identical buffers.
+
+    Args:
+        model: the model (a DDP wrapper is looked through). Its BN modules to update must be
+            in training mode; modes are not changed. Weights are never touched.
+        data_loader: any iterable of batches (``itertools.cycle`` and other infinite ones
+            included; ``len()`` is never called). Each batch is passed as ``model(batch)``.
+        num_iters: batches per worker. Ignored when ``num_samples`` is given.
+        progress: "tqdm" for a progress bar, or None.
+        num_samples: images over all workers together (see :func:`count_samples`); batches
+            are used until the global count reaches it (the last batch is used whole).
+
+    Every call of a BN module is a batch of its own (a BN reused within one forward counts
+    once per call). Ranks agree on each batch with a small all-reduce of
+    [this rank has no batch, images in it]: when any rank's loader ends, all stop, and the
+    statistics of the batches used so far are kept (with a warning). On the first batch
+    the number of BN calls per forward is learned; later forwards stop right after that
+    many calls (statistics come from the BN inputs), so later layers are not computed.
+    If anything raises, buffers, momenta and modes are restored and the error propagates.
+
+    Returns:
+        :class:`PreciseBNResult`. A model without BN modules in training mode, or a loader
+        that yields nothing, logs a warning and leaves all statistics unchanged.
+
+    Raises:
+        ValueError: ``num_iters`` or ``num_samples`` not a positive integer, or a batch
+            whose images cannot be counted.
+    """
+    start = time.perf_counter()
+    if num_samples is None:
+        _check_positive("num_iters", num_iters)
+    else:
+        _check_positive("num_samples", num_samples)
+    named = get_bn_modules(model)
+    if not named:
+        logger.warning("update_bn_stats: the model has no BN module in training mode; nothing to do")
+        return PreciseBNResult(0, 0, 0, time.perf_counter() - start, ())
+    net = _unwrap(model)
+    modules = [m for _, m in named]
+    device = modules[0].running_mean.device
+    recorder = _Recorder(modules, device)
+
+    with _saved_state(net, modules) as restore_buffers:
+        handles = [m.register_forward_pre_hook(recorder) for m in modules]
+        try:
+            iters, seen = _run_batches(net, data_loader, recorder, num_iters, num_samples, progress)
+        finally:
+            for h in handles:
+                h.remove()
+            recorder.remove()
+        if iters == 0:
+            logger.warning(
+                "update_bn_stats: the data loader yielded no batch on at least one worker; "
+                "BN statistics are unchanged"
+            )
+            return PreciseBNResult(0, 0, 0, time.perf_counter() - start, ())
+        pooled = _reduce_moments([recorder.moments[id(m)] for m in modules], device)
+        # the forwards moved the EMA buffers (and num_batches_tracked): undo, then write
+        restore_buffers()
+        updated, uncalled = 0, []
+        for (name, m), moments in zip(named, pooled):
+            if float(moments.count.min()) <= 0:
+                uncalled.append(name)
+                continue
+            shape = m.running_mean.shape
+            m.running_mean.copy_(moments.mean.view(shape).to(m.running_mean.dtype))
+            var = (moments.m2 / moments.count.unsqueeze(1)).view(shape)
+            m.running_var.copy_(var.to(m.running_var.dtype))
+            updated += 1
+    if uncalled:
+        logger.warning(
+            "update_bn_stats: %d BN module(s) in training mode received no sample and keep "
+            "their statistics: %s",
+            len(uncalled),
+            ", ".join(n or "<model>" for n in uncalled),
+        )
+    seconds = time.perf_counter() - start
+    logger.info(
+        "update_bn_stats: %d BN modules from %d images in %d iterations (%.2f s)",
+        updated, seen, iters, seconds,
+    )
+    return PreciseBNResult(iters, seen, updated, seconds, tuple(uncalled))
+
+
+def _run_batches(net, data_loader, recorder: "_Recorder", num_iters, num_samples, progress):
+    """
+    Runs ``net(batch)`` until ``num_iters`` batches (or ``num_samples`` global images) are
+    used or some rank runs out of batches. Returns (batches used, global images used).
+    """
+    by_samples = num_samples is not None
+    bar = None
+    if progress == "tqdm":
+        import tqdm
+
+        bar = tqdm.tqdm(total=num_samples if by_samples else num_iters, desc="PreciseBN",
+                        unit="img" if by_samples else "it")
+    it = iter(data_loader)
+    iters, seen = 0, 0
+    try:
+        while (seen < num_samples) if by_samples else (iters < num_iters):
+            batch = next(it, _END)
+            ended = batch is _END
+            local = 0 if ended else count_samples(batch)
+            # [ranks without a batch, images in this batch over all ranks]
+            agreed = torch.tensor([float(ended), float(local)], dtype=torch.float64,
+                                  device=recorder.device)
+            dist_utils.all_reduce_sum_(agreed)
+            if float(agreed[0]) > 0:
+                if iters > 0:
+                    logger.warning(
+                        "update_bn_stats: a data loader ended after %d batches (%d images over "
+                        "all workers), before the %s asked for; using those",
+                        iters, seen,
+                        f"{num_samples} images" if by_samples else f"{num_iters} iterations",
+                    )
+                break
+            recorder.run(net, batch)
+            iters += 1
+            seen += int(agreed[1])
+            if bar is not None:
+                bar.update(int(agreed[1]) if by_samples else 1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return iters, seen
+
+
+def _reduce_moments(local: List[_Moments], device: torch.device) -> List[_Moments]:
+    """
+    Pools every module's moments over all ranks with ONE all-reduce: rank r writes its
+    packed moments into row r of a (world_size, K) zero tensor; the sum of those tensors
+    is every rank's row (adding zeros is exact), and every rank merges the rows in rank
+    order, so all ranks compute bitwise-identical results.
+    """
+    world, rank = dist_utils.group_size(), dist_utils.group_rank()
+    flat = torch.cat([m.pack() for m in local])
+    if world == 1:
+        return local
+    rows = torch.zeros(world, flat.numel(), dtype=torch.float64, device=device)
+    rows[rank] = flat
+    dist_utils.all_reduce_sum_(rows)
+    pooled = []
+    offset = 0
+    for m in local:
+        num_slots, channels = m.mean.shape
+        out = _Moments(num_slots, channels, device)
+        for r in range(world):
+            out.merge_packed(rows[r, offset : offset + m.numel])
+        offset += m.numel
+        pooled.append(out)
+    return pooled
+
+
+_END = object()
