@@ -1,0 +1,107 @@
+"""
+``get_norm``: detectron2's norm names plus d2_batchnorm's, resolved to modules.
+"""
+from typing import Callable, Optional, Union
+
+from detectron2.layers.batch_norm import FrozenBatchNorm2d, LayerNorm, NaiveSyncBatchNorm
+from torch import nn
+
+from .ghost_batch_norm import GhostBatchNorm
+from .sync_batch_norm import SyncBatchNorm
+
+__all__ = ["get_norm", "norm_options_from_config", "NORM_NAMES", "D2BN_NORM_NAMES"]
+
+#: names known to d2_batchnorm but not to detectron2's ``get_norm``
+D2BN_NORM_NAMES = ("GhostBN",)
+
+#: every norm name :func:`get_norm` accepts ("" means no norm)
+NORM_NAMES = (
+    "",
+    "BN",
+    "SyncBN",
+    "FrozenBN",
+    "GN",
+    "nnSyncBN",
+    "naiveSyncBN",
+    "naiveSyncBN_N",
+    "LN",
+) + D2BN_NORM_NAMES
+
+
+def _build(name: str, channels: int, sync_group_size: int, ghost_batch_size: int) -> nn.Module:
+    if name == "BN":
+        return nn.BatchNorm2d(channels)
+    if name == "SyncBN":
+        return SyncBatchNorm(channels, sync_group_size=sync_group_size)
+    if name == "GhostBN":
+        return GhostBatchNorm(channels, ghost_batch_size=ghost_batch_size)
+    if name == "FrozenBN":
+        return FrozenBatchNorm2d(channels)
+    if name == "GN":
+        return nn.GroupNorm(32, channels)
+    if name == "nnSyncBN":
+        return nn.SyncBatchNorm(channels)
+    if name == "naiveSyncBN":
+        return NaiveSyncBatchNorm(channels)
+    if name == "naiveSyncBN_N":
+        return NaiveSyncBatchNorm(channels, stats_mode="N")
+    return LayerNorm(channels)  # "LN"
+
+
+def get_norm(
+    norm: Union[str, Callable[[int], nn.Module], None],
+    out_channels: int,
+    *,
+    sync_group_size: int = 0,
+    ghost_batch_size: int = 0,
+) -> Optional[nn.Module]:
+    """
+    Like :func:`detectron2.layers.get_norm`, with d2_batchnorm's layers:
+
+    ====================  =================================================================
+    ``"BN"``              ``nn.BatchNorm2d`` (per-worker statistics)
+    ``"SyncBN"``          :class:`SyncBatchNorm` (count-weighted over the workers of a sync
+                          group of ``sync_group_size``, 0: all; CPU/gloo and CUDA/NCCL)
+    ``"GhostBN"``         :class:`GhostBatchNorm` over virtual batches of ``ghost_batch_size``
+    ``"FrozenBN"``        detectron2's ``FrozenBatchNorm2d``
+    ``"GN"``              ``nn.GroupNorm(32, C)``
+    ``"LN"``              detectron2's channel ``LayerNorm``
+    ``"nnSyncBN"``        torch's ``nn.SyncBatchNorm`` (CUDA only; models built by
+                          :func:`d2_batchnorm.modeling.build_model` convert it to
+                          :class:`SyncBatchNorm`)
+    ``"naiveSyncBN"``     detectron2's ``NaiveSyncBatchNorm`` (workers weighted equally)
+    ``"naiveSyncBN_N"``   detectron2's ``NaiveSyncBatchNorm(stats_mode="N")``
+    ``""`` / None         no norm (returns None)
+    ====================  =================================================================
+
+    Args:
+        norm: a name above, or a callable ``channels -> nn.Module``.
+        out_channels: C, the number of channels.
+        sync_group_size: for "SyncBN" (``BN.SYNC_GROUP_SIZE``).
+        ghost_batch_size: for "GhostBN" (``BN.GHOST_BATCH_SIZE``).
+    Raises:
+        ValueError: for an unknown name, listing the allowed ones.
+    """
+    if norm is None:
+        return None
+    if not isinstance(norm, str):
+        if callable(norm):
+            return norm(out_channels)
+        raise ValueError(f"norm = {norm!r} is not allowed; allowed values: {list(NORM_NAMES)} or a callable")
+    if norm not in NORM_NAMES:
+        raise ValueError(f"norm = {norm!r} is not allowed; allowed values: {list(NORM_NAMES)}")
+    if norm == "":
+        return None
+    return _build(norm, out_channels, sync_group_size, ghost_batch_size)
+
+
+def norm_options_from_config(cfg) -> dict:
+    """
+    The keyword options of :func:`get_norm` from a config extended by
+    ``add_batchnorm_config``: ``{"sync_group_size": BN.SYNC_GROUP_SIZE,
+    "ghost_batch_size": BN.GHOST_BATCH_SIZE}``.
+    """
+    return {
+        "sync_group_size": cfg.BN.SYNC_GROUP_SIZE,
+        "ghost_batch_size": cfg.BN.GHOST_BATCH_SIZE,
+    }

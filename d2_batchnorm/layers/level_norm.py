@@ -1,0 +1,159 @@
+"""
+``LevelBatchNorm``: BatchNorm for a head shared across FPN levels, with per-level or
+shared (joint) statistics, for training and for population statistics separately.
+"""
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as d2bn_dist
+from .batch_stats import local_power_sums, moments_from_power_sums, update_running_stats_
+from .sync_batch_norm import active_sync_group, check_sync_group_size, upcast
+
+__all__ = ["LevelBatchNorm", "LEVEL_STATS"]
+
+#: allowed statistics modes of :class:`LevelBatchNorm` (training and population)
+LEVEL_STATS = ("per_level", "shared")
+
+
+def _check_mode(arg: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{arg} = {value!r} is not allowed; allowed values: {list(allowed)}")
+
+
+class LevelBatchNorm(nn.BatchNorm2d):
+    """
+    ONE BatchNorm module for a conv layer shared by L FPN levels, called once per forward
+    with the list of the L level tensors ``[x_1, ..., x_L]``, x_i of shape (N, C, H_i, W_i).
+
+    Training statistics (``stats``):
+
+    * ``"per_level"``: level i is normalized by its own batch mean/variance (what
+      detectron2's ``CycleBatchNormList`` does, in one call);
+    * ``"shared"``: every level is normalized by the joint statistics of all levels, i.e.
+      those of BN over the concatenation of all levels' values, computed from per-level
+      power sums (n_i, S_i, Q_i) — no feature map is concatenated::
+
+          mean = sum_i S_i / sum_i n_i,   var = sum_i Q_i / sum_i n_i - mean^2
+
+    Population statistics (``population_stats``, default: same as ``stats``) decide the
+    running buffers and what inference uses:
+
+    * ``"per_level"``: buffers of shape (L, C); row i is the EMA of level i's batch
+      statistics, and level i is normalized by row i at inference;
+    * ``"shared"``: buffers of shape (C,), the EMA of the joint statistics, used for all
+      levels at inference.
+
+    Mixed settings (training per-level, population shared, or the reverse) are the
+    train/test-inconsistent variants the paper compares. The affine (gamma, beta) is one
+    (C,) pair shared by all levels (``share_affine=True``) or one (L, C) row per level.
+
+    With ``sync_group_size`` not None the statistics are synchronized across the workers
+    of a sync group (one all-reduce of (L, 2C+1) float64 power sums per call, count
+    weighted, empty workers allowed), like :class:`SyncBatchNorm`; ``sync_stats=False``
+    turns that off (per-worker statistics). ``running_var`` receives the unbiased batch
+    variance, as in torch. Float16/bfloat16 inputs are normalized in float32.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_levels: int,
+        stats: str = "per_level",
+        population_stats: str = "",
+        share_affine: bool = True,
+        sync_group_size: Optional[int] = None,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
+            raise ValueError(f"num_levels = {num_levels!r} is not allowed; it must be an integer >= 1")
+        _check_mode("stats (MODEL.RETINANET.NORM_STATS)", stats, LEVEL_STATS)
+        population_stats = population_stats or stats
+        _check_mode("population_stats (MODEL.RETINANET.POPULATION_STATS)", population_stats, LEVEL_STATS)
+        if sync_group_size is not None:
+            check_sync_group_size(sync_group_size)
+        self.num_levels = num_levels
+        self.stats = stats
+        self.population_stats = population_stats
+        self.share_affine = share_affine
+        self.sync_group_size = sync_group_size
+        self.sync_stats = True
+        if affine and not share_affine:
+            self.weight = nn.Parameter(torch.ones(num_levels, num_features))
+            self.bias = nn.Parameter(torch.zeros(num_levels, num_features))
+        if track_running_stats and population_stats == "per_level":
+            self.running_mean = torch.zeros(num_levels, num_features)
+            self.running_var = torch.ones(num_levels, num_features)
+
+    @property
+    def synchronized(self) -> bool:
+        """Whether statistics are synchronized across workers (when ``sync_stats``)."""
+        return self.sync_group_size is not None
+
+    def extra_repr(self):
+        return super().extra_repr() + (
+            f", num_levels={self.num_levels}, stats={self.stats}, "
+            f"population_stats={self.population_stats}, share_affine={self.share_affine}, "
+            f"sync_group_size={self.sync_group_size}"
+        )
+
+    def _level(self, tensor: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
+        return tensor[i] if tensor is not None and tensor.dim() == 2 else tensor
+
+    def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """
+        Args:
+            features: list of L tensors (N, C, H_i, W_i) (any (N, C, *) works).
+        Returns:
+            list of L normalized tensors of the same shapes and dtypes.
+        """
+        if not isinstance(features, (list, tuple)) or len(features) != self.num_levels:
+            got = f"a list of {len(features)}" if isinstance(features, (list, tuple)) else type(features).__name__
+            raise ValueError(
+                f"LevelBatchNorm expects a list of num_levels = {self.num_levels} tensors "
+                f"(one per FPN level); got {got}"
+            )
+        xs = [upcast(x) for x in features]
+        if not (self.training or self.running_mean is None):
+            return [
+                F.batch_norm(
+                    x, self._level(self.running_mean, i), self._level(self.running_var, i),
+                    self._level(self.weight, i), self._level(self.bias, i), False, 0.0, self.eps,
+                ).to(f.dtype)
+                for i, (x, f) in enumerate(zip(xs, features))
+            ]
+        sums = torch.stack([local_power_sums(x) for x in xs])  # (L, 2C+1)
+        group = active_sync_group(self.sync_group_size) if self.synchronized and self.sync_stats else False
+        if group is not False:
+            sums = d2bn_dist.differentiable_all_reduce_sum(sums, group)
+        count, mean, var = moments_from_power_sums(sums)  # (L,), (L, C), (L, C)
+        joint_count, joint_mean, joint_var = moments_from_power_sums(sums.sum(0))
+        if self.training and self.track_running_stats:
+            if self.population_stats == "per_level":
+                pop = (count, mean, var)
+            else:
+                pop = (joint_count, joint_mean, joint_var)
+            update_running_stats_(
+                self.running_mean, self.running_var, self.num_batches_tracked, self.momentum,
+                *(t.detach() for t in pop),
+            )
+        if self.stats == "shared":
+            mean, var = joint_mean.expand_as(mean), joint_var.expand_as(var)
+        outputs = []
+        for i, (x, f) in enumerate(zip(xs, features)):
+            scale = torch.rsqrt(var[i] + self.eps).to(x.dtype)
+            weight, bias = self._level(self.weight, i), self._level(self.bias, i)
+            if weight is not None:
+                scale = scale * weight.to(x.dtype)
+            shift = -mean[i].to(x.dtype) * scale
+            if bias is not None:
+                shift = shift + bias.to(x.dtype)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            outputs.append((x * scale.reshape(shape) + shift.reshape(shape)).to(f.dtype))
+        return outputs
