@@ -12,12 +12,18 @@ group is built, and raises ``ValueError`` naming the key, the bad value and what
 """
 from detectron2.config import CfgNode as CN
 
+from .layers import NORM_NAMES
+
 __all__ = ["add_batchnorm_config", "validate_batchnorm_config"]
 
 RETINANET_NORM_STATS = ("per_level", "shared", "naive")
 POPULATION_STATS = ("", "per_level", "shared")
 TEST_BN_STATS = ("population", "mini_batch")
 LEAKAGE_MITIGATIONS = ("none", "syncbn", "shuffle")
+# Keys naming a norm (d2_batchnorm.layers.get_norm's names), and those whose norm sees a
+# batch of images (the ones GhostBN splits into BN.GHOST_BATCH_SIZE images).
+NORM_KEYS = ("RESNETS", "FPN", "RETINANET", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
+IMAGE_BATCH_NORM_KEYS = ("RESNETS", "FPN", "RETINANET")
 
 
 def add_batchnorm_config(cfg: CN) -> CN:
@@ -146,6 +152,31 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
     _check_choice(
         "MODEL.RETINANET.POPULATION_STATS", cfg.MODEL.RETINANET.POPULATION_STATS, POPULATION_STATS
     )
+    _check_norms(cfg, world_size)
     for key in ("MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION", "MODEL.ROI_MASK_HEAD.LEAKAGE_MITIGATION"):
         node, name = key.rsplit(".", 1)
         _check_choice(key, cfg.MODEL[node.split(".")[1]][name], LEAKAGE_MITIGATIONS)
+
+
+def _check_norms(cfg: CN, world_size: int) -> None:
+    """Norm names, GhostBN's batch divisor and RetinaNet's statistics modes."""
+    for node in NORM_KEYS:
+        _check_choice(f"MODEL.{node}.NORM", cfg.MODEL[node].NORM, NORM_NAMES)
+    ghost = [f"MODEL.{n}.NORM" for n in IMAGE_BATCH_NORM_KEYS if cfg.MODEL[n].NORM == "GhostBN"]
+    size = cfg.BN.GHOST_BATCH_SIZE
+    if ghost and size > 0:
+        per_worker = cfg.SOLVER.IMS_PER_BATCH // max(world_size, 1)
+        if per_worker == 0 or per_worker % size != 0:
+            raise ValueError(
+                f"BN.GHOST_BATCH_SIZE = {size} is not allowed with {ghost[0]} = 'GhostBN': it "
+                f"must divide the images per worker, SOLVER.IMS_PER_BATCH / workers = "
+                f"{cfg.SOLVER.IMS_PER_BATCH} / {world_size}; use 0 (whole batch) or a divisor"
+            )
+    retina = cfg.MODEL.RETINANET
+    if retina.NORM_STATS == "naive" and retina.POPULATION_STATS != "":
+        raise ValueError(
+            f"MODEL.RETINANET.POPULATION_STATS = {retina.POPULATION_STATS!r} is not allowed with "
+            "MODEL.RETINANET.NORM_STATS = 'naive' (one plain BN, one EMA); allowed values: [''] "
+            "— for per-level training statistics with chosen population statistics use "
+            "NORM_STATS = 'per_level'"
+        )
