@@ -14,11 +14,10 @@ import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
-from detectron2.utils import comm
 
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.data import prepare_datasets
-from d2_batchnorm.engine import BNTrainer, launch, launched_by_torchrun, load_config, setup
+from d2_batchnorm.engine import BNTrainer, launch, load_config, setup
 
 
 def main(args):
@@ -46,12 +45,11 @@ def check_before_launch(args) -> None:
 def cli(argv=None) -> int:
     args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
-    if not launched_by_torchrun() or comm.get_rank() == 0:
-        try:
-            check_before_launch(args)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    try:  # under torchrun every process checks; dataset generation is safe to race
+        check_before_launch(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         launch(main, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
