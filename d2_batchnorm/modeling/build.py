@@ -1,9 +1,114 @@
-"""``build_model(cfg)``: detectron2's model builder, with d2_batchnorm's norms resolved."""
+"""
+``build_model(cfg)``: detectron2's model builder, with every norm name of d2_batchnorm
+working in every module detectron2 builds from a norm string.
+
+How a norm name resolves:
+
+* Modules registered by d2_batchnorm (``BNRetinaNet``'s head, the R-CNN heads of
+  :mod:`.roi_heads`) call :func:`d2_batchnorm.layers.get_norm` themselves.
+* Modules built by detectron2's own builders (ResNet, FPN, detectron2's RetinaNet / FCOS
+  heads, ``FastRCNNConvFCHead``, ``MaskRCNNConvUpsampleHead``, ``Res5ROIHeads``) resolve
+  names with detectron2's ``get_norm``, a fixed table we do not patch. Two conversions
+  after building give them our layers:
+
+  1. every ``torch.nn.SyncBatchNorm`` in the model (detectron2's "SyncBN" and "nnSyncBN",
+     which refuse CPU input) becomes :class:`d2_batchnorm.layers.SyncBatchNorm` with
+     ``BN.SYNC_GROUP_SIZE``, keeping its parameters and buffers;
+  2. a name detectron2 does not know (``D2BN_NORM_NAMES``, e.g. "GhostBN") is replaced by
+     "BN" in a clone of the config given to detectron2, and each ``nn.BatchNorm2d`` of the
+     modules that key configures (below) is then replaced by ``get_norm(name, C)``.
+
+  =========================  ==============================================================
+  ``MODEL.RESNETS.NORM``     ``backbone.bottom_up`` (the whole backbone if it has no
+                             ``bottom_up``) and ``roi_heads.res5``
+  ``MODEL.FPN.NORM``         the backbone's modules other than ``bottom_up``
+  ``MODEL.RETINANET.NORM``   ``head`` of detectron2's "RetinaNet" / "FCOS"
+  ``MODEL.ROI_BOX_HEAD.NORM`` ``roi_heads.box_head`` when NAME is "FastRCNNConvFCHead"
+  ``MODEL.ROI_MASK_HEAD.NORM`` ``roi_heads.mask_head`` when NAME is "MaskRCNNConvUpsampleHead"
+  =========================  ==============================================================
+"""
+from typing import Dict, List
+
 from detectron2.modeling import build_model as d2_build_model
+from torch import nn
 
-__all__ = ["build_model"]
+from ..layers import D2BN_NORM_NAMES, convert_sync_batchnorm, get_norm, norm_options_from_config
+
+__all__ = ["build_model", "convert_batchnorm"]
+
+_D2_META_ARCHS_WITH_HEAD_NORM = ("RetinaNet", "FCOS")
 
 
-def build_model(cfg):
-    """Builds ``cfg.MODEL.META_ARCHITECTURE`` on ``cfg.MODEL.DEVICE`` (no weights loaded)."""
-    return d2_build_model(cfg)
+def build_model(cfg) -> nn.Module:
+    """
+    Builds ``cfg.MODEL.META_ARCHITECTURE`` on ``cfg.MODEL.DEVICE`` (no weights loaded),
+    with d2_batchnorm's norms resolved as described in this module's docstring.
+    """
+    d2_cfg, converted_keys = _config_for_detectron2(cfg)
+    model = d2_build_model(d2_cfg)
+    options = norm_options_from_config(cfg)
+    for key in converted_keys:
+        name = cfg.MODEL[key].NORM
+        for module in _modules_of_key(model, cfg, key):
+            convert_batchnorm(module, name, **options)
+    return convert_sync_batchnorm(model, cfg.BN.SYNC_GROUP_SIZE)
+
+
+def convert_batchnorm(module: nn.Module, norm: str, **options) -> nn.Module:
+    """
+    Replaces every ``nn.BatchNorm2d`` (exactly that type) in ``module`` by
+    ``get_norm(norm, C, **options)`` (a BatchNorm subclass), carrying over eps, momentum,
+    ``affine``, parameters and buffers.
+    Returns the converted module (a new one if ``module`` itself was converted).
+    """
+    if type(module) is nn.BatchNorm2d:
+        new = get_norm(norm, module.num_features, **options)
+        new.eps, new.momentum = module.eps, module.momentum
+        if not module.affine:  # e.g. detectron2's CycleBatchNormList keeps the affine apart
+            new.affine = False
+            new.register_parameter("weight", None)
+            new.register_parameter("bias", None)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new.to(module.weight.device) if module.weight is not None else new
+    for name, child in module.named_children():
+        converted = convert_batchnorm(child, norm, **options)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+def _config_for_detectron2(cfg):
+    """A clone of cfg where our names in keys read by detectron2's builders are "BN"."""
+    keys = ["RESNETS", "FPN"]
+    if cfg.MODEL.META_ARCHITECTURE in _D2_META_ARCHS_WITH_HEAD_NORM:
+        keys.append("RETINANET")
+    if cfg.MODEL.ROI_BOX_HEAD.NAME == "FastRCNNConvFCHead":
+        keys.append("ROI_BOX_HEAD")
+    if cfg.MODEL.ROI_MASK_HEAD.NAME == "MaskRCNNConvUpsampleHead":
+        keys.append("ROI_MASK_HEAD")
+    converted = [k for k in keys if cfg.MODEL[k].NORM in D2BN_NORM_NAMES]
+    if not converted:
+        return cfg, []
+    d2_cfg = cfg.clone()
+    d2_cfg.defrost()
+    for key in converted:
+        d2_cfg.MODEL[key].NORM = "BN"
+    d2_cfg.freeze()
+    return d2_cfg, converted
+
+
+def _modules_of_key(model: nn.Module, cfg, key: str) -> List[nn.Module]:
+    backbone = getattr(model, "backbone", None)
+    roi_heads = getattr(model, "roi_heads", None)
+    found: Dict[str, List[nn.Module]] = {
+        "RESNETS": [getattr(backbone, "bottom_up", backbone), getattr(roi_heads, "res5", None)],
+        "FPN": [
+            child for name, child in (backbone.named_children() if backbone is not None else [])
+            if hasattr(backbone, "bottom_up") and name != "bottom_up"
+        ],
+        "RETINANET": [getattr(model, "head", None)],
+        "ROI_BOX_HEAD": [getattr(roi_heads, "box_head", None)],
+        "ROI_MASK_HEAD": [getattr(roi_heads, "mask_head", None)],
+    }
+    return [m for m in found[key] if m is not None]
