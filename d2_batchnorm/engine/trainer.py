@@ -72,3 +72,79 @@ class BNTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return COCOEvaluator(dataset_name, output_dir=output_folder or cfg.OUTPUT_DIR)
+
+    def build_hooks(self):
+        """
+        detectron2's default hooks, with d2_batchnorm's BatchNorm hooks in their place:
+
+        IterationTimer, LRScheduler, :class:`~d2_batchnorm.engine.hooks.PreciseBN`
+        (``TEST.PRECISE_BN.ENABLED``; every ``TEST.PRECISE_BN.PERIOD`` or, if 0,
+        ``TEST.EVAL_PERIOD`` iterations, and after the last; with ``EVAL_EMA`` it first
+        evaluates with the EMA statistics), :class:`~d2_batchnorm.engine.hooks.FrozenBNLate`
+        (``BN.FROZEN_LAST_ITERS`` > 0), then the checkpointer — after PreciseBN, so
+        checkpoints hold precise statistics —, evaluation and the writers.
+        """
+        from detectron2.engine import hooks as d2_hooks
+
+        from . import hooks as bn_hooks
+
+        cfg = self.cfg
+        pbn = cfg.TEST.PRECISE_BN
+        ret = [d2_hooks.IterationTimer(), d2_hooks.LRScheduler()]
+        precise = None
+        if pbn.ENABLED and bn_hooks.get_bn_modules(self.model):
+            ema_eval = None
+            if pbn.EVAL_EMA and cfg.TEST.BN_STATS == "population" and len(cfg.DATASETS.TEST):
+                ema_eval = lambda: self.test(self.cfg, self.model)  # noqa: E731
+            precise = bn_hooks.PreciseBN(
+                pbn.PERIOD or cfg.TEST.EVAL_PERIOD,
+                self.model,
+                bn_hooks.build_precise_bn_loader(cfg),
+                pbn.NUM_ITER,
+                num_samples=bn_hooks.precise_bn_num_samples(cfg),
+                ema_eval_function=ema_eval,
+                ema_eval_period=cfg.TEST.EVAL_PERIOD,
+            )
+            ret.append(precise)
+        if cfg.BN.FROZEN_LAST_ITERS > 0:
+            ret.append(
+                bn_hooks.FrozenBNLate(self.model, self.max_iter - cfg.BN.FROZEN_LAST_ITERS, precise)
+            )
+        if comm.is_main_process():
+            ret.append(d2_hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        ret.append(d2_hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
+        if comm.is_main_process():
+            ret.append(d2_hooks.PeriodicWriter(self.build_writers(), period=20))
+        return ret
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """
+        detectron2's test loader; with ``TEST.BN_STATS: mini_batch`` it batches
+        ``TEST.IMS_PER_BATCH`` images per worker (mini-batch statistics need a batch).
+        """
+        from detectron2.data import build_detection_test_loader
+
+        if cfg.TEST.BN_STATS == "mini_batch":
+            return build_detection_test_loader(cfg, dataset_name, batch_size=cfg.TEST.IMS_PER_BATCH)
+        return build_detection_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """
+        detectron2's evaluation on ``DATASETS.TEST``. With ``TEST.BN_STATS: mini_batch``
+        every BN normalizes each test batch by its own statistics (see
+        :func:`~d2_batchnorm.engine.hooks.mini_batch_statistics`); the population
+        statistics are left untouched.
+        """
+        from .hooks import mini_batch_statistics
+
+        if cfg.TEST.BN_STATS == "mini_batch":
+            with mini_batch_statistics(model):
+                return super().test(cfg, model, evaluators)
+        return super().test(cfg, model, evaluators)

@@ -1,0 +1,336 @@
+"""
+Training hooks and contexts for BatchNorm train/test consistency.
+
+* :class:`PreciseBN` — precise population statistics (exact across workers) every
+  ``period`` iterations and after the last one, optionally evaluating with the EMA
+  statistics first so both APs are logged ("ema/bbox/AP" next to "bbox/AP").
+* :class:`FrozenBNLate` — FrozenBN for the last N iterations: every BN normalizes with its
+  population statistics in the training forward; gamma/beta are still learned.
+* :func:`mini_batch_statistics` — inference where every BN normalizes each test batch by
+  its own statistics; the population statistics are left untouched.
+* :func:`bn_statistics_distance` — how far two sets of BN statistics are apart.
+
+:class:`d2_batchnorm.engine.BNTrainer` builds them from the config; a custom trainer can
+register them itself.
+"""
+import logging
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from detectron2.engine import HookBase
+from detectron2.evaluation.testing import flatten_results_dict
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..precise_bn import get_bn_modules, update_bn_stats  # noqa: F401  (get_bn_modules re-exported)
+
+__all__ = [
+    "PreciseBN",
+    "FrozenBNLate",
+    "mini_batch_statistics",
+    "force_bn_mode",
+    "bn_statistics_distance",
+    "snapshot_bn_statistics",
+    "build_precise_bn_loader",
+    "precise_bn_num_samples",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def build_precise_bn_loader(cfg):
+    """
+    The data loader PreciseBN draws its batches from: detectron2's training loader (an
+    infinite stream with training augmentations) over ``TEST.PRECISE_BN.DATASETS`` (empty:
+    ``DATASETS.TRAIN``), ``TEST.PRECISE_BN.IMS_PER_BATCH`` images per worker (0: the
+    training batch per worker), and 0 loader workers.
+    """
+    from detectron2.data import build_detection_train_loader
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATALOADER.NUM_WORKERS = 0
+    if len(cfg.TEST.PRECISE_BN.DATASETS):
+        cfg.DATASETS.TRAIN = tuple(cfg.TEST.PRECISE_BN.DATASETS)
+    if cfg.TEST.PRECISE_BN.IMS_PER_BATCH > 0:
+        cfg.SOLVER.IMS_PER_BATCH = cfg.TEST.PRECISE_BN.IMS_PER_BATCH * comm.get_world_size()
+    return build_detection_train_loader(cfg)
+
+
+def precise_bn_num_samples(cfg) -> Optional[int]:
+    """``TEST.PRECISE_BN.NUM_SAMPLES`` if > 0 (it then replaces ``NUM_ITER``), else None."""
+    n = cfg.TEST.PRECISE_BN.NUM_SAMPLES
+    return n if n > 0 else None
+
+
+def snapshot_bn_statistics(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """
+    ``{"<module>.running_mean": tensor, "<module>.running_var": tensor}`` (clones) of every
+    BN module of ``model`` that tracks running statistics, in any mode.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm) and m.running_mean is not None:
+            out[f"{name}.running_mean"] = m.running_mean.detach().clone()
+            out[f"{name}.running_var"] = m.running_var.detach().clone()
+    return out
+
+
+def bn_statistics_distance(
+    before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]
+) -> Dict[str, float]:
+    """
+    Relative distance of two :func:`snapshot_bn_statistics`, per kind of buffer, over all
+    modules together::
+
+        d_mean = ||mean_before - mean_after||_2 / ||mean_after||_2   (same for var)
+
+    Returns ``{"mean": d_mean, "var": d_var}`` (NaN where there is nothing to compare).
+    """
+    out = {}
+    for kind in ("mean", "var"):
+        keys = [k for k in after if k.endswith(f".running_{kind}") and k in before]
+        if not keys:
+            out[kind] = float("nan")
+            continue
+        a = torch.cat([after[k].double().flatten() for k in keys])
+        b = torch.cat([before[k].double().flatten() for k in keys])
+        out[kind] = float((b - a).norm() / a.norm().clamp(min=1e-12))
+    return out
+
+
+@contextmanager
+def force_bn_mode(model: nn.Module, training: bool, modules: Optional[List[_BatchNorm]] = None):
+    """
+    Within the block, every forward of each BN module of ``model`` (or of ``modules``) runs
+    with ``module.training = training``, whatever ``model.train()`` / ``model.eval()``
+    set: a forward pre-hook sets the flag and a forward hook puts the caller's value back,
+    so the flag seen from outside (and by :func:`update_bn_stats`) is unchanged.
+
+    ``training=False`` is FrozenBN (population statistics, affine still learned);
+    ``training=True`` is inference with mini-batch statistics.
+    """
+    if modules is None:
+        modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved: Dict[int, bool] = {}
+
+    def pre(module, args):
+        saved[id(module)] = module.training
+        module.training = training
+
+    def post(module, args, output):
+        module.training = saved.pop(id(module), module.training)
+
+    handles = []
+    for m in modules:
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    try:
+        yield modules
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def mini_batch_statistics(model: nn.Module):
+    """
+    Inference with mini-batch statistics: within the block every BN module of ``model``
+    normalizes each batch by that batch's own per-channel statistics, also under
+    ``model.eval()`` (which detectron2's ``inference_on_dataset`` calls). Synchronized norms
+    (modules with a ``sync_stats`` attribute) compute per-worker statistics — workers see
+    different numbers of test batches, so syncing could deadlock. Running buffers,
+    ``sync_stats`` and modes are restored when the block ends.
+    """
+    modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    buffers = [
+        (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for m in modules
+    ]
+    syncs = [(m, m.sync_stats) for m in model.modules() if hasattr(m, "sync_stats")]
+    for m, _ in syncs:
+        m.sync_stats = False
+    try:
+        with force_bn_mode(model, True, modules):
+            yield
+    finally:
+        for m, saved in buffers:
+            for k, b in m.named_buffers(recurse=False):
+                b.copy_(saved[k])
+        for m, value in syncs:
+            m.sync_stats = value
+
+
+class PreciseBN(HookBase):
+    """
+    Replaces the EMA statistics of every BN module in training mode by precise population
+    statistics, computed by :func:`d2_batchnorm.update_bn_stats` on all workers together
+    (every rank ends with identical buffers). Runs every ``period`` iterations and after
+    the last one; register it before the checkpointer so checkpoints hold precise
+    statistics. Every rank must register it.
+
+    Scalars written to the trainer's EventStorage at each run:
+    ``precise_bn/seconds``, ``precise_bn/samples`` (images, all workers),
+    ``precise_bn/ema_mean_rel_dist`` and ``precise_bn/ema_var_rel_dist`` (see
+    :func:`bn_statistics_distance`: how far the EMA statistics were from the precise ones).
+
+    With ``ema_eval_function``, at runs that coincide with an evaluation (every
+    ``ema_eval_period`` iterations, and the last one) the model is first evaluated with its
+    EMA statistics and the flattened results are logged with an ``ema/`` prefix; the
+    evaluation hook that runs after this one then logs the results with precise statistics.
+    """
+
+    def __init__(
+        self,
+        period: int,
+        model: nn.Module,
+        data_loader: Iterable,
+        num_iter: int,
+        *,
+        num_samples: Optional[int] = None,
+        ema_eval_function: Optional[Callable[[], Dict]] = None,
+        ema_eval_period: int = 0,
+    ):
+        """
+        Args:
+            period: run every ``period`` iterations; 0: only after the last iteration.
+            model: the (possibly DDP-wrapped) model whose BN modules in training mode are
+                updated.
+            data_loader: an iterable of batches for ``model(batch)``; one iterator is kept
+                across runs, so an infinite loader gives new batches each time.
+            num_iter: batches per worker and run (ignored when ``num_samples`` is given).
+            num_samples: images over all workers per run, instead of ``num_iter``.
+            ema_eval_function: returns evaluation results (a nested dict of floats).
+            ema_eval_period: evaluation period the EMA evaluation follows; 0: last only.
+        """
+        if period < 0:
+            raise ValueError(f"PreciseBN period = {period!r} is not allowed; it must be >= 0")
+        self._model = model
+        self._loader = data_loader
+        self._num_iter = num_iter
+        self._num_samples = num_samples
+        self._period = period
+        self._ema_eval = ema_eval_function
+        self._ema_eval_period = ema_eval_period
+        self._iter = None
+        self._disabled_reason = ""
+        if not get_bn_modules(model):
+            self.disable("the model has no BN module in training mode")
+
+    def disable(self, reason: str) -> None:
+        """Stops later runs (e.g. once BN is frozen); ``reason`` is logged."""
+        if not self._disabled_reason:
+            logger.info("PreciseBN disabled: %s", reason)
+        self._disabled_reason = reason
+
+    @property
+    def disabled(self) -> bool:
+        return bool(self._disabled_reason)
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        is_final = next_iter == self.trainer.max_iter
+        if self.disabled or not (is_final or (self._period > 0 and next_iter % self._period == 0)):
+            return
+        evaluates = is_final or (self._ema_eval_period > 0 and next_iter % self._ema_eval_period == 0)
+        if self._ema_eval is not None and evaluates:
+            self.evaluate_ema()
+        self.update_stats()
+
+    def evaluate_ema(self) -> None:
+        """Evaluates with the current (EMA) statistics and logs the results as ``ema/*``."""
+        results = self._ema_eval()
+        if results:
+            flat = {f"ema/{k}": float(v) for k, v in flatten_results_dict(results).items()}
+            self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
+        comm.synchronize()
+
+    def _batches(self):
+        """Batches from the one iterator kept across runs, until the loader ends."""
+        if self._iter is None:
+            self._iter = iter(self._loader)
+        while True:
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                return
+            yield batch
+
+    def update_stats(self):
+        """Computes and writes precise statistics now; logs the scalars if in training."""
+        if self.disabled:
+            return None
+        ema = snapshot_bn_statistics(self._model)
+        start = time.perf_counter()
+        with EventStorage():  # the model's own training-mode scalars are discarded
+            result = update_bn_stats(
+                self._model,
+                self._batches(),
+                self._num_iter,
+                progress="tqdm" if comm.is_main_process() else None,
+                num_samples=self._num_samples,
+            )
+        seconds = time.perf_counter() - start
+        dist = bn_statistics_distance(ema, snapshot_bn_statistics(self._model))
+        logger.info(
+            "PreciseBN: %d images in %.1f s; EMA statistics were %.4g (mean) / %.4g (var) "
+            "away from the precise ones (relative L2)",
+            result.num_samples, seconds, dist["mean"], dist["var"],
+        )
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and result.num_iters > 0:
+            trainer.storage.put_scalars(
+                **{
+                    "precise_bn/seconds": seconds,
+                    "precise_bn/samples": float(result.num_samples),
+                    "precise_bn/ema_mean_rel_dist": dist["mean"],
+                    "precise_bn/ema_var_rel_dist": dist["var"],
+                },
+                smoothing_hint=False,
+            )
+        return result
+
+
+class FrozenBNLate(HookBase):
+    """
+    FrozenBN for the last iterations of training: from iteration ``start_iter`` on, every
+    BN module that is in training mode at that point normalizes with its population
+    statistics (``running_mean`` / ``running_var``) in the training forward, while its
+    affine parameters are still learned. The freeze survives ``model.train()``: it is a
+    forward pre-hook (see :func:`force_bn_mode`).
+
+    If a :class:`PreciseBN` hook is given, precise statistics are computed right before
+    freezing, and that hook is disabled afterwards (recomputing statistics after training
+    adapted to frozen ones would make training and testing inconsistent again).
+    """
+
+    def __init__(self, model: nn.Module, start_iter: int, precise_bn: Optional[PreciseBN] = None):
+        if start_iter < 0:
+            raise ValueError(f"FrozenBNLate start_iter = {start_iter!r} is not allowed; it must be >= 0")
+        self._model = model
+        self._start_iter = start_iter
+        self._precise_bn = precise_bn
+        self._context = None
+
+    @property
+    def frozen(self) -> bool:
+        return self._context is not None
+
+    def before_step(self):
+        if self.frozen or self.trainer.iter < self._start_iter:
+            return
+        if self._precise_bn is not None and not self._precise_bn.disabled:
+            self._precise_bn.update_stats()
+            self._precise_bn.disable(f"BN is frozen from iteration {self._start_iter} on")
+        modules = [m for _, m in get_bn_modules(self._model)]
+        self._context = force_bn_mode(self._model, False, modules)
+        self._context.__enter__()
+        logger.info("FrozenBN: %d BN modules frozen from iteration %d on", len(modules), self.trainer.iter)
+
+    def after_train(self):
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
