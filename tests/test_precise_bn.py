@@ -350,3 +350,36 @@ def _two_rank_empty_on_one():
 def test_two_ranks_one_empty_loader_changes_nothing(run_workers):
     for iters, mean in run_workers(_two_rank_empty_on_one):
         assert iters == 0 and mean == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------- tools/precise_bn_checkpoint.py
+
+def test_precise_bn_checkpoint_tool(tmp_path):
+    import importlib.util
+    import json
+
+    from d2_batchnorm.engine import BNTrainer, load_config
+
+    spec = importlib.util.spec_from_file_location("precise_bn_checkpoint", "tools/precise_bn_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    # opts reach the model build: a 1-conv head instead of the config's 2
+    opts = ["MODEL.RETINANET.NUM_CONVS", "1", "OUTPUT_DIR", str(tmp_path)]
+    cfg = load_config("configs/Toy/retinanet_R18_FPN_bn_head.yaml", opts)
+    model = BNTrainer.build_model(cfg)
+    torch.save({"model": model.state_dict()}, tmp_path / "in.pth")
+    rc = tool.cli(["--config-file", "configs/Toy/retinanet_R18_FPN_bn_head.yaml", "--no-eval",
+                   "MODEL.WEIGHTS", str(tmp_path / "in.pth"), "TEST.PRECISE_BN.NUM_SAMPLES", "4",
+                   "TEST.PRECISE_BN.IMS_PER_BATCH", "2", *opts])
+    assert rc == 0
+    out = torch.load(tmp_path / "model_precise_bn.pth", weights_only=False)
+    summary = json.loads((tmp_path / "model_precise_bn.json").read_text())
+    assert summary["images"] == 4 and summary["iterations"] == 2 and summary["bn_modules"] > 0
+    before, after = model.state_dict(), out["model"]
+    assert set(before) == set(after)
+    key = "backbone.bottom_up.stem.conv1.norm.running_var"
+    assert not torch.equal(before[key], after[key])
+    for k in before:
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(before[k], after[k]), k
+    assert tool.cli(["--config-file", "configs/Toy/retinanet_R18_FPN_bn_head.yaml"]) == 2  # no weights

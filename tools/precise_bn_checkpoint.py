@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""
+Recomputes the precise BN population statistics of a checkpoint (optionally on another
+dataset, e.g. a new test domain), evaluates before and after, and saves a new checkpoint:
+
+    python tools/precise_bn_checkpoint.py --config-file configs/Toy/retinanet_R18_FPN_bn_head.yaml \
+        --num-gpus 2 MODEL.WEIGHTS output/toy/.../model_final.pth \
+        [TEST.PRECISE_BN.DATASETS "('toy_coco_shifted_train',)"] [TEST.PRECISE_BN.NUM_SAMPLES 512] \
+        [MODEL.RETINANET.POPULATION_STATS shared] [KEY VALUE ...]
+
+The trailing ``KEY VALUE`` opts go into the config the model is built from (as with
+tools/train_net.py), so a checkpoint can get the population statistics of another mode.
+The statistics are computed by :func:`d2_batchnorm.update_bn_stats` on all workers
+together from ``TEST.PRECISE_BN.NUM_SAMPLES`` images (or ``NUM_ITER`` batches per worker)
+of ``TEST.PRECISE_BN.DATASETS`` (empty: ``DATASETS.TRAIN``), ``IMS_PER_BATCH`` images per
+worker per batch. The new checkpoint is written to ``--output`` (default:
+``<OUTPUT_DIR>/model_precise_bn.pth``); a JSON of the results before/after next to it.
+"""
+import argparse
+import json
+import os
+import sys
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
+
+import d2_batchnorm  # noqa: F401  (registers datasets and models)
+from d2_batchnorm import update_bn_stats
+from d2_batchnorm.data import prepare_datasets
+from d2_batchnorm.engine import BNTrainer, launch, load_config
+from d2_batchnorm.engine.hooks import (
+    bn_statistics_distance,
+    build_precise_bn_loader,
+    precise_bn_num_samples,
+    snapshot_bn_statistics,
+)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes (CPU processes without CUDA)")
+    p.add_argument("--dist-url", default="auto")
+    p.add_argument("--output", default="", help="new checkpoint (.pth); default <OUTPUT_DIR>/model_precise_bn.pth")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluations before and after")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pth")
+    return p
+
+
+def output_path(cfg, args) -> str:
+    return args.output or os.path.join(cfg.OUTPUT_DIR, "model_precise_bn.pth")
+
+
+def main(args) -> dict:
+    cfg = load_config(args.config_file, args.opts, comm.get_world_size())
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_batchnorm")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2")
+    model = BNTrainer.build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+
+    summary = {"weights": cfg.MODEL.WEIGHTS,
+               "datasets": list(cfg.TEST.PRECISE_BN.DATASETS or cfg.DATASETS.TRAIN)}
+    if not args.no_eval:
+        summary["before"] = BNTrainer.test(cfg, model)
+    before = snapshot_bn_statistics(model)
+    model.train()
+    with EventStorage():
+        result = update_bn_stats(
+            model,
+            build_precise_bn_loader(cfg),
+            cfg.TEST.PRECISE_BN.NUM_ITER,
+            progress="tqdm" if comm.is_main_process() else None,
+            num_samples=precise_bn_num_samples(cfg),
+        )
+    model.eval()
+    summary.update(
+        images=result.num_samples, iterations=result.num_iters, bn_modules=result.num_modules,
+        seconds=round(result.seconds, 2),
+        relative_change=bn_statistics_distance(before, snapshot_bn_statistics(model)),
+    )
+    if not args.no_eval:
+        summary["after"] = BNTrainer.test(cfg, model)
+    if comm.is_main_process():
+        path = output_path(cfg, args)
+        PathManager.mkdirs(os.path.dirname(os.path.abspath(path)))
+        with PathManager.open(path, "wb") as f:
+            import torch
+
+            torch.save({"model": model.state_dict(), "precise_bn": summary}, f)
+        with PathManager.open(os.path.splitext(path)[0] + ".json", "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("before", "after")}, default=float))
+        for when in ("before", "after"):
+            if when in summary:
+                print(f"{when}: {json.dumps(_headline(summary[when]), default=float)}")
+        print(f"saved {path}")
+    comm.synchronize()
+    return summary
+
+
+def _headline(results: dict) -> dict:
+    """The AP-like numbers of detectron2's (possibly nested) results dict."""
+    out = {}
+    for task, metrics in results.items():
+        if isinstance(metrics, dict):
+            for k, v in metrics.items():
+                if isinstance(v, dict):
+                    out.update({f"{task}/{k}/{kk}": vv for kk, vv in v.items() if kk in ("AP", "AP50")})
+                elif k in ("AP", "AP50"):
+                    out[f"{task}/{k}"] = v
+    return out
+
+
+def cli(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config_file, args.opts, args.num_gpus)
+        if not cfg.MODEL.WEIGHTS:
+            raise ValueError("MODEL.WEIGHTS is empty; pass the checkpoint as MODEL.WEIGHTS path.pth")
+        if not PathManager.exists(cfg.MODEL.WEIGHTS):
+            raise ValueError(f"MODEL.WEIGHTS = {cfg.MODEL.WEIGHTS!r} does not exist")
+        prepare_datasets(list(cfg.DATASETS.TEST) + list(cfg.TEST.PRECISE_BN.DATASETS or cfg.DATASETS.TRAIN))
+        launch(main, args.num_gpus, dist_url=args.dist_url, args=(args,))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
