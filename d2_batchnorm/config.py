@@ -24,6 +24,16 @@ LEAKAGE_MITIGATIONS = ("none", "syncbn", "shuffle")
 # batch of images (the ones GhostBN splits into BN.GHOST_BATCH_SIZE images).
 NORM_KEYS = ("RESNETS", "FPN", "RETINANET", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
 IMAGE_BATCH_NORM_KEYS = ("RESNETS", "FPN", "RETINANET")
+# Head norms each leakage mitigation applies to: "syncbn" turns a batch-statistics norm into
+# d2_batchnorm's SyncBN; "shuffle" needs per-worker batch statistics to be worth its cost.
+LEAKAGE_MITIGATION_NORMS = {
+    "none": None,  # any norm
+    "syncbn": ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N"),
+    "shuffle": ("BN", "GhostBN"),
+}
+# Registered heads that implement LEAKAGE_MITIGATION (d2_batchnorm.modeling.roi_heads).
+LEAKAGE_BOX_HEADS = ("BNConvFCHead",)
+LEAKAGE_MASK_HEADS = ("BNMaskRCNNConvUpsampleHead",)
 
 
 def add_batchnorm_config(cfg: CN) -> CN:
@@ -153,9 +163,30 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
         "MODEL.RETINANET.POPULATION_STATS", cfg.MODEL.RETINANET.POPULATION_STATS, POPULATION_STATS
     )
     _check_norms(cfg, world_size)
-    for key in ("MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION", "MODEL.ROI_MASK_HEAD.LEAKAGE_MITIGATION"):
-        node, name = key.rsplit(".", 1)
-        _check_choice(key, cfg.MODEL[node.split(".")[1]][name], LEAKAGE_MITIGATIONS)
+    for node, heads in (("ROI_BOX_HEAD", LEAKAGE_BOX_HEADS), ("ROI_MASK_HEAD", LEAKAGE_MASK_HEADS)):
+        head = cfg.MODEL[node]
+        key = f"MODEL.{node}.LEAKAGE_MITIGATION"
+        check_leakage_mitigation(key, head.LEAKAGE_MITIGATION, f"MODEL.{node}.NORM", head.NORM)
+        if head.LEAKAGE_MITIGATION != "none" and head.NAME not in heads:
+            raise ValueError(
+                f"{key} = {head.LEAKAGE_MITIGATION!r} needs a head that implements it: "
+                f"MODEL.{node}.NAME = {head.NAME!r} is not allowed; allowed values: {list(heads)}"
+            )
+
+
+def check_leakage_mitigation(key: str, mitigation, norm_key: str, norm) -> None:
+    """
+    Raises ``ValueError`` unless ``mitigation`` (the value of ``key``) is one of
+    :data:`LEAKAGE_MITIGATIONS` and the head's norm (``norm``, the value of ``norm_key``)
+    is one it applies to: "syncbn" needs a BatchNorm, "shuffle" a per-worker BatchNorm.
+    """
+    _check_choice(key, mitigation, LEAKAGE_MITIGATIONS)
+    allowed = LEAKAGE_MITIGATION_NORMS[mitigation]
+    if allowed is not None and norm not in allowed:
+        raise ValueError(
+            f"{key} = {mitigation!r} needs BatchNorm in the head, but {norm_key} = {norm!r}; "
+            f"allowed values of {norm_key} with it: {list(allowed)}"
+        )
 
 
 def _check_norms(cfg: CN, world_size: int) -> None:

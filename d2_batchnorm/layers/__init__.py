@@ -7,6 +7,7 @@ from .batch_norm import D2BN_NORM_NAMES, NORM_NAMES, get_norm, norm_options_from
 from .batch_stats import local_power_sums, moments_from_power_sums, update_running_stats_
 from .ghost_batch_norm import GhostBatchNorm
 from .level_norm import LEVEL_STATS, LevelBatchNorm
+from .roi_shuffle import RoIShuffleState, shuffle_rois, unshuffle_rois
 from .sync_batch_norm import SyncBatchNorm, check_sync_group_size, convert_sync_batchnorm
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]
