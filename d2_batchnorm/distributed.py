@@ -21,6 +21,7 @@ __all__ = [
     "all_reduce_sum_",
     "differentiable_all_reduce_sum",
     "all_gather_counts",
+    "broadcast_",
     "differentiable_all_to_all",
     "get_sync_group",
 ]
@@ -73,6 +74,13 @@ def all_gather_counts(count: int, device: torch.device, group=None) -> List[int]
     gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     return [int(t.item()) for t in gathered]
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
+    """Overwrites ``tensor`` in place with rank ``src``'s (no autograd) and returns it."""
+    if is_distributed(group):
+        dist.broadcast(tensor, src=src, group=group)
+    return tensor
 
 
 def differentiable_all_to_all(

@@ -1,0 +1,109 @@
+"""Tests of tools/compare.py on hand-made output directories (no training)."""
+import csv
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import compare  # noqa: E402
+
+CONFIG_YAML = """MODEL:
+  MASK_ON: true
+  ROI_BOX_HEAD: {{NORM: BN, LEAKAGE_MITIGATION: {mit}}}
+  ROI_MASK_HEAD: {{NORM: BN, LEAKAGE_MITIGATION: {mit}}}
+TEST:
+  BN_STATS: {stats}
+  IMS_PER_BATCH: 2
+  PRECISE_BN: {{ENABLED: {precise}}}
+"""
+
+
+def _run_dir(root, name, mit="none", stats="population", precise="false", metrics=None, log=""):
+    path = root / name
+    path.mkdir()
+    (path / "config.yaml").write_text(CONFIG_YAML.format(mit=mit, stats=stats, precise=precise))
+    if metrics is not None:
+        with open(path / "metrics.json", "w") as f:
+            for record in metrics:
+                f.write(json.dumps(record) + "\n")
+    (path / "log.txt").write_text(log)
+    return str(path)
+
+
+COPYPASTE = """[d2.evaluation.testing]: copypaste: Task: bbox
+[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl
+[d2.evaluation.testing]: copypaste: 41.2500,60.0,40.0,nan,41.0,50.0
+[d2.evaluation.testing]: copypaste: Task: segm
+[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl
+[d2.evaluation.testing]: copypaste: 38.5000,58.0,37.0,nan,38.0,45.0
+"""
+
+
+def test_reads_finished_failed_unfinished_missing_and_eval_only_runs(tmp_path):
+    ok = _run_dir(tmp_path, "shuffle", mit="shuffle", precise="true", metrics=[
+        {"iteration": 9, "total_loss": 1.0},
+        {"iteration": 19, "ema/bbox/AP": 30.0, "ema/segm/AP": 28.0, "bbox/AP": 31.5, "segm/AP": 29.25},
+    ])
+    failed = _run_dir(tmp_path, "crashed", metrics=[{"iteration": 9, "total_loss": 1.0}],
+                      log="Traceback (most recent call last):\n  File x\nRuntimeError: boom\n")
+    unfinished = _run_dir(tmp_path, "running", metrics=[{"iteration": 9, "total_loss": 1.0}, ])
+    eval_only = _run_dir(tmp_path, "batch_stats", stats="mini_batch", log=COPYPASTE)
+    runs = [
+        compare.read_run(ok),
+        compare.read_run(failed),
+        compare.read_run(unfinished),
+        compare.read_run(eval_only, "bn head, batch stats"),
+        compare.read_run(str(tmp_path / "nowhere")),
+    ]
+    assert [r.status for r in runs] == ["ok", "failed", "unfinished", "ok", "missing"]
+    assert runs[0].metrics == {"bbox/AP": 31.5, "segm/AP": 29.25, "ema/bbox/AP": 30.0, "ema/segm/AP": 28.0}
+    assert runs[0].mitigation == "shuffle" and runs[0].statistics == "population (precise)"
+    assert "RuntimeError: boom" in runs[1].detail
+    assert runs[3].metrics == {"bbox/AP": 41.25, "segm/AP": 38.5}
+    assert runs[3].statistics.startswith("mini-batch") and runs[3].mitigation.startswith("none")
+
+    markdown = compare.write_tables(runs, str(tmp_path))
+    lines = markdown.strip().splitlines()
+    assert len(lines) == 2 + len(runs), "every run is a row, failed ones included"
+    assert "bbox AP (EMA stats)" in lines[0]
+    assert "| 31.5 | 29.2 | 30.0 | 28.0 |" in lines[2]
+    assert "failed: RuntimeError: boom" in lines[3] and "unfinished" in lines[4] and "missing" in lines[6]
+    with open(tmp_path / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "failed", "unfinished", "ok", "missing"]
+    assert float(rows[3]["segm/AP"]) == 38.5
+
+    compare.plot(runs, str(tmp_path / "compare.png"))
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_main_with_directories_and_a_failing_config(tmp_path, capsys):
+    ok = _run_dir(tmp_path, "bn", metrics=[{"bbox/AP": 20.0, "segm/AP": 18.0}])
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text('_BASE_: "%s"\nMODEL:\n  ROI_BOX_HEAD:\n    LEAKAGE_MITIGATION: "shufle"\n'
+                          % os.path.abspath("configs/Toy/mask_rcnn_R18_FPN_base.yaml"))
+    out = tmp_path / "out"
+    rc = compare.main([f"bn={ok}", str(bad_config), "--out", str(out), "--timeout", "300"])
+    assert rc == 1
+    printed = capsys.readouterr().out
+    assert "| bn |" in printed and "failed" in printed
+    log = (out / "runs" / "bad" / "train_net.log").read_text()
+    assert "LEAKAGE_MITIGATION" in log
+    assert (out / "compare.png").is_file() and (out / "compare.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["a=x", "a=y"], "unique"),
+        (["missing.yaml"], "does not exist"),
+        (["x", "--num-gpus", "0"], "--num-gpus"),
+        (["x", "--", "SOLVER.MAX_ITER"], "KEY VALUE"),
+    ],
+)
+def test_bad_arguments(tmp_path, capsys, argv, message):
+    assert compare.main(argv + ["--out", str(tmp_path)] if "--" not in argv else
+                        argv[:argv.index("--")] + ["--out", str(tmp_path)] + argv[argv.index("--"):]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,325 @@
+#!/usr/bin/env python
+"""
+Compares detection runs: a Markdown and a CSV table of bbox/segm AP and a PNG bar chart.
+
+    python tools/compare.py [--num-gpus 2] [--out DIR] RUN [RUN ...] [-- KEY VALUE ...]
+
+Each RUN is ``[LABEL=]PATH``:
+
+* a config file (``.yaml``): it is trained and evaluated by ``tools/train_net.py`` with
+  ``--num-gpus N`` into ``DIR/runs/<LABEL>`` (the ``KEY VALUE`` options after ``--`` are
+  passed to every such run), then read like a directory;
+* a finished (or failed, or unfinished) output directory: read as it is.
+
+From a directory it reads ``config.yaml`` (written by train_net) for what the run is —
+the heads' leakage mitigation and which statistics inference used — and its results:
+the last ``bbox/AP`` / ``segm/AP`` of ``metrics.json`` (with PreciseBN, the AP with
+precise statistics, and ``ema/bbox/AP`` / ``ema/segm/AP``, the AP with the EMA statistics
+before they were replaced), or, for ``--eval-only`` runs, which write no metrics.json, the
+``copypaste`` lines of ``log.txt``. A run that failed (non-zero exit, or a traceback in
+its log) or that has no AP yet is listed with that status, never dropped.
+
+Writes ``DIR/compare.md``, ``DIR/compare.csv`` and ``DIR/compare.png`` and prints the
+Markdown table. Exits 0 when every run has its AP, 1 otherwise, 2 on bad arguments.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["RunResult", "read_run", "run_config", "write_tables", "plot", "main"]
+
+METRICS = ("bbox/AP", "segm/AP")
+COLUMNS = (
+    ("bbox/AP", "bbox AP"),
+    ("segm/AP", "segm AP"),
+    ("ema/bbox/AP", "bbox AP (EMA stats)"),
+    ("ema/segm/AP", "segm AP (EMA stats)"),
+)
+
+
+@dataclass
+class RunResult:
+    """One row of the comparison."""
+
+    label: str
+    path: str
+    status: str = "missing"  # "ok" | "failed" | "unfinished" | "missing"
+    detail: str = ""
+    mitigation: str = ""
+    statistics: str = ""
+    metrics: Dict[str, float] = field(default_factory=dict)
+    seconds: Optional[float] = None
+
+
+def _last_values(metrics_json: str) -> Dict[str, float]:
+    """Last value of every key over the JSON lines of detectron2's metrics.json."""
+    values: Dict[str, float] = {}
+    with open(metrics_json) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed run
+            for key, value in record.items():
+                if isinstance(value, (int, float)):
+                    values[key] = float(value)
+    return values
+
+
+def _copypaste_values(log_txt: str) -> Dict[str, float]:
+    """
+    AP values from detectron2's ``copypaste: Task: bbox`` / ``copypaste: AP,AP50,...`` /
+    ``copypaste: 12.3,...`` log lines (the last evaluation of each task wins).
+    """
+    values: Dict[str, float] = {}
+    task, names = None, None
+    with open(log_txt, errors="replace") as f:
+        for line in f:
+            if "copypaste:" not in line:
+                continue
+            text = line.split("copypaste:", 1)[1].strip()
+            if text.startswith("Task:"):
+                task, names = text.split(":", 1)[1].strip(), None
+            elif task and names is None:
+                names = [n.strip() for n in text.split(",")]
+            elif task and names:
+                numbers = text.split(",")
+                for name, number in zip(names, numbers):
+                    try:
+                        values[f"{task}/{name}"] = float(number)
+                    except ValueError:
+                        pass
+                task, names = None, None
+    return values
+
+
+def _failure_in_log(log_path: str) -> str:
+    """The last line of the last traceback in ``log_path`` ('' if none)."""
+    if not os.path.isfile(log_path):
+        return ""
+    with open(log_path, errors="replace") as f:
+        lines = f.read().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return ""
+    for line in reversed(lines[starts[-1]:]):
+        if line.strip() and not line.startswith(" "):
+            return line.strip()
+    return "traceback in log"
+
+
+def _describe(config_yaml: str) -> Tuple[str, str]:
+    """(leakage mitigation of the box/mask heads, statistics used at inference)."""
+    import yaml
+
+    with open(config_yaml) as f:
+        cfg = yaml.safe_load(f) or {}
+    model, test = cfg.get("MODEL", {}), cfg.get("TEST", {})
+    box, mask = model.get("ROI_BOX_HEAD", {}), model.get("ROI_MASK_HEAD", {})
+    norm = box.get("NORM", "")
+    mitigation = box.get("LEAKAGE_MITIGATION", "none")
+    mask_mitigation = mask.get("LEAKAGE_MITIGATION", "none") if model.get("MASK_ON") else mitigation
+    mitigation = mitigation if mask_mitigation == mitigation else f"{mitigation}/{mask_mitigation}"
+    if mitigation == "none":
+        mitigation = f"none ({norm or 'no norm'} head)"
+    if test.get("BN_STATS") == "mini_batch":
+        statistics = f"mini-batch ({test.get('IMS_PER_BATCH')} img/worker)"
+    elif test.get("PRECISE_BN", {}).get("ENABLED"):
+        statistics = "population (precise)"
+    else:
+        statistics = "population (EMA)"
+    return mitigation, statistics
+
+
+def read_run(path: str, label: Optional[str] = None, returncode: Optional[int] = None) -> RunResult:
+    """
+    Reads one output directory into a :class:`RunResult`. ``returncode`` is train_net's
+    exit status when this tool ran it (non-zero: failed).
+    """
+    run = RunResult(label=label or os.path.basename(os.path.normpath(path)), path=path)
+    if not os.path.isdir(path):
+        run.status, run.detail = "missing", "no such output directory"
+        return run
+    config_yaml = os.path.join(path, "config.yaml")
+    if os.path.isfile(config_yaml):
+        run.mitigation, run.statistics = _describe(config_yaml)
+    metrics_json = os.path.join(path, "metrics.json")
+    values = _last_values(metrics_json) if os.path.isfile(metrics_json) else {}
+    log_txt = os.path.join(path, "log.txt")
+    if not any(m in values for m in METRICS) and os.path.isfile(log_txt):
+        values.update(_copypaste_values(log_txt))
+    run.metrics = {key: values[key] for key, _ in COLUMNS if key in values}
+    failure = _failure_in_log(log_txt) or _failure_in_log(os.path.join(path, "train_net.log"))
+    if returncode not in (None, 0):
+        run.status, run.detail = "failed", failure or f"train_net exited with {returncode}"
+    elif failure and not run.metrics:
+        run.status, run.detail = "failed", failure
+    elif not any(m in run.metrics for m in METRICS):
+        run.status, run.detail = "unfinished", "no AP in metrics.json or log.txt"
+    else:
+        run.status = "ok"
+    return run
+
+
+def run_config(config: str, output_dir: str, num_gpus: int, opts: List[str], timeout: float) -> int:
+    """Trains and evaluates ``config`` with tools/train_net.py; returns its exit status."""
+    os.makedirs(output_dir, exist_ok=True)
+    train_net = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_net.py")
+    cmd = [
+        sys.executable, train_net, "--num-gpus", str(num_gpus), "--dist-url", "auto",
+        "--config-file", config, *opts, "OUTPUT_DIR", output_dir,
+    ]
+    with open(os.path.join(output_dir, "train_net.log"), "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        try:
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\ncompare.py: killed after the --timeout of {timeout:.0f} s\n")
+            return 124
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def _status_text(run: RunResult) -> str:
+    return run.status if not run.detail else f"{run.status}: {run.detail}"
+
+
+def write_tables(runs: List[RunResult], out_dir: str) -> str:
+    """Writes compare.md and compare.csv into ``out_dir``; returns the Markdown text."""
+    columns = [(k, name) for k, name in COLUMNS if any(k in r.metrics for r in runs)] or list(COLUMNS[:2])
+    header = ["run", "head leakage mitigation", "inference statistics"] + [n for _, n in columns]
+    header += ["status", "time (s)"]
+    rows = []
+    for r in runs:
+        rows.append(
+            [r.label, r.mitigation, r.statistics]
+            + [_fmt(r.metrics.get(k)) if r.status == "ok" else "—" for k, _ in columns]
+            + [_status_text(r).replace("|", "/"), "" if r.seconds is None else f"{r.seconds:.0f}"]
+        )
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(out_dir, "compare.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "path", "mitigation", "statistics"] + [k for k, _ in COLUMNS] + ["status", "detail", "seconds"])
+        for r in runs:
+            writer.writerow(
+                [r.label, r.path, r.mitigation, r.statistics]
+                + [r.metrics.get(k, "") for k, _ in COLUMNS]
+                + [r.status, r.detail, "" if r.seconds is None else round(r.seconds, 1)]
+            )
+    return markdown
+
+
+def plot(runs: List[RunResult], path: str, title: str = "") -> None:
+    """Grouped bar chart of the AP columns per run; runs without AP are marked in place."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [(k, n) for k, n in COLUMNS if any(k in r.metrics for r in runs)] or list(COLUMNS[:2])
+    width = 0.8 / len(columns)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(runs) + 2), 4.2))
+    for j, (key, name) in enumerate(columns):
+        xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(runs))]
+        heights = [r.metrics.get(key, 0.0) if r.status == "ok" else 0.0 for r in runs]
+        bars = ax.bar(xs, heights, width, label=name)
+        for bar, h, r in zip(bars, heights, runs):
+            if r.status == "ok" and key in r.metrics:
+                ax.annotate(f"{h:.1f}", (bar.get_x() + bar.get_width() / 2, h), ha="center",
+                            va="bottom", fontsize=7)
+    top = max([v for r in runs for v in r.metrics.values()] + [1.0])
+    for i, r in enumerate(runs):
+        if r.status != "ok":
+            ax.text(i, top * 0.05, r.status.upper(), ha="center", va="bottom", color="red",
+                    fontsize=9, rotation=90)
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels([r.label for r in runs], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("COCO AP")
+    ax.set_ylim(0, top * 1.15)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parse_run(spec: str) -> Tuple[str, str]:
+    label, sep, path = spec.partition("=")
+    if sep and label and not os.path.exists(spec):
+        return label, path
+    path = spec
+    stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    return stem, path
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts: List[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, opts = argv[:i], argv[i + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="config .yaml to run, or output directory to read")
+    parser.add_argument("--out", default="output/compare", help="folder for compare.{md,csv,png} and for the runs of configs")
+    parser.add_argument("--num-gpus", type=int, default=2, help="processes per run of a config (CPU processes without CUDA)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each run of a config")
+    parser.add_argument("--title", default="", help="title of the chart")
+    args = parser.parse_args(argv)
+    if len(opts) % 2:
+        print(f"error: the options after -- must be KEY VALUE pairs; got {opts}", file=sys.stderr)
+        return 2
+    if args.num_gpus < 1:
+        print(f"error: --num-gpus = {args.num_gpus} is not allowed; it must be >= 1", file=sys.stderr)
+        return 2
+    specs = [_parse_run(s) for s in args.runs]
+    labels = [label for label, _ in specs]
+    if len(set(labels)) != len(labels):
+        print(f"error: run labels must be unique; got {labels} (name them LABEL=PATH)", file=sys.stderr)
+        return 2
+    for label, path in specs:
+        if path.endswith((".yaml", ".yml")) and not os.path.isfile(path):
+            print(f"error: config file {path!r} (run {label!r}) does not exist", file=sys.stderr)
+            return 2
+    os.makedirs(args.out, exist_ok=True)
+
+    runs = []
+    for label, path in specs:
+        if path.endswith((".yaml", ".yml")):
+            out_dir = os.path.join(args.out, "runs", label)
+            print(f"[compare] running {label}: {path} -> {out_dir}", flush=True)
+            start = time.perf_counter()
+            rc = run_config(path, out_dir, args.num_gpus, opts, args.timeout)
+            run = read_run(out_dir, label, rc)
+            run.seconds = time.perf_counter() - start
+            print(f"[compare] {label}: {_status_text(run)} ({run.seconds:.0f} s)", flush=True)
+        else:
+            run = read_run(path, label)
+        runs.append(run)
+
+    markdown = write_tables(runs, args.out)
+    plot(runs, os.path.join(args.out, "compare.png"), args.title)
+    print(markdown)
+    print(f"[compare] wrote {os.path.join(args.out, 'compare.md')}, compare.csv, compare.png")
+    return 0 if all(r.status == "ok" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
