@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as d2bn_dist
-from .batch_stats import local_power_sums, moments_from_power_sums, update_running_stats_
+from .batch_stats import batch_norm_over_parts, moments_from_power_sums, update_running_stats_
 from .sync_batch_norm import active_sync_group, check_sync_group_size, upcast
 
 __all__ = ["LevelBatchNorm", "LEVEL_STATS"]
@@ -128,32 +127,18 @@ class LevelBatchNorm(nn.BatchNorm2d):
                 ).to(f.dtype)
                 for i, (x, f) in enumerate(zip(xs, features))
             ]
-        sums = torch.stack([local_power_sums(x) for x in xs])  # (L, 2C+1)
         group = active_sync_group(self.sync_group_size) if self.synchronized and self.sync_stats else False
-        if group is not False:
-            sums = d2bn_dist.differentiable_all_reduce_sum(sums, group)
-        count, mean, var = moments_from_power_sums(sums)  # (L,), (L, C), (L, C)
-        joint_count, joint_mean, joint_var = moments_from_power_sums(sums.sum(0))
+        ys, sums, count, mean, var = batch_norm_over_parts(
+            xs, self.weight, self.bias, self.eps, group, joint=self.stats == "shared"
+        )
         if self.training and self.track_running_stats:
-            if self.population_stats == "per_level":
-                pop = (count, mean, var)
-            else:
-                pop = (joint_count, joint_mean, joint_var)
+            if self.population_stats != self.stats:
+                rows = sums if self.population_stats == "per_level" else sums.sum(0, keepdim=True)
+                count, mean, var = moments_from_power_sums(rows)
+            if self.population_stats == "shared":  # (1,), (1, C) -> (), (C,)
+                count, mean, var = count[0], mean[0], var[0]
             update_running_stats_(
                 self.running_mean, self.running_var, self.num_batches_tracked, self.momentum,
-                *(t.detach() for t in pop),
+                count, mean, var,
             )
-        if self.stats == "shared":
-            mean, var = joint_mean.expand_as(mean), joint_var.expand_as(var)
-        outputs = []
-        for i, (x, f) in enumerate(zip(xs, features)):
-            scale = torch.rsqrt(var[i] + self.eps).to(x.dtype)
-            weight, bias = self._level(self.weight, i), self._level(self.bias, i)
-            if weight is not None:
-                scale = scale * weight.to(x.dtype)
-            shift = -mean[i].to(x.dtype) * scale
-            if bias is not None:
-                shift = shift + bias.to(x.dtype)
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            outputs.append((x * scale.reshape(shape) + shift.reshape(shape)).to(f.dtype))
-        return outputs
+        return [y.to(f.dtype) for y, f in zip(ys, features)]

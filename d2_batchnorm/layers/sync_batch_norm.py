@@ -10,7 +10,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from .. import distributed as d2bn_dist
-from .batch_stats import local_power_sums, moments_from_power_sums, update_running_stats_
+from .batch_stats import batch_norm_over_parts, update_running_stats_
 
 __all__ = ["SyncBatchNorm", "active_sync_group", "check_sync_group_size", "convert_sync_batchnorm", "upcast"]
 
@@ -66,11 +66,13 @@ class SyncBatchNorm(nn.BatchNorm2d):
         n = sum_r n_r,   mean = sum_r S_r / n,   var = sum_r Q_r / n - mean^2   (biased)
         y = (x - mean) / sqrt(var + eps) * weight + bias
 
-    The power sums ``[n_r, S_r, Q_r]`` come from centered float32 moments turned into
-    float64 (see :mod:`.batch_stats`) and are summed with ONE differentiable all-reduce of
-    2C + 1 float64 values, so the input and weight gradients are those of BatchNorm over
-    the concatenated batch (the weight/bias gradient of each worker is its share; their
-    sum, as DDP forms it, is the full gradient).
+    The power sums ``[n_r, S_r, Q_r]`` come from shifted float32 sums turned into
+    float64 and are summed with ONE all-reduce of 2C + 1 float64 values; the backward
+    pass all-reduces ``[sum dy, sum dy (x - mean)]`` once
+    (:func:`.batch_stats.batch_norm_over_parts`), so the
+    input and weight gradients are those of BatchNorm over the concatenated batch (the
+    weight/bias gradient of each worker is its share; their sum, as DDP forms it, is the
+    full gradient).
 
     * A worker with no samples still takes part: its output is empty, it contributes
       zeros to the all-reduce, and its weight/bias still get (zero) gradients, so DDP does
@@ -135,32 +137,21 @@ class SyncBatchNorm(nn.BatchNorm2d):
                 xf, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             ).to(dtype)
         group = active_sync_group(self.sync_group_size) if self.sync_stats else False
-        if group is not False:
-            sums = d2bn_dist.differentiable_all_reduce_sum(local_power_sums(xf), group)
-            return self._normalize(xf, sums).to(dtype)
-        if xf.numel() == 0:
-            return self._normalize(xf, local_power_sums(xf)).to(dtype)
+        if group is not False or xf.numel() == 0:
+            (y,), _, count, mean, var = batch_norm_over_parts(
+                [xf], self.weight, self.bias, self.eps, group
+            )
+            if self.training and self.track_running_stats:
+                update_running_stats_(
+                    self.running_mean, self.running_var, self.num_batches_tracked, self.momentum,
+                    count[0], mean[0], var[0],
+                )
+            return y.to(dtype)
         # one worker: exactly torch's BatchNorm
         return F.batch_norm(
             xf, self.running_mean, self.running_var, self.weight, self.bias, True,
             self._ema_factor(), self.eps,
         ).to(dtype)
-
-    def _normalize(self, x: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-        count, mean, var = moments_from_power_sums(sums)
-        if self.training and self.track_running_stats:
-            update_running_stats_(
-                self.running_mean, self.running_var, self.num_batches_tracked, self.momentum,
-                count.detach(), mean.detach(), var.detach(),
-            )
-        invstd = torch.rsqrt(var + self.eps).to(x.dtype)
-        mean = mean.to(x.dtype)
-        scale = invstd if self.weight is None else invstd * self.weight.to(x.dtype)
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias.to(x.dtype)
-        shape = _channel_shape(x)
-        return x * scale.reshape(shape) + shift.reshape(shape)
 
 
 def convert_sync_batchnorm(module: nn.Module, sync_group_size: int = 0) -> nn.Module:
