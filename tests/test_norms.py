@@ -344,3 +344,24 @@ def test_get_norm_names():
     assert isinstance(get_norm(lambda c: nn.GroupNorm(2, c), 8), nn.GroupNorm)
     with pytest.raises(ValueError, match=r"'SynBN' is not allowed; allowed values: \[.*'SyncBN'.*'GhostBN'\]"):
         get_norm("SynBN", 8)
+
+
+def test_level_norm_affine_per_level_equals_separate_bns():
+    xs, dys = _levels((4,))
+    norm = LevelBatchNorm(C, 3, "per_level", share_affine=False)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(3, C, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(3, C, generator=g))
+    y, gx, gw, gb = _run_bn(norm, xs[0], dys[0])
+    for i in range(3):
+        bn = nn.BatchNorm2d(C)
+        with torch.no_grad():
+            bn.weight.copy_(norm.weight[i])
+            bn.bias.copy_(norm.bias[i])
+        ry, rgx, rgw, rgb = _run_bn(bn, xs[0][i], dys[0][i])
+        torch.testing.assert_close(y[i], ry, **TOL)
+        torch.testing.assert_close(gx[i], rgx, **TOL)
+        torch.testing.assert_close(gw[i], rgw, **TOL)
+        torch.testing.assert_close(gb[i], rgb, **TOL)
+        torch.testing.assert_close(norm.running_var[i], bn.running_var, **TOL)

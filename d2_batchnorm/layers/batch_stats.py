@@ -44,7 +44,7 @@ def _shifted_power_sums(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     dims = _channel_dims(x)
     shift = x[0].reshape(channels, -1).mean(1)  # (C,)
     d = x - shift.reshape((1, -1) + (1,) * (x.dim() - 2))
-    s1, s2 = d.sum(dims).double(), (d * d).sum(dims).double()
+    s1, s2 = torch.stack([d.sum(dims), (d * d).sum(dims)]).double()
     k = shift.double()
     n = torch.full((1,), float(count), dtype=torch.float64, device=x.device)
     return torch.cat([n, s1 + count * k, s2 + k * (2 * s1 + count * k)]), shift
@@ -136,6 +136,15 @@ def update_running_stats_(
         mean, var: (C,) or (L, C) batch mean and biased variance.
     """
     dtype = running_mean.dtype
+    if count.dim() == 0 and count.device.type == "cpu":  # host scalar: no small-op overhead
+        n = float(count)
+        if n <= 0:
+            return
+        num_batches_tracked.add_(1)
+        factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+        running_mean.lerp_(mean.to(dtype), factor)
+        running_var.lerp_(var.to(dtype) * (n / max(n - 1, 1)), factor)
+        return
     count = count.to(dtype)
     valid = (count > 0).to(dtype)
     num_batches_tracked.add_((valid.max() if valid.dim() else valid).to(num_batches_tracked.dtype))

@@ -43,6 +43,8 @@ def active_sync_group(sync_group_size: int):
     """
     if not d2bn_dist.is_distributed():
         return False
+    if sync_group_size == 0:  # the world, the common case: no group lookup
+        return None
     group = d2bn_dist.get_sync_group(sync_group_size)
     return group if d2bn_dist.is_distributed(group) else False
 
