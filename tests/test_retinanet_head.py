@@ -179,3 +179,27 @@ def test_two_process_sync_bn_retinanet_trains(run_workers):
     assert r0["head_mean"] == pytest.approx(r1["head_mean"], abs=1e-6)
     assert r0["weight"] == pytest.approx(r1["weight"], abs=1e-6)
     assert "must be 0 (all workers) or a positive divisor of the number of workers (2)" in r0["bad_group"]
+
+
+def test_checkpoint_population_statistics_recomputed_in_other_mode(tmp_path):
+    """A per_level checkpoint loads into a shared-population model; PreciseBN fills (C,) buffers."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.utils.events import EventStorage
+
+    from d2_batchnorm import update_bn_stats
+
+    opts = {"MODEL.META_ARCHITECTURE": "BNRetinaNet", "MODEL.RETINANET.NORM_STATS": "shared",
+            "MODEL.RETINANET.POPULATION_STATS": "per_level", "OUTPUT_DIR": str(tmp_path)}
+    torch.manual_seed(0)
+    trained = build_model(_cfg(**opts))
+    DetectionCheckpointer(trained, str(tmp_path)).save("model")
+    opts["MODEL.RETINANET.POPULATION_STATS"] = "shared"
+    model = build_model(_cfg(**opts))
+    DetectionCheckpointer(model).load(str(tmp_path / "model.pth"))  # (L, C) buffers skipped
+    torch.testing.assert_close(model.head.cls_subnet[0].weight, trained.head.cls_subnet[0].weight)
+    norm = model.head.cls_subnet[1]
+    assert norm.running_mean.shape == (64,)
+    model.train()
+    with EventStorage():
+        update_bn_stats(model, [_batch(0), _batch(1)], num_iters=2)
+    assert norm.running_mean.abs().sum() > 0 and torch.isfinite(norm.running_var).all()
