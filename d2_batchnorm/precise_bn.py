@@ -29,10 +29,13 @@ which is what fvcore's ``update_bn_stats`` stores on one process.
 Which modules: every ``torch.nn.modules.batchnorm._BatchNorm`` in training mode (BN1d/2d/
 3d, ``nn.SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, the modules of a
 ``CycleBatchNormList``, d2_batchnorm's norms). Frozen BN and BN in eval mode are untouched.
-Statistics come from each call's *input* (its first positional argument), never from the
-running buffers, so synchronized norms are not counted once per worker. A module whose
-``running_mean`` has shape (L, C) receives a list of L tensors per call; tensor i pools
-into row i (per-level statistics of a head shared across L feature levels).
+Statistics are those of each call's local *input* (its first positional argument), so
+synchronized norms are not counted once per worker: custom and synchronized norms are
+measured from the input by a forward pre-hook; torch's own per-process BN, run with
+momentum 1.0, already holds exactly its input's batch statistics in its buffers after the
+call, and a forward hook reads them there (saving a second pass over the activations).
+A module whose ``running_mean`` has shape (L, C) receives a list of L tensors per call;
+tensor i pools into row i (per-level statistics of a head shared across L feature levels).
 """
 import itertools
 import logging
@@ -134,7 +137,16 @@ class _Moments:
         self.count[slot] = total
 
     def add_tensor(self, slot: int, x: torch.Tensor) -> None:
-        """Merges the per-channel statistics of ``x`` (N, C, *) into ``slot``."""
+        """
+        Merges the per-channel statistics of ``x`` (N, C, *) into ``slot``.
+
+        Two passes in the input's precision (float32 for half inputs), corrected in
+        float64: with ``s`` the rounded mean and ``d = x - s`` (n samples per channel)::
+
+            mean = s + sum(d) / n          M2 = sum(d^2) - sum(d)^2 / n
+
+        which is as accurate as ``torch.var_mean`` and several times faster on CPU.
+        """
         channels = self.mean.shape[1]
         if x.dim() < 2 or x.shape[1] != channels:
             raise ValueError(
@@ -144,12 +156,16 @@ class _Moments:
         n = x.numel() // channels
         if n == 0:
             return
+        x = x.detach()
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
         dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
-        mean = mean.to(torch.float64)
-        self.add(slot, float(n), mean, var.to(torch.float64) * n)
+        view = [1, channels] + [1] * (x.dim() - 2)
+        shift = x.sum(dims) / n
+        d = x - shift.view(view)
+        dsum = d.sum(dims).to(torch.float64)
+        m2 = d.square().sum(dims).to(torch.float64) - dsum.square() / n
+        self.add(slot, float(n), shift.to(torch.float64) + dsum / n, m2.clamp(min=0))
 
     def pack(self) -> torch.Tensor:
         """Flat float64 [count (L), mean (L*C), m2 (L*C)]."""
@@ -173,9 +189,27 @@ class _StopForward(Exception):
     """Raised by a forward hook once the last BN call of a forward has completed."""
 
 
+def _reads_own_statistics(m: _BatchNorm) -> bool:
+    """
+    True for torch's own per-process BN (BatchNorm1d/2d/3d and subclasses that keep
+    ``_BatchNorm.forward``) with (C,) float32/float64 buffers: its training forward already
+    computes the input's batch statistics, and with momentum 1.0 it leaves exactly those in
+    ``running_mean`` / ``running_var`` (unbiased), so a forward hook reads them instead of
+    reducing the input a second time. Synchronized and custom norms (own ``forward``) are
+    measured from their input.
+    """
+    return (
+        type(m).forward is _BatchNorm.forward
+        and m.running_mean.dim() == 1
+        and m.running_mean.dtype in (torch.float32, torch.float64)
+    )
+
+
 class _Recorder:
     """
-    Forward pre-hook of every statistics module: records each call's input statistics.
+    Hooks of the statistics modules that record each call's input statistics: a forward
+    pre-hook measures the input, or, for modules of :func:`_reads_own_statistics` (run with
+    momentum 1.0), a forward hook reads the call's batch statistics from the buffers.
 
     Early exit. The first forward runs the whole model while :meth:`learn` logs the start
     ("pre") and end ("post") of every module's forward. The stop point is the end of the
@@ -222,6 +256,22 @@ class _Recorder:
                 moments.add_tensor(0, t)
         else:
             moments.add_tensor(0, x)
+
+    def read_batch_statistics(self, module: _BatchNorm, args: Tuple[Any, ...], output) -> None:
+        """
+        Forward hook of a torch BN run with momentum 1.0: its buffers hold the batch mean
+        and the unbiased batch variance of this call's input (n samples per channel), so
+        ``M2 = running_var * (n - 1)``.
+        """
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{type(module).__name__} must be called with a Tensor; got {type(x).__name__}")
+        n = x.numel() // module.num_features
+        if n == 0:
+            return
+        mean = module.running_mean.detach().to(torch.float64)
+        m2 = module.running_var.detach().to(torch.float64) * (n - 1)
+        self.moments[id(module)].add(0, float(n), mean, m2)
 
     def run(self, net: nn.Module, batch: Any) -> None:
         """``net(batch)``, stopping at the stop point once it is learned."""
@@ -338,10 +388,13 @@ def update_bn_stats(
     Every call of a BN module is a batch of its own (a BN reused within one forward counts
     once per call). Ranks agree on each batch with a small all-reduce of
     [this rank has no batch, images in it]: when any rank's loader ends, all stop, and the
-    statistics of the batches used so far are kept (with a warning). On the first batch
-    the number of BN calls per forward is learned; later forwards stop right after that
-    many calls (statistics come from the BN inputs), so later layers are not computed.
-    If anything raises, buffers, momenta and modes are restored and the error propagates.
+    statistics of the batches used so far are kept (with a warning). The first batch runs
+    the whole model and learns where the last BN call (and the modules wrapping it) ends;
+    later forwards stop there, so the layers and losses after it are not computed.
+    Torch's own BN modules run with momentum 1.0 and their batch statistics are read from
+    their buffers after each call (no second pass over the input); the buffers, momenta
+    and modes are restored at the end, and also if anything raises (then the error
+    propagates).
 
     Returns:
         :class:`PreciseBNResult`. A model without BN modules in training mode, or a loader
@@ -366,7 +419,13 @@ def update_bn_stats(
     recorder = _Recorder(modules, device)
 
     with _saved_state(net, modules) as restore_buffers:
-        handles = [m.register_forward_pre_hook(recorder) for m in modules]
+        handles = []
+        for m in modules:
+            if _reads_own_statistics(m):
+                m.momentum = 1.0  # restored by _saved_state
+                handles.append(m.register_forward_hook(recorder.read_batch_statistics))
+            else:
+                handles.append(m.register_forward_pre_hook(recorder))
         try:
             iters, seen = _run_batches(net, data_loader, recorder, num_iters, num_samples, progress)
         finally:

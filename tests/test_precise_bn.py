@@ -383,3 +383,48 @@ def test_precise_bn_checkpoint_tool(tmp_path):
         if "running" not in k and "num_batches" not in k:
             assert torch.equal(before[k], after[k]), k
     assert tool.cli(["--config-file", "configs/Toy/retinanet_R18_FPN_bn_head.yaml"]) == 2  # no weights
+
+
+def _level_data(rank):
+    g = torch.Generator().manual_seed(400 + rank)
+    return [[torch.randn(2 + rank, 4, 6 >> i, 6 >> i, generator=g) * (i + 1) + i for i in range(3)]
+            for _ in range(2)]
+
+
+class _ProjectNorms(nn.Module):
+    """d2_batchnorm.layers' synchronized SyncBatchNorm and per-level LevelBatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        from d2_batchnorm.layers import LevelBatchNorm, SyncBatchNorm
+
+        self.sync = SyncBatchNorm(4)
+        self.level = LevelBatchNorm(4, 3, stats="per_level", sync_group_size=0)
+
+    def forward(self, feats):
+        return [self.sync(f) for f in feats], self.level(feats)
+
+
+def _two_rank_project_norms():
+    from detectron2.utils import comm
+
+    model = _ProjectNorms()
+    update_bn_stats(model, _level_data(comm.get_rank()), 2)
+    return {k: v.numpy() for k, v in model.state_dict().items() if "running" in k}
+
+
+def test_two_ranks_project_sync_and_level_norms_not_double_counted(run_workers):
+    pytest.importorskip("d2_batchnorm.layers")
+    s0, s1 = run_workers(_two_rank_project_norms)
+    for k in s0:
+        assert (s0[k] == s1[k]).all(), k
+    data = _level_data(0) + _level_data(1)
+    per_channel = [f.transpose(0, 1).reshape(4, -1) for feats in data for f in feats]
+    mean, var = _exact(torch.cat(per_channel, 1).unsqueeze(0))
+    torch.testing.assert_close(torch.from_numpy(s0["sync.running_mean"]).double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(s0["sync.running_var"]).double(), var, rtol=1e-6, atol=1e-6)
+    assert s0["level.running_mean"].shape == (3, 4)
+    for i in range(3):
+        mean, var = _exact(torch.cat([feats[i] for feats in data]))
+        torch.testing.assert_close(torch.from_numpy(s0["level.running_mean"][i]).double(), mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(s0["level.running_var"][i]).double(), var, rtol=1e-6, atol=1e-6)
