@@ -231,21 +231,22 @@ class _BatchNormOverParts(torch.autograd.Function):
         weight, count, *rest = ctx.saved_tensors
         xs, means, invstds = rest[:num], rest[num : 2 * num], rest[2 * num :]
         dys = grads[:num]  # the gradients of the statistics outputs are ignored
-        local, xmus = [], []
+        local = []
         for x, dy, mean in zip(xs, dys, means):
             view = (1, -1) + (1,) * (x.dim() - 2)
             dims = [0] + list(range(2, x.dim()))
-            xmu = x - mean.reshape(view)
+            xmu = x - mean.reshape(view)  # recomputed below rather than kept: lower peak memory
             local.append(torch.cat([dy.sum(dims), (dy * xmu).sum(dims)]))
-            xmus.append(xmu)
+            del xmu
         local = torch.stack(local)  # (L, 2C): [sum dy, sum dy (x - mean)] per part
         rows = local.double().sum(0, keepdim=True) if ctx.joint else local.double()
         if ctx.group is not False:
             d2bn_dist.all_reduce_sum_(rows, ctx.group)
         rows = rows / count.clamp(min=1).unsqueeze(1)
         dxs, dws, dbs = [], [], []
-        for i, (x, dy, xmu, invstd) in enumerate(zip(xs, dys, xmus, invstds)):
+        for i, (x, dy, mean, invstd) in enumerate(zip(xs, dys, means, invstds)):
             view = (1, -1) + (1,) * (x.dim() - 2)
+            xmu = x - mean.reshape(view)
             mean_dy, mean_dy_xmu = rows[0 if ctx.joint else i].to(x.dtype).split(channels)
             w = _row(weight, i)
             scale = invstd if w is None else w.to(x.dtype) * invstd
