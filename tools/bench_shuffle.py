@@ -292,7 +292,7 @@ def main(argv=None) -> int:
         sent = statistics.mean(r["sent"][method] for r in results)
         lines.append(
             f"| {method} | {t * 1e3:.1f} | {t / base:.2f}x | {'' if c is None else f'{c * 1e3:.1f}'} | "
-            f"{sent / 1e6:.3f} MB | {'' if not ours_sent else f'{sent / ours_sent:.2f}x'} |"
+            f"{sent / 1e6:.3f} MB | {'' if not ours_sent else f'{sent / ours_sent:.3g}x'} |"
         )
     text = "\n".join(lines) + "\n\n" + formulas() + f"\n\nMachine: {machine}.\n"
     print(text)
