@@ -242,8 +242,8 @@ def formulas() -> str:
         "* shuffle (reference): 3 (W-1) · m · (F + G) + 8 N (randperm broadcast, root) + 4 pickled "
         "count gathers: all-gather of padded rows forward ((W-1) m F and (W-1) m G) and an all-reduce "
         "of the W m rows of gathered gradient backward (2 (W-1) m F and 2 (W-1) m G).\n"
-        "* syncbn: L · 2 · 2 (W-1)/W · (2C + 1) · 8 B: one all-reduce of float64 [n, sum, sum of "
-        "squares] per BN layer forward and one of its gradient backward.\n\n"
+        "* syncbn: L · 2 (W-1)/W · (4C + 1) · 8 B: per BN layer one all-reduce of float64 [n, sum, "
+        "sum of squares] (2C + 1) forward and one of [sum dy, sum dy (x - mean)] (2C) backward.\n\n"
         "Ratio ours / reference ≈ 2 / (3 W) for equal counts: 1/3 at W = 2, 1/12 at W = 8."
     )
 
