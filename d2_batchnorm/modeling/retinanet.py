@@ -88,6 +88,12 @@ class BNRetinaNetHead(nn.Module):
             )
         self._num_features = len(input_shape)
         level_stats = norm in LEVEL_STATS_NORMS and norm_stats != "naive"
+        if norm:
+            logger.info(
+                f"BNRetinaNetHead: norm={norm!r} over {self._num_features} levels, "
+                + (f"training statistics {norm_stats!r}, population statistics "
+                   f"{population_stats or norm_stats!r}" if level_stats else "one module applied per level")
+            )
 
         def make_norm(channels: int) -> nn.Module:
             if level_stats:
