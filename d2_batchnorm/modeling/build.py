@@ -6,8 +6,7 @@ How a norm name resolves:
 
 * Modules registered by d2_batchnorm (``BNRetinaNet``'s head, the R-CNN heads of
   :mod:`.roi_heads`) call :func:`d2_batchnorm.layers.get_norm` themselves.
-* Modules built by detectron2's own builders (ResNet, FPN, detectron2's RetinaNet / FCOS
-  heads, ``FastRCNNConvFCHead``, ``MaskRCNNConvUpsampleHead``, ``Res5ROIHeads``) resolve
+* Modules built by detectron2's own builders (ResNet, FPN, detectron2's RetinaNet head, ``FastRCNNConvFCHead``, ``MaskRCNNConvUpsampleHead``, ``Res5ROIHeads``) resolve
   names with detectron2's ``get_norm``, a fixed table we do not patch. Two conversions
   after building give them our layers:
 
@@ -22,7 +21,7 @@ How a norm name resolves:
   ``MODEL.RESNETS.NORM``     ``backbone.bottom_up`` (the whole backbone if it has no
                              ``bottom_up``) and ``roi_heads.res5``
   ``MODEL.FPN.NORM``         the backbone's modules other than ``bottom_up``
-  ``MODEL.RETINANET.NORM``   ``head`` of detectron2's "RetinaNet" / "FCOS"
+  ``MODEL.RETINANET.NORM``   ``head`` of detectron2's "RetinaNet"
   ``MODEL.ROI_BOX_HEAD.NORM`` ``roi_heads.box_head`` when NAME is "FastRCNNConvFCHead"
   ``MODEL.ROI_MASK_HEAD.NORM`` ``roi_heads.mask_head`` when NAME is "MaskRCNNConvUpsampleHead"
   =========================  ==============================================================
@@ -36,7 +35,7 @@ from ..layers import D2BN_NORM_NAMES, convert_sync_batchnorm, get_norm, norm_opt
 
 __all__ = ["build_model", "convert_batchnorm"]
 
-_D2_META_ARCHS_WITH_HEAD_NORM = ("RetinaNet", "FCOS")
+_D2_META_ARCHS_WITH_HEAD_NORM = ("RetinaNet",)
 
 
 def build_model(cfg) -> nn.Module:
