@@ -55,6 +55,7 @@ def _distributed_cases():
             "group_1": _sync_bn_worker((3, 5), True, 1, torch.float32),
             "fp16": _sync_bn_worker((3, 5), True, 0, torch.float16),
             "all_empty": _all_empty_worker(),
+            "large_mean": _large_mean_worker(),
             "level_per_level": _level_worker((2, 3), "per_level", "per_level", True),
             "level_shared": _level_worker((2, 3), "shared", "shared", True),
         }
@@ -159,6 +160,28 @@ def _all_empty_worker():
     x = torch.zeros(0, C, 3, 3, requires_grad=True)
     bn(x).sum().backward()
     return bn.running_mean.clone(), bn.running_var.clone(), bn.weight.grad.clone()
+
+
+def _large_mean_data():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(n, C, 4, 4, generator=g) * 1e-2 + 1e3 for n in (3, 2)]
+
+
+def _large_mean_worker():
+    bn = SyncBatchNorm(C)
+    return bn(_large_mean_data()[d.group_rank()]).detach(), bn.running_var.clone()
+
+
+def test_sync_bn_is_precise_when_mean_dominates(distributed_results):
+    """|mean| / std = 1e5 in float32: E[x^2] - E[x]^2 would lose every digit of the variance."""
+    x = torch.cat(_large_mean_data()).double()
+    ref = nn.BatchNorm2d(C).double()
+    y = ref(x)
+    results = distributed_results["large_mean"]
+    # the float32 mean is off by up to half an ulp of 1e3 (3e-5 = 3e-3 std): that bounds the output
+    torch.testing.assert_close(torch.cat([r[0] for r in results]).double(), y, atol=4e-3, rtol=0)
+    for r in results:
+        torch.testing.assert_close(r[1].double(), ref.running_var, rtol=1e-4, atol=0)
 
 
 def test_sync_bn_global_empty_batch_skips_update(distributed_results):
