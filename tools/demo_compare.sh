@@ -5,15 +5,17 @@
 # model once more with mini-batch statistics, and ends with tools/compare.py's table.
 # About 5-8 minutes on an idle 2-core machine.
 #
-#   D2BN_PYTHON=.venv/bin/python bash tools/demo_compare.sh
+#   D2BN_PYTHON=.venv/bin/python bash tools/demo_compare.sh [OUTPUT_DIR]
 #
-# Environment: D2BN_PYTHON (python with d2_batchnorm's dependencies; default: python),
-# D2BN_COMPARE_OUT (default: output/demo_compare), D2BN_COMPARE_ITERS (default: 200).
+# OUTPUT_DIR: where runs and the table go (default: $D2BN_COMPARE_OUT, else
+# output/demo_compare). Environment: D2BN_PYTHON (python with d2_batchnorm's dependencies;
+# default: python), D2BN_COMPARE_ITERS (training iterations per variant; default: 200).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${D2BN_PYTHON:-python}"
-OUT="${D2BN_COMPARE_OUT:-$ROOT/output/demo_compare}"
+OUT="${1:-${D2BN_COMPARE_OUT:-$ROOT/output/demo_compare}}"
+OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
 ITERS="${D2BN_COMPARE_ITERS:-200}"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 cd "$ROOT"
@@ -26,7 +28,7 @@ fi
 SCHEDULE=(SOLVER.MAX_ITER "$ITERS" SOLVER.STEPS "($((ITERS * 3 / 4)),$((ITERS * 9 / 10)))")
 start=$(date +%s)
 
-echo "[demo_compare] training 3 toy Mask R-CNN variants ($ITERS iterations each, 2 CPU processes) into $OUT/runs"
+echo "[demo_compare] training 3 toy Mask R-CNN variants ($ITERS iterations each, 2 CPU processes) into $OUT/train/runs"
 set +e
 "$PY" tools/compare.py --num-gpus 2 --out "$OUT/train" --timeout 900 \
   bn_head=configs/Toy/mask_rcnn_R18_FPN_bn_head.yaml \

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Information leakage through per-worker BatchNorm in R-CNN heads, and its mitigation
+# ("Rethinking 'Batch' in BatchNorm", Sec. 6), on a toy dataset where it is exploitable:
+# toy_coco_oneclass (every image holds objects of ONE class, so the statistics of a
+# worker's RoIs tell the head which class its images hold).
+#
+# Two settings: 2 images per worker (300 iterations) and 1 image per worker (600
+# iterations; a per-worker BN head then normalizes the RoIs of one image). For each head
+# variant it trains the toy Mask R-CNN (configs/Toy/mask_rcnn_R18_FPN_<variant>_head.yaml)
+# in 2 CPU processes through tools/train_net.py, and measures on held-out images:
+#   1. COCO AP with population statistics (end of training) and with mini-batch statistics
+#      (train-mode BN at inference, 2 images per worker; an --eval-only run);
+#   2. the leakage probe (leakage_probe.py): training-style batches (sampled RoIs, losses)
+#      with batch statistics vs. population statistics.
+# Then summarize.py writes results/results.{md,csv,png}.
+#
+#   bash projects/LeakageStudy/run_study.sh [OUTPUT_DIR]      (default: output/leakage_study)
+#
+# Environment: D2BN_PYTHON (default: .venv/bin/python); D2BN_STUDY_SETTINGS (default
+# "2img:2:300:bn,syncbn,shuffle 1img:1:600:bn,shuffle", each
+# NAME:IMAGES_PER_WORKER:ITERATIONS:VARIANTS, variants among bn, syncbn, shuffle, gn);
+# D2BN_STUDY_REUSE=1 keeps finished runs of OUTPUT_DIR instead of retraining them.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+PY="${D2BN_PYTHON:-$ROOT/.venv/bin/python}"
+OUT="${1:-$ROOT/output/leakage_study}"
+SETTINGS="${D2BN_STUDY_SETTINGS:-2img:2:300:bn,syncbn,shuffle 1img:1:600:bn,shuffle}"
+export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
+cd "$ROOT"
+mkdir -p "$OUT"
+
+DATA=(DATASETS.TRAIN '("toy_coco_oneclass_train",)' DATASETS.TEST '("toy_coco_oneclass_val",)')
+RUN_DIRS=()
+for setting in $SETTINGS; do
+  IFS=: read -r name ims iters variants <<< "$setting"
+  if ! [[ "$ims" =~ ^[1-9][0-9]*$ && "$iters" =~ ^[1-9][0-9]*$ && -n "$variants" ]]; then
+    echo "error: setting '$setting' is not NAME:IMAGES_PER_WORKER:ITERATIONS:VARIANTS" >&2
+    exit 2
+  fi
+  TRAIN=(SOLVER.IMS_PER_BATCH $((2 * ims)) SOLVER.MAX_ITER "$iters"
+         SOLVER.STEPS "($((iters * 11 / 15)),$((iters * 9 / 10)))")
+  for variant in ${variants//,/ }; do
+    config="configs/Toy/mask_rcnn_R18_FPN_${variant}_head.yaml"
+    if [[ ! -f "$config" ]]; then
+      echo "error: unknown variant '$variant' (no $config); known: bn syncbn shuffle gn" >&2
+      exit 2
+    fi
+    run="$OUT/$name/${variant}_head"
+    mini="${run}_mini_batch"
+    if [[ "${D2BN_STUDY_REUSE:-0}" == 1 && -f "$run/model_final.pth" ]]; then
+      echo "[study] reusing $run"
+    else
+      echo "[study] $(date +%T) $name: training ${variant}_head ($iters iterations, $ims image(s) per worker, 2 CPU processes)"
+      rm -rf "$run" "$mini"
+      mkdir -p "$run"
+      "$PY" tools/train_net.py --num-gpus 2 --dist-url auto --config-file "$config" \
+        "${DATA[@]}" "${TRAIN[@]}" OUTPUT_DIR "$run" > "$run/train_net.log" 2>&1 \
+        || echo "[study] training failed: see $run/train_net.log"
+    fi
+    if [[ -f "$run/model_final.pth" && ! ( "${D2BN_STUDY_REUSE:-0}" == 1 && -f "$mini/log.txt" ) ]]; then
+      echo "[study] $(date +%T) $name: ${variant}_head with mini-batch statistics"
+      rm -rf "$mini" && mkdir -p "$mini"
+      "$PY" tools/train_net.py --num-gpus 2 --dist-url auto --eval-only --config-file "$config" \
+        "${DATA[@]}" TEST.BN_STATS mini_batch TEST.IMS_PER_BATCH 2 \
+        MODEL.WEIGHTS "$run/model_final.pth" OUTPUT_DIR "$mini" > "$mini/train_net.log" 2>&1 \
+        || echo "[study] mini-batch evaluation failed: see $mini/train_net.log"
+    fi
+    if [[ -f "$run/model_final.pth" && ! ( "${D2BN_STUDY_REUSE:-0}" == 1 && -f "$run/leakage_probe.json" ) ]]; then
+      echo "[study] $(date +%T) $name: leakage probe of ${variant}_head"
+      "$PY" "$HERE/leakage_probe.py" --num-gpus 2 --config-file "$config" --batches 20 \
+        --out "$run/leakage_probe.json" "${DATA[@]}" "${TRAIN[@]}" MODEL.WEIGHTS "$run/model_final.pth" \
+        > "$run/leakage_probe.log" 2>&1 || echo "[study] leakage probe failed: see $run/leakage_probe.log"
+    fi
+    RUN_DIRS+=("$name ${variant}_head=$run")
+  done
+done
+"$PY" "$HERE/summarize.py" --out "$HERE/results" "${RUN_DIRS[@]}"
