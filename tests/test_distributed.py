@@ -44,3 +44,13 @@ def test_sync_group_size_must_divide_world():
 
     with pytest.raises(ValueError, match="divide the world size"):
         d.get_sync_group(-1)
+
+
+def _tensor_result():
+    return {"rank": d.group_rank(), "x": torch.full((3, 2), float(d.group_rank()))}
+
+
+def test_workers_return_tensors(run_workers):
+    r0, r1 = run_workers(_tensor_result)
+    assert r0["rank"] == 0 and r1["rank"] == 1
+    assert torch.equal(r1["x"], torch.ones(3, 2)) and torch.equal(r0["x"], torch.zeros(3, 2))

@@ -7,6 +7,7 @@ Starting worker processes through torch.distributed, the way detectron2 does.
 * :func:`run_on_local_workers` — runs a function in N local gloo processes and returns
   each rank's result; used by the tests and the benchmarks.
 """
+import io
 import os
 import traceback
 from datetime import timedelta
@@ -67,8 +68,11 @@ def _local_worker(rank, world_size, port, fn, args, queue):
                                 world_size=world_size, timeout=timedelta(minutes=5))
         comm.create_local_process_group(world_size)
         torch.manual_seed(rank)
-        result = fn(*args)
-        queue.put((rank, True, result))
+        # serialized here: torch's multiprocessing would share tensors through file
+        # descriptors that die with this process before the parent reads them
+        buffer = io.BytesIO()
+        torch.save(fn(*args), buffer)
+        queue.put((rank, True, buffer.getvalue()))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -80,7 +84,7 @@ def run_on_local_workers(fn, world_size: int = 2, args=(), timeout: float = 600.
     """
     Runs ``fn(*args)`` in ``world_size`` new CPU processes that form a gloo process group
     (detectron2's ``comm`` helpers work in them), and returns ``[result of rank 0, ...]``.
-    ``fn`` and its results must be picklable. Raises ``RuntimeError`` with the worker's
+    ``fn`` must be picklable (a module-level function); results may hold tensors. Raises ``RuntimeError`` with the worker's
     traceback if any rank fails.
     """
     ctx = mp.get_context("spawn")
@@ -107,4 +111,4 @@ def run_on_local_workers(fn, world_size: int = 2, args=(), timeout: float = 600.
     if errors:
         rank = min(errors)
         raise RuntimeError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
-    return [results[r] for r in range(world_size)]
+    return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world_size)]
