@@ -30,7 +30,7 @@ start=$(date +%s)
 
 echo "[demo_compare] training 3 toy Mask R-CNN variants ($ITERS iterations each, 2 CPU processes) into $OUT/train/runs"
 set +e
-"$PY" tools/compare.py --num-gpus 2 --out "$OUT/train" --timeout 900 \
+"$PY" tools/compare.py --num-gpus 2 --out "$OUT/train" --timeout 3600 \
   bn_head=configs/Toy/mask_rcnn_R18_FPN_bn_head.yaml \
   syncbn_head=configs/Toy/mask_rcnn_R18_FPN_syncbn_head.yaml \
   shuffle_head=configs/Toy/mask_rcnn_R18_FPN_shuffle_head.yaml \
