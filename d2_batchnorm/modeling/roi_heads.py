@@ -18,7 +18,6 @@ Registered as ``MODEL.ROI_BOX_HEAD.NAME: "BNConvFCHead"`` (4conv1fc with
   the unshuffle, so it happens where the per-RoI tensor is smallest. Losses always see
   each worker's own RoIs, in their original order. Inference is unchanged.
 """
-import logging
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -38,8 +37,6 @@ from ..layers import NORM_NAMES, get_norm, norm_options_from_config
 from ..layers.roi_shuffle import shuffle_rois, unshuffle_rois
 
 __all__ = ["BNConvFCHead", "BNMaskRCNNConvUpsampleHead", "head_norm"]
-
-logger = logging.getLogger(__name__)
 
 
 def head_norm(
