@@ -75,7 +75,8 @@ def _add_keys(cfg: CN) -> None:
     # "population": running (EMA or precise) statistics; "mini_batch": every BN normalizes
     # each test batch by its own statistics (train-mode BN at inference).
     _set_default(cfg.TEST, "BN_STATS", "population")
-    # Images per worker per inference batch when TEST.BN_STATS is "mini_batch".
+    # Images per worker per inference batch when TEST.BN_STATS is "mini_batch" (1 is a
+    # batch too: H x W values per channel in the backbone, all RoIs of one image in a head).
     _set_default(cfg.TEST, "IMS_PER_BATCH", 1)
 
     # ---- policies for every BatchNorm of the model
@@ -137,12 +138,6 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
         )
     _check_choice("TEST.BN_STATS", cfg.TEST.BN_STATS, TEST_BN_STATS)
     _check_int("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH, 1)
-    if cfg.TEST.BN_STATS == "mini_batch" and cfg.TEST.IMS_PER_BATCH < 2:
-        raise ValueError(
-            f"TEST.IMS_PER_BATCH = {cfg.TEST.IMS_PER_BATCH} is not allowed with "
-            "TEST.BN_STATS = 'mini_batch': mini-batch statistics need at least 2 images "
-            "per batch"
-        )
 
     _check_int("BN.FROZEN_LAST_ITERS", cfg.BN.FROZEN_LAST_ITERS, 0)
     if cfg.BN.FROZEN_LAST_ITERS > cfg.SOLVER.MAX_ITER:

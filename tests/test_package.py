@@ -55,10 +55,11 @@ def test_bad_values_name_the_key_and_the_allowed_values(key, value, message):
     assert message in str(err.value)
 
 
-def test_mini_batch_statistics_need_two_test_images():
+def test_mini_batch_statistics_take_any_positive_test_batch():
     cfg = get_bn_cfg()
     cfg.TEST.BN_STATS = "mini_batch"
-    with pytest.raises(ValueError, match="TEST.IMS_PER_BATCH"):
+    cfg.TEST.IMS_PER_BATCH = 0
+    with pytest.raises(ValueError, match="TEST.IMS_PER_BATCH = 0"):
         validate_batchnorm_config(cfg)
-    cfg.TEST.IMS_PER_BATCH = 4
+    cfg.TEST.IMS_PER_BATCH = 1  # one image: H x W values per channel, all RoIs of the image
     validate_batchnorm_config(cfg)

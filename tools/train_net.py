@@ -43,7 +43,11 @@ def check_before_launch(args) -> None:
 
 
 def cli(argv=None) -> int:
-    args = default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    args = parser.parse_args(argv)
+    if args.dist_url == parser.get_default("dist_url") and args.num_machines == 1:
+        # detectron2's default is one fixed port per user: two jobs at once would collide
+        args.dist_url = "auto"
     print("Command Line Args:", args)
     try:  # under torchrun every process checks; dataset generation is safe to race
         check_before_launch(args)
