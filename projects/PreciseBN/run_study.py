@@ -17,6 +17,7 @@ next to this file, from the runs' ``metrics.json``.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -25,16 +26,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CONFIG = "configs/Toy/retinanet_R18_FPN_bn_head.yaml"
 
-# name -> (label, opts); both runs see the same 640 images (16 x 40 = 64 x 10); the
-# config's LR steps (220, 270) lie beyond MAX_ITER: constant LR after the warm-up
+# name -> (label, opts); both runs see the same 1280 training images (16 x 80 = 64 x 20)
 RUNS = {
     "batch16": ("batch 16 (8/worker)", [
-        "SOLVER.IMS_PER_BATCH", "16", "SOLVER.MAX_ITER", "40", "SOLVER.WARMUP_ITERS", "20",
-        "TEST.EVAL_PERIOD", "20",
+        "SOLVER.IMS_PER_BATCH", "16", "SOLVER.MAX_ITER", "80", "SOLVER.WARMUP_ITERS", "20",
+        "SOLVER.STEPS", "(60,)", "TEST.EVAL_PERIOD", "20",
     ]),
     "batch64": ("batch 64 (32/worker), LR x2", [
-        "SOLVER.IMS_PER_BATCH", "64", "SOLVER.MAX_ITER", "10", "SOLVER.WARMUP_ITERS", "5",
-        "SOLVER.BASE_LR", "0.04", "TEST.EVAL_PERIOD", "5",
+        "SOLVER.IMS_PER_BATCH", "64", "SOLVER.MAX_ITER", "20", "SOLVER.WARMUP_ITERS", "5",
+        "SOLVER.BASE_LR", "0.04", "SOLVER.STEPS", "(15,)", "TEST.EVAL_PERIOD", "5",
     ]),
 }
 COMMON = ["TEST.PRECISE_BN.ENABLED", "True", "TEST.PRECISE_BN.EVAL_EMA", "True",
@@ -46,6 +46,8 @@ def output_dir(base: str, name: str) -> str:
 
 
 def train(base: str, name: str) -> None:
+    """Trains run ``name`` from scratch into a fresh ``<base>/<name>`` (log.txt appends)."""
+    shutil.rmtree(output_dir(base, name), ignore_errors=True)
     opts = RUNS[name][1] + COMMON + ["OUTPUT_DIR", output_dir(base, name)]
     cmd = [sys.executable, "tools/train_net.py", "--config-file", CONFIG, "--num-gpus", "2",
            "--dist-url", "auto", *opts]
@@ -54,20 +56,49 @@ def train(base: str, name: str) -> None:
 
 
 def read_metrics(path: str):
-    """{iteration: {"ema": AP, "precise": AP, "dist_var": ...}} from a metrics.json."""
-    rows = defaultdict(dict)
+    """
+    ``{completed iterations: {"ema": AP, "precise": AP, "dist_mean": .., "dist_var": ..}}``
+    from a metrics.json. Scalars of a periodic evaluation are stored at iteration it
+    (it + 1 completed); those of the final evaluation (after training) at MAX_ITER.
+    """
+    ema, precise, dist = {}, {}, {}
     with open(path) as f:
+        lines = [json.loads(line) for line in f]
+    for d in lines:
+        it = d.get("iteration")
+        if "ema/bbox/AP" in d:
+            ema[it + 1] = d["ema/bbox/AP"]
+        if "precise_bn/ema_var_rel_dist" in d:
+            dist[it + 1] = (d["precise_bn/ema_mean_rel_dist"], d["precise_bn/ema_var_rel_dist"])
+    for d in lines:
+        it = d.get("iteration")
+        if "bbox/AP" in d:
+            precise[it + 1 if it + 1 in ema else it] = d["bbox/AP"]
+    rows = {}
+    for done in sorted(set(ema) & set(precise)):
+        mean, var = dist.get(done, (float("nan"), float("nan")))
+        rows[done] = {"ema": ema[done], "precise": precise[done], "dist_mean": mean, "dist_var": var}
+    return rows
+
+
+def read_log_aps(path: str, period: int, max_iter: int):
+    """
+    ``{completed iterations: {"ema": AP, "precise": AP}}`` from a run's log.txt: detectron2
+    prints every evaluation's box AP ("copypaste:" lines); with ``EVAL_EMA`` each
+    evaluation point prints the EMA result, then the precise one. Needed because the
+    JSON writer (period 20) keeps only the latest value of a metric per write.
+    """
+    aps, expect = [], False
+    with open(path, errors="replace") as f:
         for line in f:
-            d = json.loads(line)
-            it = d.get("iteration")
-            if "ema/bbox/AP" in d:
-                rows[it]["ema"] = d["ema/bbox/AP"]
-            if "bbox/AP" in d:
-                rows[it]["precise"] = d["bbox/AP"]
-            if "precise_bn/ema_var_rel_dist" in d:
-                rows[it]["dist_mean"] = d["precise_bn/ema_mean_rel_dist"]
-                rows[it]["dist_var"] = d["precise_bn/ema_var_rel_dist"]
-    return {it: r for it, r in sorted(rows.items()) if "ema" in r and "precise" in r}
+            if "copypaste: Task: bbox" in line:
+                expect = True
+            elif expect and "copypaste: " in line and not line.rstrip().endswith("APl"):
+                aps.append(float(line.split("copypaste: ")[1].split(",")[0]))
+                expect = False
+    points = list(range(period, max_iter, period)) + [max_iter] if period else [max_iter]
+    return {done: {"ema": aps[2 * i], "precise": aps[2 * i + 1]}
+            for i, done in enumerate(points) if 2 * i + 1 < len(aps)}
 
 
 def report(base: str) -> str:
@@ -82,19 +113,31 @@ def report(base: str) -> str:
         if not os.path.exists(path):
             continue
         batch = int(opts[opts.index("SOLVER.IMS_PER_BATCH") + 1])
-        rows = read_metrics(path)
+        period = int(opts[opts.index("TEST.EVAL_PERIOD") + 1])
+        max_iter = int(opts[opts.index("SOLVER.MAX_ITER") + 1])
+        rows = read_log_aps(os.path.join(output_dir(base, name), "log.txt"), period, max_iter)
+        for done, r in read_metrics(path).items():
+            if done in rows:
+                assert abs(rows[done]["precise"] - r["precise"]) < 1e-3, (name, done)
+            rows.setdefault(done, {}).update(r)
+        for r in rows.values():
+            r.setdefault("dist_mean", float("nan"))
+            r.setdefault("dist_var", float("nan"))
         series[label] = rows
-        for it, r in rows.items():
+        for done, r in rows.items():
             lines.append(
-                f"| {label} | {it + 1} | {(it + 1) * batch} | {r['ema']:.2f} | {r['precise']:.2f} "
-                f"| {r['precise'] - r['ema']:+.2f} | {r.get('dist_mean', float('nan')):.3f} / "
-                f"{r.get('dist_var', float('nan')):.3f} |"
+                f"| {label} | {done} | {done * batch} | {r['ema']:.2f} | {r['precise']:.2f} "
+                f"| {r['precise'] - r['ema']:+.2f} | {_fmt(r['dist_mean'])} / {_fmt(r['dist_var'])} |"
             )
     table = "\n".join(lines)
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write("# Measured by `python projects/PreciseBN/run_study.py`\n\n" + table + "\n")
     _plot(series)
     return table
+
+
+def _fmt(x: float) -> str:
+    return "–" if x != x else f"{x:.3f}"
 
 
 def _plot(series) -> None:
@@ -106,7 +149,7 @@ def _plot(series) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for (label, rows), color in zip(series.items(), ("tab:blue", "tab:red")):
         batch = 16 if label.startswith("batch 16") else 64
-        x = [(it + 1) * batch for it in rows]
+        x = [done * batch for done in rows]
         ax.plot(x, [r["ema"] for r in rows.values()], "--o", color=color, label=f"{label}: EMA")
         ax.plot(x, [r["precise"] for r in rows.values()], "-s", color=color, label=f"{label}: precise")
     ax.set_xlabel("training images seen")
