@@ -9,7 +9,7 @@
 # variant it trains the toy Mask R-CNN (configs/Toy/mask_rcnn_R18_FPN_<variant>_head.yaml)
 # in 2 CPU processes through tools/train_net.py, and measures on held-out images:
 #   1. COCO AP with population statistics (end of training) and with mini-batch statistics
-#      (train-mode BN at inference, 2 images per worker; an --eval-only run);
+#      (train-mode BN at inference, as many images per worker as in training; an --eval-only run);
 #   2. the leakage probe (leakage_probe.py): training-style batches (sampled RoIs, losses)
 #      with batch statistics vs. population statistics.
 # Then summarize.py writes results/results.{md,csv,png}.
@@ -63,7 +63,7 @@ for setting in $SETTINGS; do
       echo "[study] $(date +%T) $name: ${variant}_head with mini-batch statistics"
       rm -rf "$mini" && mkdir -p "$mini"
       "$PY" tools/train_net.py --num-gpus 2 --dist-url auto --eval-only --config-file "$config" \
-        "${DATA[@]}" TEST.BN_STATS mini_batch TEST.IMS_PER_BATCH 2 \
+        "${DATA[@]}" TEST.BN_STATS mini_batch TEST.IMS_PER_BATCH "$ims" \
         MODEL.WEIGHTS "$run/model_final.pth" OUTPUT_DIR "$mini" > "$mini/train_net.log" 2>&1 \
         || echo "[study] mini-batch evaluation failed: see $mini/train_net.log"
     fi

@@ -101,7 +101,7 @@ def summarize(specs, out_dir):
         record.update({k: v for k, v in extra.items() if k != "head"})
     markdown = (
         "COCO AP on toy_coco_oneclass_val, evaluated with population and with mini-batch "
-        "statistics (2 images per worker):\n\n" + "\n".join(lines) + "\n\n"
+        "statistics (as many images per worker as in training):\n\n" + "\n".join(lines) + "\n\n"
         "Leakage probe: training-style batches of held-out images (RoIs sampled as in "
         "training, losses), the heads' BN with the batch's statistics vs. population "
         "statistics, mean over 2 workers x 20 batches:\n\n" + probe_markdown
