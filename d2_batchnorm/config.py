@@ -116,6 +116,11 @@ def _check_int(key: str, value, minimum: int) -> None:
         raise ValueError(f"{key} = {value!r} is not allowed; it must be an integer >= {minimum}")
 
 
+def _check_bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} = {value!r} is not allowed; allowed values: [True, False]")
+
+
 def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
     """
     Raises ``ValueError`` naming the first bad key of ``cfg``, its value and what is allowed.
@@ -131,6 +136,7 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
     _check_int("TEST.PRECISE_BN.NUM_SAMPLES", pbn.NUM_SAMPLES, 0)
     _check_int("TEST.PRECISE_BN.PERIOD", pbn.PERIOD, 0)
     _check_int("TEST.PRECISE_BN.IMS_PER_BATCH", pbn.IMS_PER_BATCH, 0)
+    _check_bool("TEST.PRECISE_BN.EVAL_EMA", pbn.EVAL_EMA)
     if not isinstance(pbn.DATASETS, (list, tuple)):
         raise ValueError(
             f"TEST.PRECISE_BN.DATASETS = {pbn.DATASETS!r} is not allowed; "
@@ -154,6 +160,7 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
     _check_int("BN.GHOST_BATCH_SIZE", cfg.BN.GHOST_BATCH_SIZE, 0)
 
     _check_choice("MODEL.RETINANET.NORM_STATS", cfg.MODEL.RETINANET.NORM_STATS, RETINANET_NORM_STATS)
+    _check_bool("MODEL.RETINANET.NORM_SHARE_AFFINE", cfg.MODEL.RETINANET.NORM_SHARE_AFFINE)
     _check_choice(
         "MODEL.RETINANET.POPULATION_STATS", cfg.MODEL.RETINANET.POPULATION_STATS, POPULATION_STATS
     )

@@ -41,6 +41,8 @@ def test_validation_requires_our_keys():
         ("BN.FROZEN_LAST_ITERS", 10**9, "<= SOLVER.MAX_ITER"),
         ("MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION", "shufle", "MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION = 'shufle'"),
         ("MODEL.RETINANET.POPULATION_STATS", "per-level", "MODEL.RETINANET.POPULATION_STATS"),
+        ("TEST.PRECISE_BN.EVAL_EMA", 1, "TEST.PRECISE_BN.EVAL_EMA = 1 is not allowed; allowed values: [True, False]"),
+        ("MODEL.RETINANET.NORM_SHARE_AFFINE", "yes", "MODEL.RETINANET.NORM_SHARE_AFFINE = 'yes'"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(key, value, message):

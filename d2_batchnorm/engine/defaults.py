@@ -4,6 +4,8 @@ import os
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import add_batchnorm_config, validate_batchnorm_config
 
@@ -46,9 +48,11 @@ def load_config(config_file: str, opts=(), world_size: int = 1):
 
 
 def setup(args):
-    """``load_config`` from detectron2's command-line ``args`` plus ``default_setup``."""
-    from detectron2.utils import comm
-
+    """
+    ``load_config`` from detectron2's command-line ``args`` plus ``default_setup``, and a
+    logger for d2_batchnorm's own messages (to the console and OUTPUT_DIR/log.txt).
+    """
     cfg = load_config(args.config_file, args.opts, comm.get_world_size())
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_batchnorm")
     return cfg
