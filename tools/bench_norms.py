@@ -27,6 +27,7 @@ import time
 
 import torch
 from torch import nn
+from readme_section import write_readme_section  # tools/readme_section.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -164,6 +165,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=30, help="timed repetitions per variant")
     parser.add_argument("--quick", action="store_true", help="2 shapes, 5 repetitions")
+    parser.add_argument("--no-readme", action="store_true", help="do not write the output into README.md")
     parser.add_argument("--rss-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_worker:
@@ -173,23 +175,29 @@ def main(argv=None):
 
     shapes = TIME_SHAPES[1:] if args.quick else TIME_SHAPES
     reps = 5 if args.quick else args.reps
-    print(f"Machine: {_machine()}\n")
+    lines = []
+
+    def emit(text=""):
+        print(text)
+        lines.append(text)
+
+    emit(f"Machine: {_machine()}\n")
     timing = run_on_local_workers(_time_worker, 2, (reps, shapes))[0]
-    print(f"### Time per iteration (forward + backward), 2 CPU processes over gloo, 1 thread each, "
+    emit(f"#### Time per iteration (forward + backward), 2 CPU processes over gloo, 1 thread each, "
           f"median of {reps}\n")
-    print("| input (N, C, H, W) per worker | BN (no sync) | naiveSyncBN | naiveSyncBN_N | SyncBN "
+    emit("| input (N, C, H, W) per worker | BN (no sync) | naiveSyncBN | naiveSyncBN_N | SyncBN "
           "| SyncBN / BN | SyncBN / naiveSyncBN | SyncBN / naiveSyncBN_N |")
-    print("|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|")
     for shape, t in timing.items():
         ms = {k: f"{v * 1e3:.2f} ms" for k, v in t.items()}
-        print(f"| {shape} | {ms['BN']} | {ms['naiveSyncBN']} | {ms['naiveSyncBN_N']} | {ms['SyncBN']} "
+        emit(f"| {shape} | {ms['BN']} | {ms['naiveSyncBN']} | {ms['naiveSyncBN_N']} | {ms['SyncBN']} "
               f"| {t['SyncBN'] / t['BN']:.2f} | {t['SyncBN'] / t['naiveSyncBN']:.2f} "
               f"| {t['SyncBN'] / t['naiveSyncBN_N']:.2f} |")
 
     sizes = ", ".join(f"{s}x{s}" for s in LEVEL_SIZES)
-    print(f"\n### Memory of level statistics, 5 levels ({sizes}), N={LEVEL_BATCH}, C={LEVEL_CHANNELS}\n")
-    print("| implementation | saved for backward | RSS held after forward | peak RSS growth (fwd + bwd) |")
-    print("|---|---|---|---|")
+    emit(f"\n#### Memory of level statistics, 5 levels ({sizes}), N={LEVEL_BATCH}, C={LEVEL_CHANNELS}\n")
+    emit("| implementation | saved for backward | RSS held after forward | peak RSS growth (fwd + bwd) |")
+    emit("|---|---|---|---|")
     mem = {}
     for variant, label in (
         ("concat", "concatenate-then-split, one BatchNorm1d"),
@@ -197,10 +205,13 @@ def main(argv=None):
         ("per_level", "LevelBatchNorm stats=per_level"),
     ):
         mem[variant] = (_saved_bytes(variant), *_peak_rss(variant))
-        print(f"| {label} | " + " | ".join(f"{b / 2**20:.1f} MiB" for b in mem[variant]) + " |")
+        emit(f"| {label} | " + " | ".join(f"{b / 2**20:.1f} MiB" for b in mem[variant]) + " |")
     ratios = [mem["shared"][i] / max(mem["concat"][i], 1) for i in range(3)]
-    print(f"\nshared / concatenate-then-split: saved for backward {ratios[0]:.2f}x, held after "
+    emit(f"\nshared / concatenate-then-split: saved for backward {ratios[0]:.2f}x, held after "
           f"forward {ratios[1]:.2f}x, peak {ratios[2]:.2f}x")
+
+    if not args.no_readme:
+        write_readme_section("bench_norms", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import Dict, List
 
 import torch
 from torch import nn
+from readme_section import write_readme_section  # tools/readme_section.py
 from torch.nn.modules.batchnorm import _BatchNorm
 
 CASES = ("maskrcnn_a", "maskrcnn_b", "retinanet")
@@ -279,6 +280,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=128, help="image side (pixels)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--no-readme", action="store_true", help="do not write the output into README.md")
     p.add_argument("--world-size", type=int, default=2, help="processes for the rank check; 1 skips it")
     p.add_argument("--ranks-iters", type=int, default=3, help="batches per rank in the rank check")
     p.add_argument("--floor-iters", type=int, default=100,
@@ -293,7 +295,8 @@ def main(argv=None) -> int:
     import logging
 
     logging.getLogger("d2_batchnorm").setLevel(logging.ERROR)
-    print(f"machine: {machine()}")
+    header_lines = [f"Machine: {machine()}", ""]
+    print(header_lines[0])
     print(f"batches: {args.iters} x {args.ims} images of {args.size}x{args.size}, training mode, "
           f"time = min over {args.repeats} interleaved repeats")
     header = ("| case | BN modules | fvcore s | ours s | backbone fwd s | fvcore/ours | ours/backbone "
@@ -321,6 +324,8 @@ def main(argv=None) -> int:
             print(longs[-1], flush=True)
     print()
     print("\n".join(rows + [""] + longs))
+    if not args.no_readme:
+        write_readme_section("bench_precise_bn", "\n".join(header_lines + rows + [""] + longs))
     return 0
 
 

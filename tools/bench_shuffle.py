@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from typing import Dict, List
 
 import torch
+from readme_section import write_readme_section  # tools/readme_section.py
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -258,6 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-conv", type=int, default=4, help="conv layers (4conv1fc: 4)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-readme", action="store_true", help="do not write the output into README.md")
     parser.add_argument("--out", default="", help="also write the table and formulas to this Markdown file")
     args = parser.parse_args(argv)
     if args.workers < 2:
@@ -296,6 +298,8 @@ def main(argv=None) -> int:
         )
     text = "\n".join(lines) + "\n\n" + formulas() + f"\n\nMachine: {machine}.\n"
     print(text)
+    if not args.no_readme:
+        write_readme_section("bench_shuffle", text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)

@@ -1,0 +1,31 @@
+"""tools/readme_section.py: benchmarks write their latest output into README.md."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from readme_section import README, write_readme_section  # noqa: E402
+
+
+def test_replaces_only_the_named_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- output:x -->\nold\n<!-- /output:x -->\nb\n<!-- output:y -->\nkeep\n<!-- /output:y -->\n")
+    write_readme_section("x", "new table\n", str(readme))
+    assert readme.read_text() == (
+        "a\n<!-- output:x -->\nnew table\n<!-- /output:x -->\nb\n<!-- output:y -->\nkeep\n<!-- /output:y -->\n"
+    )
+
+
+def test_missing_markers_leave_the_file_unchanged(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- /output:x -->\n<!-- output:x -->\n")
+    with pytest.raises(ValueError, match="no '<!-- output:x -->'"):
+        write_readme_section("x", "t", str(readme))
+    assert readme.read_text() == "<!-- /output:x -->\n<!-- output:x -->\n"
+
+
+def test_every_benchmark_has_its_block_in_the_project_readme():
+    text = open(README).read()
+    for name in ("bench_norms", "bench_shuffle", "bench_precise_bn"):
+        assert f"<!-- output:{name} -->" in text and f"<!-- /output:{name} -->" in text
