@@ -5,6 +5,7 @@
 # table; then compares the leakage mitigations of R-CNN BN heads on the toy data.
 #   bash tools/demo.sh            (about 15 minutes on an idle 2-core machine)
 #   D2BN_DEMO_OUTPUT=dir          where runs are written (default: output/demo)
+#   D2BN_COMPARE_ITERS=N          training iterations of each compared variant (default: 150)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/bootstrap_env.sh
@@ -19,10 +20,10 @@ echo "   evaluated with the EMA statistics (ema/bbox/AP) and with PreciseBN's (b
   SOLVER.MAX_ITER 200 SOLVER.STEPS "(150, 180)" \
   TEST.PRECISE_BN.ENABLED True TEST.PRECISE_BN.NUM_SAMPLES 1024 \
   OUTPUT_DIR "$out/retinanet_bn_head" 2>&1 | tee "$out/retinanet_bn_head.log" \
-  | { grep --line-buffered -E "eta:|copypaste|PreciseBN|error|Error" || true; }
+  | { grep --line-buffered -E "eta:|copypaste|PreciseBN|Traceback|error:|Error:" || true; }
 "$D2BN_PYTHON" tools/print_metrics.py "$out/retinanet_bn_head"
 
 if [ -f tools/demo_compare.sh ]; then
   echo "== 2/2: leakage mitigations of BN in R-CNN heads, toy data, 2 CPU processes"
-  bash tools/demo_compare.sh "$out/leakage"
+  D2BN_COMPARE_ITERS=${D2BN_COMPARE_ITERS:-150} bash tools/demo_compare.sh "$out/leakage"
 fi

@@ -37,11 +37,18 @@ def _init_from_torchrun_env() -> None:
     comm.synchronize()
 
 
+def _cpu_worker(main_func, threads: int, *args):
+    """Runs ``main_func(*args)`` with ``threads`` torch threads (a CPU worker's share of the cores)."""
+    torch.set_num_threads(threads)
+    return main_func(*args)
+
+
 def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
            dist_url: str = "auto", args=()):
     """
     Runs ``main_func(*args)`` in ``num_gpus_per_machine`` processes on each of
-    ``num_machines`` machines. Without CUDA, the processes run on CPU over gloo.
+    ``num_machines`` machines. Without CUDA, the processes run on CPU over gloo, each with
+    ``cpu_count // num_gpus_per_machine`` torch threads unless ``OMP_NUM_THREADS`` is set.
     Under ``torchrun`` the process group comes from the environment and the other
     arguments are ignored.
 
@@ -58,6 +65,12 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
             f"--num-gpus = {num_gpus_per_machine} but this machine has only "
             f"{torch.cuda.device_count()} GPU(s)"
         )
+    if not torch.cuda.is_available() and num_gpus_per_machine > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # N CPU workers with torch's default of one thread per core each would oversubscribe
+        # the cores N times: give each worker its share (OMP_NUM_THREADS overrides this).
+        threads = max(1, (os.cpu_count() or 1) // num_gpus_per_machine)
+        args = (main_func, threads) + tuple(args)
+        main_func = _cpu_worker
     return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
                      machine_rank=machine_rank, dist_url=dist_url, args=args)
 
