@@ -130,7 +130,10 @@ def _describe(config_yaml: str) -> Tuple[str, str]:
     mitigation = box.get("LEAKAGE_MITIGATION", "none")
     mask_mitigation = mask.get("LEAKAGE_MITIGATION", "none") if model.get("MASK_ON") else mitigation
     mitigation = mitigation if mask_mitigation == mitigation else f"{mitigation}/{mask_mitigation}"
-    if mitigation == "none":
+    arch = model.get("META_ARCHITECTURE", "GeneralizedRCNN")
+    if "RCNN" not in arch:
+        mitigation = f"n/a ({arch}: no R-CNN heads)"
+    elif mitigation == "none":
         mitigation = f"none ({norm or 'no norm'} head)"
     if test.get("BN_STATS") == "mini_batch":
         statistics = f"mini-batch ({test.get('IMS_PER_BATCH')} img/worker)"
