@@ -5,7 +5,7 @@
 # table; then compares the leakage mitigations of R-CNN BN heads on the toy data.
 #   bash tools/demo.sh            (about 15 minutes on an idle 2-core machine)
 #   D2BN_DEMO_OUTPUT=dir          where runs are written (default: output/demo)
-#   D2BN_COMPARE_ITERS=N          training iterations of each compared variant (default: 150)
+#   D2BN_COMPARE_ITERS=N          training iterations of each compared variant (default: 300)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/bootstrap_env.sh
@@ -26,5 +26,5 @@ echo "   evaluated with the EMA statistics (ema/bbox/AP) and with PreciseBN's (b
 
 if [ -f tools/demo_compare.sh ]; then
   echo "== 2/2: leakage mitigations of BN in R-CNN heads, toy data, 2 CPU processes"
-  D2BN_COMPARE_ITERS=${D2BN_COMPARE_ITERS:-150} bash tools/demo_compare.sh "$out/leakage"
+  D2BN_COMPARE_ITERS=${D2BN_COMPARE_ITERS:-300} bash tools/demo_compare.sh "$out/leakage"
 fi
