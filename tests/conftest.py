@@ -1,20 +1,23 @@
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
 
+# Toy datasets are generated once per test session into a temporary folder (or into
+# $D2BN_TEST_DATASETS), set before any test module imports d2_batchnorm: the datasets are
+# registered with their folder at import time.
+if "D2BN_TEST_DATASETS" in os.environ:
+    os.environ["DETECTRON2_DATASETS"] = os.environ["D2BN_TEST_DATASETS"]
+else:
+    _datasets = tempfile.mkdtemp(prefix="d2bn-test-datasets-")
+    atexit.register(shutil.rmtree, _datasets, ignore_errors=True)
+    os.environ["DETECTRON2_DATASETS"] = _datasets
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _toy_datasets_root(tmp_path_factory):
-    """Toy datasets are generated once per session into a temporary folder."""
-    if "D2BN_TEST_DATASETS" in os.environ:
-        os.environ["DETECTRON2_DATASETS"] = os.environ["D2BN_TEST_DATASETS"]
-    else:
-        os.environ["DETECTRON2_DATASETS"] = str(tmp_path_factory.mktemp("datasets"))
-    yield
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ pip_install() {
 }
 
 # Everything importable and d2_batchnorm installed from this checkout: nothing to do.
-if "$py" - "$repo_root" <<'PY' 2>/dev/null; then
+if PYTHONWARNINGS=ignore "$py" - "$repo_root" <<'PY' 2>/dev/null; then
 import importlib, os, sys
 for name in ("torch", "torchvision", "detectron2.engine", "fvcore", "pycocotools.coco",
              "matplotlib", "pytest", "d2_batchnorm"):
@@ -62,10 +62,10 @@ if ! "$py" -c "import detectron2.engine" 2>/dev/null; then
   # to pure-Python code paths (pycocotools-based COCO evaluation).
   if [ "$pyver" != "3.10" ]; then rm -f "$target"/detectron2/_C*.so; fi
   echo "$target" > "$site/detectron2-pkg.pth"
-  "$py" -c "import detectron2.engine"
+  PYTHONWARNINGS=ignore "$py" -c "import detectron2.engine"
 fi
 
 log "installing d2_batchnorm (editable) from $repo_root"
 pip_install --no-deps --no-build-isolation -e "$repo_root"
-"$py" -c "import d2_batchnorm"
+PYTHONWARNINGS=ignore "$py" -c "import d2_batchnorm"
 export D2BN_PYTHON="$py"

@@ -36,20 +36,23 @@ def _split_names():
             yield f"{folder}_{split}", folder, split
 
 
-def _load(folder: str, split: str, name: str):
-    root = ensure_toy_coco(toy_dataset_root(folder), TOY_DATASETS[folder])
+def _load(root: str, folder: str, split: str, name: str):
+    ensure_toy_coco(root, TOY_DATASETS[folder])
     return load_coco_json(
         os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split), name
     )
 
 
 def register_toy_datasets() -> None:
-    """Registers every toy split (idempotent)."""
+    """
+    Registers every toy split (idempotent). The folder is fixed here, from
+    ``$DETECTRON2_DATASETS`` at registration time, for the loader and the metadata alike.
+    """
     for name, folder, split in _split_names():
         if name in DatasetCatalog.list():
             continue
-        DatasetCatalog.register(name, lambda n=name, f=folder, s=split: _load(f, s, n))
         root = toy_dataset_root(folder)
+        DatasetCatalog.register(name, lambda r=root, f=folder, s=split, n=name: _load(r, f, s, n))
         MetadataCatalog.get(name).set(
             json_file=os.path.join(root, "annotations", f"instances_{split}.json"),
             image_root=os.path.join(root, split),
@@ -70,7 +73,8 @@ def prepare_datasets(names) -> None:
     toy = {name: folder for name, folder, _ in _split_names()}
     for name in names:
         if name in toy:
-            ensure_toy_coco(toy_dataset_root(toy[name]), TOY_DATASETS[toy[name]])
+            root = os.path.dirname(MetadataCatalog.get(name).image_root)  # where it was registered
+            ensure_toy_coco(root, TOY_DATASETS[toy[name]])
             continue
         if name not in DatasetCatalog.list():
             raise ValueError(
