@@ -20,7 +20,7 @@ echo "   evaluated with the EMA statistics (ema/bbox/AP) and with PreciseBN's (b
   SOLVER.MAX_ITER 200 SOLVER.STEPS "(150, 180)" \
   TEST.PRECISE_BN.ENABLED True TEST.PRECISE_BN.NUM_SAMPLES 1024 \
   OUTPUT_DIR "$out/retinanet_bn_head" 2>&1 | tee "$out/retinanet_bn_head.log" \
-  | { grep --line-buffered -E "eta:|copypaste|images in|Traceback|error:|Error:" || true; }
+  | { grep --line-buffered -E "eta:|copypaste|PreciseBN: [0-9]+ images|Traceback|error:|Error:" || true; }
 "$D2BN_PYTHON" tools/compare.py --out "$out/retinanet_bn_head" \
   --title "Toy RetinaNet, BN head: EMA vs precise statistics" "retinanet_bn_head=$out/retinanet_bn_head"
 
