@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as dist_utils
+from .layers.batch_stats import shifted_channel_sums
 
 __all__ = ["update_bn_stats", "get_bn_modules", "count_samples", "PreciseBNResult"]
 
@@ -159,12 +160,9 @@ class _Moments:
         x = x.detach()
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
-        dims = [0] + list(range(2, x.dim()))
-        view = [1, channels] + [1] * (x.dim() - 2)
-        shift = x.sum(dims) / n
-        d = x - shift.view(view)
-        dsum = d.sum(dims).to(torch.float64)
-        m2 = d.square().sum(dims).to(torch.float64) - dsum.square() / n
+        shift = x.sum([0] + list(range(2, x.dim()))) / n  # (C,): the rounded mean
+        _, dsum, dsq = shifted_channel_sums(x, shift)
+        m2 = dsq - dsum.square() / n
         self.add(slot, float(n), shift.to(torch.float64) + dsum / n, m2.clamp(min=0))
 
     def pack(self) -> torch.Tensor:

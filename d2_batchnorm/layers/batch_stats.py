@@ -23,6 +23,7 @@ import torch
 from .. import distributed as d2bn_dist
 
 __all__ = [
+    "shifted_channel_sums",
     "local_power_sums",
     "moments_from_power_sums",
     "update_running_stats_",
@@ -34,17 +35,35 @@ def _channel_dims(x: torch.Tensor):
     return [0] + list(range(2, x.dim()))
 
 
-def _shifted_power_sums(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(2C + 1,) float64 ``[n, S, Q]`` of x (no autograd) and the (C,) shift K used."""
+def shifted_channel_sums(x: torch.Tensor, shift: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """
+    Per-channel sums of ``x`` (N, C, *) shifted by ``shift`` (C,), no autograd::
+
+        n = N * prod(*),   s1 = sum (x - shift),   s2 = sum (x - shift)^2
+
+    reduced in x's precision (>= float32 advised) and returned as float64 (C,) tensors.
+    With a shift near the mean both sums stay small, so the moments formed from them in
+    float64 keep full precision even when |mean| >> std — the one place this is computed,
+    for the training-mode norms and for PreciseBN alike.
+    """
     channels = x.shape[1]
     count = x.numel() // channels if channels > 0 else 0
     if count == 0:
-        zeros = torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
-        return zeros, x.new_zeros(channels)
+        zeros = torch.zeros(channels, dtype=torch.float64, device=x.device)
+        return 0, zeros, zeros.clone()
     dims = _channel_dims(x)
-    shift = x[0].reshape(channels, -1).mean(1)  # (C,)
-    d = x - shift.reshape((1, -1) + (1,) * (x.dim() - 2))
+    d = x.detach() - shift.reshape((1, -1) + (1,) * (x.dim() - 2))
     s1, s2 = torch.stack([d.sum(dims), (d * d).sum(dims)]).double()
+    return count, s1, s2
+
+
+def _shifted_power_sums(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(2C + 1,) float64 ``[n, S, Q]`` of x (no autograd) and the (C,) shift K used."""
+    channels = x.shape[1]
+    if x.numel() == 0:
+        return torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device), x.new_zeros(channels)
+    shift = x[0].detach().reshape(channels, -1).mean(1)  # (C,): the first sample's mean
+    count, s1, s2 = shifted_channel_sums(x, shift)
     k = shift.double()
     n = torch.full((1,), float(count), dtype=torch.float64, device=x.device)
     return torch.cat([n, s1 + count * k, s2 + k * (2 * s1 + count * k)]), shift
