@@ -18,7 +18,6 @@ ratios and the machine they ran on (README.md quotes the latest output):
 """
 import argparse
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ import time
 
 import torch
 from torch import nn
-from readme_section import write_readme_section  # tools/readme_section.py
+from bench_report import machine_description, write_readme_section  # tools/bench_report.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -148,19 +147,6 @@ def _peak_rss(variant):
     return int(held), int(peak)
 
 
-def _machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs visible, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, {platform.system()} {platform.release()}"
-    )
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=30, help="timed repetitions per variant")
@@ -181,7 +167,7 @@ def main(argv=None):
         print(text)
         lines.append(text)
 
-    emit(f"Machine: {_machine()}\n")
+    emit(f"Machine: {machine_description('gloo, 1 thread per process')}\n")
     timing = run_on_local_workers(_time_worker, 2, (reps, shapes))[0]
     emit(f"#### Time per iteration (forward + backward), 2 CPU processes over gloo, 1 thread each, "
           f"median of {reps}\n")

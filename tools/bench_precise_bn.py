@@ -26,15 +26,13 @@ a fixed cost that fades over detectron2's default of 200 PreciseBN iterations.
 Times are the minimum over ``--repeats`` interleaved runs (the machine may be shared).
 """
 import argparse
-import os
-import platform
 import sys
 import time
 from typing import Dict, List
 
 import torch
 from torch import nn
-from readme_section import write_readme_section  # tools/readme_section.py
+from bench_report import machine_description, write_readme_section  # tools/bench_report.py
 from torch.nn.modules.batchnorm import _BatchNorm
 
 CASES = ("maskrcnn_a", "maskrcnn_b", "retinanet")
@@ -257,21 +255,6 @@ def rank_differences(case, args) -> Dict[str, float]:
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}; {os.cpu_count()} CPUs visible, torch threads {torch.get_num_threads()}; "
-            f"torch {torch.__version__}; Python {platform.python_version()}; load average "
-            f"{os.getloadavg()[0]:.1f} at start")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
@@ -295,7 +278,7 @@ def main(argv=None) -> int:
     import logging
 
     logging.getLogger("d2_batchnorm").setLevel(logging.ERROR)
-    header_lines = [f"Machine: {machine()}", ""]
+    header_lines = [f"Machine: {machine_description(f'torch threads {torch.get_num_threads()}')}", ""]
     print(header_lines[0])
     print(f"batches: {args.iters} x {args.ims} images of {args.size}x{args.size}, training mode, "
           f"time = min over {args.repeats} interleaved repeats")

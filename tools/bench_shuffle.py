@@ -30,7 +30,6 @@ import argparse
 import math
 import os
 import pickle
-import platform
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from contextlib import contextmanager
 from typing import Dict, List
 
 import torch
-from readme_section import write_readme_section  # tools/readme_section.py
+from bench_report import machine_description, write_readme_section  # tools/bench_report.py
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -220,19 +219,6 @@ def _median_of_slowest(per_rank: List[List[float]]) -> float:
     return statistics.median(max(vals) for vals in zip(*per_rank)) if per_rank[0] else 0.0
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, load average {load:.1f} at start; torch "
-            f"{torch.__version__}, gloo, 1 thread per process")
-
-
 def formulas() -> str:
     return (
         "Bytes sent per worker and iteration (forward + backward), W workers, n RoIs per worker "
@@ -273,7 +259,7 @@ def main(argv=None) -> int:
 
     from d2_batchnorm.engine import run_on_local_workers
 
-    machine = _machine()
+    machine = machine_description("gloo, 1 thread per process")
     results = run_on_local_workers(
         _worker, args.workers, (rois, args.channels, args.fc_dim, args.num_conv, args.iters, args.warmup)
     )

@@ -1,11 +1,11 @@
-"""tools/readme_section.py: benchmarks write their latest output into README.md."""
+"""tools/bench_report.py: benchmarks write their latest output into README.md."""
 import os
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from readme_section import README, write_readme_section  # noqa: E402
+from bench_report import README, machine_description, write_readme_section  # noqa: E402
 
 
 def test_replaces_only_the_named_block(tmp_path):
@@ -29,3 +29,11 @@ def test_every_benchmark_has_its_block_in_the_project_readme():
     text = open(README).read()
     for name in ("bench_norms", "bench_shuffle", "bench_precise_bn"):
         assert f"<!-- output:{name} -->" in text and f"<!-- /output:{name} -->" in text
+
+
+def test_machine_description_names_cpus_load_and_versions():
+    import torch
+
+    text = machine_description("gloo")
+    assert f"{os.cpu_count()} logical CPUs" in text and "load average" in text
+    assert f"torch {torch.__version__}" in text and text.endswith(", gloo")
