@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["RunResult", "read_run", "run_config", "write_tables", "plot", "main"]
+__all__ = ["RunResult", "copypaste_blocks", "read_run", "run_config", "write_tables", "plot", "main"]
 
 METRICS = ("bbox/AP", "segm/AP")
 COLUMNS = (
@@ -76,12 +76,14 @@ def _last_values(metrics_json: str) -> Dict[str, float]:
     return values
 
 
-def _copypaste_values(log_txt: str) -> Dict[str, float]:
+def copypaste_blocks(log_txt: str) -> List[Dict[str, float]]:
     """
-    AP values from detectron2's ``copypaste: Task: bbox`` / ``copypaste: AP,AP50,...`` /
-    ``copypaste: 12.3,...`` log lines (the last evaluation of each task wins).
+    Every evaluation result detectron2 printed in ``log_txt``, in order: one
+    ``{"<task>/<metric>": value}`` dict per ``copypaste: Task: <task>`` /
+    ``copypaste: AP,AP50,...`` / ``copypaste: 12.3,...`` block (values that are not
+    numbers are left out).
     """
-    values: Dict[str, float] = {}
+    blocks: List[Dict[str, float]] = []
     task, names = None, None
     with open(log_txt, errors="replace") as f:
         for line in f:
@@ -93,13 +95,22 @@ def _copypaste_values(log_txt: str) -> Dict[str, float]:
             elif task and names is None:
                 names = [n.strip() for n in text.split(",")]
             elif task and names:
-                numbers = text.split(",")
-                for name, number in zip(names, numbers):
+                block = {}
+                for name, number in zip(names, text.split(",")):
                     try:
-                        values[f"{task}/{name}"] = float(number)
-                    except ValueError:
-                        pass
+                        block[f"{task}/{name}"] = float(number)
+                    except ValueError:  # e.g. a truncated line
+                        continue
+                blocks.append(block)
                 task, names = None, None
+    return blocks
+
+
+def _copypaste_values(log_txt: str) -> Dict[str, float]:
+    """AP values of ``log_txt``'s copypaste blocks; the last evaluation of each task wins."""
+    values: Dict[str, float] = {}
+    for block in copypaste_blocks(log_txt):
+        values.update(block)
     return values
 
 

@@ -24,6 +24,9 @@ from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from compare import copypaste_blocks  # noqa: E402  (tools/compare.py)
+
 CONFIG = "configs/Toy/retinanet_R18_FPN_bn_head.yaml"
 
 # name -> (label, opts); both runs see the same 1280 training images (16 x 80 = 64 x 20)
@@ -88,14 +91,7 @@ def read_log_aps(path: str, period: int, max_iter: int):
     evaluation point prints the EMA result, then the precise one. Needed because the
     JSON writer (period 20) keeps only the latest value of a metric per write.
     """
-    aps, expect = [], False
-    with open(path, errors="replace") as f:
-        for line in f:
-            if "copypaste: Task: bbox" in line:
-                expect = True
-            elif expect and "copypaste: " in line and not line.rstrip().endswith("APl"):
-                aps.append(float(line.split("copypaste: ")[1].split(",")[0]))
-                expect = False
+    aps = [block["bbox/AP"] for block in copypaste_blocks(path) if "bbox/AP" in block]
     points = list(range(period, max_iter, period)) + [max_iter] if period else [max_iter]
     return {done: {"ema": aps[2 * i], "precise": aps[2 * i + 1]}
             for i, done in enumerate(points) if 2 * i + 1 < len(aps)}
