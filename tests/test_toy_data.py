@@ -9,7 +9,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools import mask as mask_utils
 
-from d2_batchnorm.data import TOY_CATEGORIES, ToyDatasetSpec, ensure_toy_coco, generate_toy_coco
+from d2_batchnorm.data import (
+    RELATIVE_BRIGHTNESS_CATEGORIES,
+    TOY_CATEGORIES,
+    ToyDatasetSpec,
+    ensure_toy_coco,
+    generate_toy_coco,
+)
 
 SMALL = ToyDatasetSpec(num_train=12, num_val=4, image_size=64, seed=3)
 
@@ -59,6 +65,35 @@ def test_single_class_per_image_variant(tmp_path):
         assert len(cats) == 1
 
 
+def test_relative_brightness_variant_is_told_by_the_image_not_by_one_object(tmp_path):
+    """
+    In the relative-brightness variant an object's own gray level names its class less
+    often than its level minus the mean level of its image's objects: the difference a
+    BN head computes when it normalizes one image's RoIs by their own mean.
+    """
+    spec = ToyDatasetSpec(num_train=60, num_val=1, seed=5, class_cue="relative_brightness")
+    coco = COCO(generate_toy_coco(str(tmp_path), spec)["train"])
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(RELATIVE_BRIGHTNESS_CATEGORIES)
+    levels, relative, labels = [], [], []
+    for image_id in coco.getImgIds():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        assert 3 <= len(anns) <= 6 and {a["category_id"] for a in anns} == {1, 2, 3}
+        image = np.asarray(Image.open(os.path.join(tmp_path, "train", coco.loadImgs(image_id)[0]["file_name"])))
+        gray = np.array([image[coco.annToMask(a).astype(bool)].mean() for a in anns])
+        levels += list(gray)
+        relative += list(gray - gray.mean())
+        labels += [a["category_id"] - 1 for a in anns]
+
+    def best_two_thresholds(values):
+        values, grid = np.asarray(values), np.linspace(min(values), max(values), 60)
+        return max(
+            np.mean((values > a).astype(int) + (values > b) == labels) for a in grid for b in grid if a <= b
+        )
+
+    assert best_two_thresholds(levels) < 0.7
+    assert best_two_thresholds(relative) > 0.9
+
+
 def test_ensure_reuses_a_complete_dataset_and_regenerates_another_spec(tmp_path):
     root = str(tmp_path / "toy")
     ensure_toy_coco(root, SMALL)
@@ -77,6 +112,12 @@ def test_bad_spec_is_rejected():
         ToyDatasetSpec(style="sepia")
     with pytest.raises(ValueError, match="num_train"):
         ToyDatasetSpec(num_train=0)
+    with pytest.raises(ValueError, match="class_cue"):
+        ToyDatasetSpec(class_cue="texture")
+    with pytest.raises(ValueError, match="single_class_per_image"):
+        ToyDatasetSpec(class_cue="relative_brightness", single_class_per_image=True)
+    with pytest.raises(ValueError, match="style"):
+        ToyDatasetSpec(class_cue="relative_brightness", style="shifted")
 
 
 def test_registered_names_load_through_detectron2():

@@ -3,7 +3,9 @@ Registers the toy datasets with detectron2's DatasetCatalog / MetadataCatalog, l
 detectron2's builtin COCO datasets.
 
 Names: ``toy_coco_{train,val}`` (default), ``toy_coco_shifted_{train,val}`` (another
-domain), ``toy_coco_oneclass_{train,val}`` (one class per image: leakage is exploitable).
+domain), ``toy_coco_oneclass_{train,val}`` (one class per image),
+``toy_coco_relative_{train,val}`` (an object's class is its brightness relative to the
+other objects of its image: within-batch leakage pays off).
 They live under ``$DETECTRON2_DATASETS`` (default ``./datasets``) and are generated on
 first use. Real COCO uses detectron2's own builtin names (``coco_2017_train``, ...) and
 the same ``DETECTRON2_DATASETS`` root.
@@ -14,7 +16,7 @@ from typing import Dict
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from .toy import TOY_CATEGORIES, ToyDatasetSpec, ensure_toy_coco
+from .toy import ToyDatasetSpec, ensure_toy_coco, toy_categories
 
 __all__ = ["TOY_DATASETS", "toy_dataset_root", "prepare_datasets", "register_toy_datasets"]
 
@@ -23,6 +25,7 @@ TOY_DATASETS: Dict[str, ToyDatasetSpec] = {
     "toy_coco": ToyDatasetSpec(),
     "toy_coco_shifted": ToyDatasetSpec(seed=1, style="shifted"),
     "toy_coco_oneclass": ToyDatasetSpec(seed=2, single_class_per_image=True),
+    "toy_coco_relative": ToyDatasetSpec(seed=3, class_cue="relative_brightness"),
 }
 
 
@@ -57,7 +60,7 @@ def register_toy_datasets() -> None:
             json_file=os.path.join(root, "annotations", f"instances_{split}.json"),
             image_root=os.path.join(root, split),
             evaluator_type="coco",
-            thing_classes=list(TOY_CATEGORIES),
+            thing_classes=list(toy_categories(TOY_DATASETS[folder])),
         )
 
 
