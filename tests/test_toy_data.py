@@ -127,3 +127,4 @@ def test_registered_names_load_through_detectron2():
     assert len(dicts) == 80 and dicts[0]["annotations"][0]["segmentation"]
     assert MetadataCatalog.get("toy_coco_val").thing_classes == list(TOY_CATEGORIES)
     assert os.path.isfile(MetadataCatalog.get("toy_coco_val").json_file)
+    assert MetadataCatalog.get("toy_coco_relative_val").thing_classes == list(RELATIVE_BRIGHTNESS_CATEGORIES)

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Information leakage through per-worker BatchNorm in R-CNN heads, and its mitigation
-# ("Rethinking 'Batch' in BatchNorm", Sec. 6), on a toy dataset where it is exploitable:
-# toy_coco_oneclass (every image holds objects of ONE class, so the statistics of a
-# worker's RoIs tell the head which class its images hold).
+# ("Rethinking 'Batch' in BatchNorm", Sec. 6), on a toy dataset where it pays off:
+# toy_coco_relative (an object's class — dark, medium, light — is its gray level relative
+# to the other objects of its image; a BN head that normalizes one image's RoIs gets that
+# difference from its batch statistics, population statistics cannot supply it).
 #
-# Two settings: 2 images per worker (300 iterations) and 1 image per worker (600
-# iterations; a per-worker BN head then normalizes the RoIs of one image). For each head
-# variant it trains the toy Mask R-CNN (configs/Toy/mask_rcnn_R18_FPN_<variant>_head.yaml)
-# in 2 CPU processes through tools/train_net.py, and measures on held-out images:
+# Two settings: 1 image per worker (2000 iterations; a per-worker BN head normalizes the
+# RoIs of one image) and 2 images per worker (1000 iterations, the same number of images;
+# the paper's 2 images per GPU). For each head variant it trains the toy Mask R-CNN
+# (configs/Toy/mask_rcnn_R18_FPN_<variant>_head.yaml) in 2 CPU processes through
+# tools/train_net.py, and measures on held-out images:
 #   1. COCO AP with population statistics (end of training) and with mini-batch statistics
 #      (train-mode BN at inference, as many images per worker as in training; an --eval-only run);
 #   2. the leakage probe (leakage_probe.py): training-style batches (sampled RoIs, losses)
@@ -17,8 +19,9 @@
 #   bash projects/LeakageStudy/run_study.sh [OUTPUT_DIR]      (default: output/leakage_study)
 #
 # Environment: D2BN_PYTHON (default: .venv/bin/python); D2BN_STUDY_SETTINGS (default
-# "2img:2:300:bn,syncbn,shuffle 1img:1:600:bn,shuffle", each
+# "1img:1:2000:bn,shuffle,syncbn,gn 2img:2:1000:bn,shuffle,syncbn", each
 # NAME:IMAGES_PER_WORKER:ITERATIONS:VARIANTS, variants among bn, syncbn, shuffle, gn);
+# D2BN_STUDY_DATASET (default toy_coco_relative; its _train and _val splits are used);
 # D2BN_STUDY_REUSE=1 keeps finished runs of OUTPUT_DIR instead of retraining them.
 set -euo pipefail
 
@@ -26,12 +29,13 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 PY="${D2BN_PYTHON:-$ROOT/.venv/bin/python}"
 OUT="${1:-$ROOT/output/leakage_study}"
-SETTINGS="${D2BN_STUDY_SETTINGS:-2img:2:300:bn,syncbn,shuffle 1img:1:600:bn,shuffle}"
+SETTINGS="${D2BN_STUDY_SETTINGS:-1img:1:2000:bn,shuffle,syncbn,gn 2img:2:1000:bn,shuffle,syncbn}"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 cd "$ROOT"
 mkdir -p "$OUT"
 
-DATA=(DATASETS.TRAIN '("toy_coco_oneclass_train",)' DATASETS.TEST '("toy_coco_oneclass_val",)')
+DATASET="${D2BN_STUDY_DATASET:-toy_coco_relative}"
+DATA=(DATASETS.TRAIN "(\"${DATASET}_train\",)" DATASETS.TEST "(\"${DATASET}_val\",)")
 RUN_DIRS=()
 for setting in $SETTINGS; do
   IFS=: read -r name ims iters variants <<< "$setting"
@@ -76,4 +80,4 @@ for setting in $SETTINGS; do
     RUN_DIRS+=("$name ${variant}_head=$run")
   done
 done
-"$PY" "$HERE/summarize.py" --out "$HERE/results" "${RUN_DIRS[@]}"
+"$PY" "$HERE/summarize.py" --out "$HERE/results" --dataset "${DATASET}_val" "${RUN_DIRS[@]}"

@@ -4,7 +4,8 @@ Summarizes the leakage study: for each head variant, AP evaluated with populatio
 statistics (the training run ``RUN``) and with mini-batch statistics (``RUN_mini_batch``,
 an ``--eval-only`` run), and the gap between the two.
 
-    python projects/LeakageStudy/summarize.py --out projects/LeakageStudy/results LABEL=RUN ...
+    python projects/LeakageStudy/summarize.py --out projects/LeakageStudy/results \
+        --dataset toy_coco_relative_val LABEL=RUN ...
 
 A head whose training statistics leak per-image information does better when the test
 batch supplies the same kind of statistics (mini-batch) than with population statistics:
@@ -65,7 +66,7 @@ def _probe_table(rows):
     return "\n".join(lines) + "\n", records
 
 
-def summarize(specs, out_dir):
+def summarize(specs, out_dir, dataset):
     rows = []
     for spec in specs:
         label, _, path = spec.partition("=")
@@ -100,7 +101,7 @@ def summarize(specs, out_dir):
     for record, extra in zip(records, probe_records):
         record.update({k: v for k, v in extra.items() if k != "head"})
     markdown = (
-        "COCO AP on toy_coco_oneclass_val, evaluated with population and with mini-batch "
+        f"COCO AP on {dataset}, evaluated with population and with mini-batch "
         "statistics (as many images per worker as in training):\n\n" + "\n".join(lines) + "\n\n"
         "Leakage probe: training-style batches of held-out images (RoIs sampled as in "
         "training, losses), the heads' BN with the batch's statistics vs. population "
@@ -114,11 +115,11 @@ def summarize(specs, out_dir):
         writer = csv.DictWriter(f, fieldnames=list(records[0].keys()) if records else ["head"])
         writer.writeheader()
         writer.writerows(records)
-    _plot(rows, os.path.join(out_dir, "results.png"))
+    _plot(rows, os.path.join(out_dir, "results.png"), dataset)
     return markdown
 
 
-def _plot(rows, path):
+def _plot(rows, path, dataset):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +141,7 @@ def _plot(rows, path):
                     ax.annotate(f"{h:.1f}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels([label for label, _, _ in rows], fontsize=7, rotation=25, ha="right")
-        ax.set_title(f"{name} on toy_coco_oneclass_val", fontsize=9)
+        ax.set_title(f"{name} on {dataset}", fontsize=9)
     axes[0].set_ylabel("COCO AP")
     axes[0].legend(fontsize=7, loc="upper left")
     top = max([v for _, pop, mini in rows for r in (pop, mini) for v in r.metrics.values()] + [1.0])
@@ -155,8 +156,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--dataset", required=True, help="the test dataset the runs were evaluated on")
     args = parser.parse_args(argv)
-    print(summarize(args.runs, args.out))
+    print(summarize(args.runs, args.out, args.dataset))
     print(f"[study] wrote {args.out}/results.md, results.csv, results.png")
     return 0
 
