@@ -106,6 +106,13 @@ def _polygon_area(points: List[Tuple[float, float]]) -> float:
     return float(0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
 
 
+def _noisy_canvas(rng: np.random.Generator, s: int, color, noise_std: float):
+    """An s x s RGB image of ``color`` (a gray level or an RGB triple) plus Gaussian noise, and its drawer."""
+    pixels = np.clip(color + rng.normal(0, noise_std, size=(s, s, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    return image, ImageDraw.Draw(image)
+
+
 def _free_spot(rng: np.random.Generator, boxes, s: int, size_range: Tuple[float, float]):
     """(x0, y0, size) of a square spot that keeps 2 px from ``boxes``, or None after 20 tries."""
     for _attempt in range(20):
@@ -122,9 +129,7 @@ def _make_relative_brightness_image(rng: np.random.Generator, spec: ToyDatasetSp
     s = spec.image_size
     background = np.full(3, rng.uniform(20, 80))
     background[int(rng.integers(3))] = rng.uniform(150, 230)  # saturated: gray objects stand out
-    pixels = np.clip(background + rng.normal(0, 18, size=(s, s, 3)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels, "RGB")
-    draw = ImageDraw.Draw(image)
+    image, draw = _noisy_canvas(rng, s, background, 18)
 
     level = rng.uniform(*_LEVEL_RANGE)
     num_objects = int(rng.integers(3, 7))
@@ -149,10 +154,7 @@ def _make_image(rng: np.random.Generator, spec: ToyDatasetSpec):
     s = spec.image_size
     shifted = spec.style == "shifted"
     base = rng.uniform(20, 60) if shifted else rng.uniform(90, 170)
-    noise = rng.normal(0, 6 if shifted else 18, size=(s, s, 3))
-    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels, "RGB")
-    draw = ImageDraw.Draw(image)
+    image, draw = _noisy_canvas(rng, s, base, 6 if shifted else 18)
 
     image_class = int(rng.integers(len(TOY_CATEGORIES)))
     boxes, objects = [], []

@@ -97,8 +97,8 @@ def run_on_local_workers(fn, world_size: int = 2, args=(), timeout: float = 600.
     """
     Runs ``fn(*args)`` in ``world_size`` new CPU processes that form a gloo process group
     (detectron2's ``comm`` helpers work in them), and returns ``[result of rank 0, ...]``.
-    ``fn`` must be picklable (a module-level function); results may hold tensors. Raises ``RuntimeError`` with the worker's
-    traceback if any rank fails.
+    ``fn`` must be picklable (a module-level function); results may hold tensors. Raises
+    ``RuntimeError`` with the worker's traceback if any rank fails.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()

@@ -6,9 +6,10 @@ How a norm name resolves:
 
 * Modules registered by d2_batchnorm (``BNRetinaNet``'s head, the R-CNN heads of
   :mod:`.roi_heads`) call :func:`d2_batchnorm.layers.get_norm` themselves.
-* Modules built by detectron2's own builders (ResNet, FPN, detectron2's RetinaNet head, ``FastRCNNConvFCHead``, ``MaskRCNNConvUpsampleHead``, ``Res5ROIHeads``) resolve
-  names with detectron2's ``get_norm``, a fixed table we do not patch. Two conversions
-  after building give them our layers:
+* Modules built by detectron2's own builders (ResNet, FPN, detectron2's RetinaNet head,
+  ``FastRCNNConvFCHead``, ``MaskRCNNConvUpsampleHead``, ``Res5ROIHeads``) resolve names
+  with detectron2's ``get_norm``, a fixed table we do not patch. Two conversions after
+  building give them our layers:
 
   1. every ``torch.nn.SyncBatchNorm`` in the model (detectron2's "SyncBN" and "nnSyncBN",
      which refuse CPU input) becomes :class:`d2_batchnorm.layers.SyncBatchNorm` with
