@@ -94,6 +94,66 @@ def test_main_with_directories_and_a_failing_config(tmp_path, capsys):
     assert (out / "compare.png").is_file() and (out / "compare.csv").is_file()
 
 
+def test_main_lists_runs_with_corrupt_metrics_as_corrupt(tmp_path, capsys):
+    ok = _run_dir(tmp_path, "ok", metrics=[{"bbox/AP": 20.0, "segm/AP": 18.0}])
+    not_utf8 = _run_dir(tmp_path, "not_utf8", log=COPYPASTE)
+    (tmp_path / "not_utf8" / "metrics.json").write_bytes(
+        b'{"iteration": 9, "total_loss": 1.0}\n{"iteration": 19, "note": "\xff\xfe"}\n')
+    garbage = _run_dir(tmp_path, "garbage")
+    (tmp_path / "garbage" / "metrics.json").write_text(
+        '{"iteration": 9, "total_loss": 1.0}\nnot json at all\n{"bbox/AP": 21.0, "segm/AP": 19.0}\n')
+    out = tmp_path / "cmp"
+    assert compare.main([ok, not_utf8, garbage, "--out", str(out)]) == 1
+    assert "corrupt" in capsys.readouterr().out
+    md_rows = (out / "compare.md").read_text().strip().splitlines()[2:]
+    assert len(md_rows) == 3 and "corrupt: " in md_rows[1] and "corrupt: " in md_rows[2]
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "corrupt", "corrupt"]
+    assert float(rows[0]["bbox/AP"]) == 20.0
+    assert rows[1]["detail"] == os.path.join(not_utf8, "metrics.json") + ": line 2 is not valid UTF-8"
+    assert rows[2]["detail"] == os.path.join(garbage, "metrics.json") + ": line 2 is not a JSON object"
+    assert rows[1]["bbox/AP"] == rows[2]["bbox/AP"] == "", "no AP from a corrupt run"
+    assert (out / "compare.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "tail, status",
+    [
+        ('{"iteration": 29, "bbox/A', "ok"),  # cut short by a killed run, no newline: tolerated
+        ('{"iteration": 29, "bbox/A\n', "corrupt"),  # a complete line that is not JSON
+        ("[29, 30.0]\n", "corrupt"),  # JSON, but not an object
+    ],
+)
+def test_last_line_of_metrics(tmp_path, tail, status):
+    path = _run_dir(tmp_path, "run", metrics=[{"iteration": 19, "bbox/AP": 31.5, "segm/AP": 29.25}])
+    with open(tmp_path / "run" / "metrics.json", "a") as f:
+        f.write(tail)
+    run = compare.read_run(path)
+    assert run.status == status
+    if status == "ok":
+        assert run.metrics == {"bbox/AP": 31.5, "segm/AP": 29.25}
+    else:
+        assert run.detail == os.path.join(path, "metrics.json") + ": line 2 is not a JSON object"
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"MODEL:\n  MASK_ON: [true\n", "is not valid YAML"),
+        (b"MODEL:\n  NAME: \xff\xfe\n", "not valid UTF-8"),
+        (b"- MODEL\n- TEST\n", "not a YAML mapping"),
+    ],
+)
+def test_corrupt_config_yaml(tmp_path, content, reason):
+    path = _run_dir(tmp_path, "run", metrics=[{"bbox/AP": 20.0, "segm/AP": 18.0}])
+    (tmp_path / "run" / "config.yaml").write_bytes(content)
+    run = compare.read_run(path)
+    assert run.status == "corrupt"
+    assert run.detail.startswith(os.path.join(path, "config.yaml") + ": ") and reason in run.detail
+    assert compare._status_text(run).startswith("corrupt: ")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

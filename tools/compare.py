@@ -16,8 +16,11 @@ the heads' leakage mitigation and which statistics inference used — and its re
 the last ``bbox/AP`` / ``segm/AP`` of ``metrics.json`` (with PreciseBN, the AP with
 precise statistics, and ``ema/bbox/AP`` / ``ema/segm/AP``, the AP with the EMA statistics
 before they were replaced), or, for ``--eval-only`` runs, which write no metrics.json, the
-``copypaste`` lines of ``log.txt``. A run that failed (non-zero exit, or a traceback in
-its log) or that has no AP yet is listed with that status, never dropped.
+``copypaste`` lines of ``log.txt``. Every run is a row with a status — ``ok``, ``failed``
+(non-zero exit, or a traceback in its log), ``unfinished`` (no AP yet), ``missing`` (no
+such directory) or ``corrupt`` (a metrics.json or config.yaml that cannot be read: not
+UTF-8, a line of metrics.json that is not a JSON object, a config that is not a YAML
+mapping; the detail names the file and why) — never dropped.
 
 Writes ``DIR/compare.md``, ``DIR/compare.csv`` and ``DIR/compare.png`` and prints the
 Markdown table. Exits 0 when every run has its AP, 1 otherwise, 2 on bad arguments.
@@ -33,7 +36,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["RunResult", "copypaste_blocks", "read_run", "run_config", "write_tables", "plot", "main"]
+__all__ = [
+    "RunResult", "CorruptFile", "copypaste_blocks", "read_run", "run_config", "write_tables",
+    "plot", "main",
+]
 
 METRICS = ("bbox/AP", "segm/AP")
 COLUMNS = (
@@ -50,7 +56,7 @@ class RunResult:
 
     label: str
     path: str
-    status: str = "missing"  # "ok" | "failed" | "unfinished" | "missing"
+    status: str = "missing"  # "ok" | "failed" | "unfinished" | "missing" | "corrupt"
     detail: str = ""
     mitigation: str = ""
     statistics: str = ""
@@ -58,21 +64,40 @@ class RunResult:
     seconds: Optional[float] = None
 
 
+class CorruptFile(Exception):
+    """A run's output file that cannot be read; its text is ``<file>: <reason>``."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+
+
 def _last_values(metrics_json: str) -> Dict[str, float]:
-    """Last value of every key over the JSON lines of detectron2's metrics.json."""
+    """
+    Last value of every key over the JSON lines of detectron2's metrics.json. Raises
+    :class:`CorruptFile` on bytes that are not UTF-8 and on a line that is not a JSON
+    object, except a last line without its newline (cut short by a killed run: skipped).
+    """
     values: Dict[str, float] = {}
-    with open(metrics_json) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed run
-            for key, value in record.items():
-                if isinstance(value, (int, float)):
-                    values[key] = float(value)
+    with open(metrics_json, "rb") as f:
+        lines = f.read().split(b"\n")  # the last item is b"" when the file ends with a newline
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CorruptFile(metrics_json, f"line {number} is not valid UTF-8") from None
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            if number == len(lines):  # no newline after it: a line cut short by a killed run
+                break
+            raise CorruptFile(metrics_json, f"line {number} is not a JSON object")
+        for key, value in record.items():
+            if isinstance(value, (int, float)):
+                values[key] = float(value)
     return values
 
 
@@ -130,11 +155,23 @@ def _failure_in_log(log_path: str) -> str:
 
 
 def _describe(config_yaml: str) -> Tuple[str, str]:
-    """(leakage mitigation of the box/mask heads, statistics used at inference)."""
+    """
+    (leakage mitigation of the box/mask heads, statistics used at inference). Raises
+    :class:`CorruptFile` when ``config_yaml`` is not a UTF-8 YAML mapping.
+    """
     import yaml
 
-    with open(config_yaml) as f:
-        cfg = yaml.safe_load(f) or {}
+    try:
+        with open(config_yaml, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except UnicodeDecodeError:
+        raise CorruptFile(config_yaml, "not valid UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        reason = f"line {mark.line + 1} is not valid YAML" if mark else "not valid YAML"
+        raise CorruptFile(config_yaml, reason) from None
+    if not isinstance(cfg, dict):
+        raise CorruptFile(config_yaml, "not a YAML mapping")
     model, test = cfg.get("MODEL", {}), cfg.get("TEST", {})
     box, mask = model.get("ROI_BOX_HEAD", {}), model.get("ROI_MASK_HEAD", {})
     norm = box.get("NORM", "")
@@ -158,17 +195,22 @@ def _describe(config_yaml: str) -> Tuple[str, str]:
 def read_run(path: str, label: Optional[str] = None, returncode: Optional[int] = None) -> RunResult:
     """
     Reads one output directory into a :class:`RunResult`. ``returncode`` is train_net's
-    exit status when this tool ran it (non-zero: failed).
+    exit status when this tool ran it (non-zero: failed). A config.yaml or metrics.json
+    that cannot be read makes the run ``corrupt``.
     """
     run = RunResult(label=label or os.path.basename(os.path.normpath(path)), path=path)
     if not os.path.isdir(path):
         run.status, run.detail = "missing", "no such output directory"
         return run
     config_yaml = os.path.join(path, "config.yaml")
-    if os.path.isfile(config_yaml):
-        run.mitigation, run.statistics = _describe(config_yaml)
     metrics_json = os.path.join(path, "metrics.json")
-    values = _last_values(metrics_json) if os.path.isfile(metrics_json) else {}
+    try:
+        if os.path.isfile(config_yaml):
+            run.mitigation, run.statistics = _describe(config_yaml)
+        values = _last_values(metrics_json) if os.path.isfile(metrics_json) else {}
+    except CorruptFile as e:
+        run.status, run.detail = "corrupt", str(e)
+        return run
     log_txt = os.path.join(path, "log.txt")
     if not any(m in values for m in METRICS) and os.path.isfile(log_txt):
         values.update(_copypaste_values(log_txt))
