@@ -208,7 +208,7 @@ def test_bntrainer_hook_order_and_mini_batch_test_loader():
     assert kinds.index(PreciseBN) < kinds.index(FrozenBNLate) < kinds.index(d2_hooks.PeriodicCheckpointer)
     assert kinds.index(d2_hooks.PeriodicCheckpointer) < kinds.index(d2_hooks.EvalHook)
     precise = trainer._hooks[kinds.index(PreciseBN)]
-    batch = next(iter(precise._loader))
+    batch = next(precise._batches())  # its loader is built at the first run
     assert len(batch) == 2 and "toy_coco_shifted" in batch[0]["file_name"]
 
     mb = _toy_cfg("TEST.BN_STATS", "mini_batch", "TEST.IMS_PER_BATCH", "3")

@@ -54,3 +54,21 @@ def test_two_process_training_writes_metrics_with_bbox_ap(tmp_path):
                           "OUTPUT_DIR", str(tmp_path / "eval")], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "copypaste: AP,AP50" in proc.stdout + proc.stderr
+
+
+def test_readme_own_trainer_snippet_works_without_cuda(tmp_path, monkeypatch):
+    """README's "In your own trainer" snippet, as written, on a machine without CUDA."""
+    import re
+
+    import torch
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    snippet = re.search(r"### In your own trainer\n```python\n(.*?)```", readme, re.S).group(1)
+    assert 'merge_from_file("my.yaml")' in snippet and "BNTrainer(cfg)" in snippet
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)  # the config's relative OUTPUT_DIR lands here
+    namespace = {}
+    exec(snippet.replace("my.yaml", TOY_RETINANET), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.cfg.MODEL.DEVICE == "cpu"
+    assert all(p.device.type == "cpu" for p in trainer.model.parameters())

@@ -1,4 +1,5 @@
 """Config set-up shared by tools/train_net.py and the other tools."""
+import logging
 import os
 
 import torch
@@ -9,7 +10,9 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_batchnorm_config, validate_batchnorm_config
 
-__all__ = ["get_bn_cfg", "load_config", "setup"]
+__all__ = ["get_bn_cfg", "load_config", "resolve_device", "setup"]
+
+logger = logging.getLogger(__name__)
 
 
 def get_bn_cfg():
@@ -20,7 +23,8 @@ def get_bn_cfg():
 def load_config(config_file: str, opts=(), world_size: int = 1):
     """
     Reads ``config_file`` and ``opts`` (``KEY VALUE`` pairs) into a frozen config, and
-    validates it for ``world_size`` workers. Without CUDA, ``MODEL.DEVICE`` becomes "cpu".
+    validates it for ``world_size`` workers. Without CUDA, ``MODEL.DEVICE`` becomes "cpu"
+    (:func:`resolve_device`).
 
     Raises:
         ValueError: a missing config file, an unknown key, or a bad value — the message
@@ -40,10 +44,28 @@ def load_config(config_file: str, opts=(), world_size: int = 1):
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
         raise ValueError(f"command-line opts: {e.args[0] if e.args else e}") from None
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = resolve_device(cfg)
     validate_batchnorm_config(cfg, world_size)
     cfg.freeze()
+    return cfg
+
+
+def resolve_device(cfg):
+    """
+    ``cfg`` itself when ``MODEL.DEVICE`` can be used here; on a machine without CUDA, a
+    copy whose ``MODEL.DEVICE`` is "cpu" instead of a CUDA device (logged), so a config
+    written for GPUs runs as is. The one place where the device is chosen:
+    :func:`load_config` and :class:`~d2_batchnorm.engine.BNTrainer` both call it.
+    """
+    if torch.cuda.is_available() or not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        return cfg
+    logger.info("MODEL.DEVICE = %r but CUDA is not available: using 'cpu'", cfg.MODEL.DEVICE)
+    frozen = cfg.is_frozen()
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    if frozen:
+        cfg.freeze()
     return cfg
 
 

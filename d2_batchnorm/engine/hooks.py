@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..precise_bn import get_bn_modules, update_bn_stats  # noqa: F401  (get_bn_modules re-exported)
+from ..rng import RandomStream
 
 __all__ = [
     "PreciseBN",
@@ -181,6 +182,12 @@ class PreciseBN(HookBase):
     ``ema_eval_period`` iterations, and the last one) the model is first evaluated with its
     EMA statistics and the flattened results are logged with an ``ema/`` prefix; the
     evaluation hook that runs after this one then logs the results with precise statistics.
+
+    The hook does not perturb the training it measures: its data loader, forwards and EMA
+    evaluation draw every random number from a private
+    :class:`~d2_batchnorm.rng.RandomStream`, and the training's random state is put back
+    after each run, so with a fixed seed the training's losses and weights are bitwise those
+    of the same run without the hook (only the BN buffers differ).
     """
 
     def __init__(
@@ -193,18 +200,23 @@ class PreciseBN(HookBase):
         num_samples: Optional[int] = None,
         ema_eval_function: Optional[Callable[[], Dict]] = None,
         ema_eval_period: int = 0,
+        seed: int = 0,
     ):
         """
         Args:
             period: run every ``period`` iterations; 0: only after the last iteration.
             model: the (possibly DDP-wrapped) model whose BN modules in training mode are
                 updated.
-            data_loader: an iterable of batches for ``model(batch)``; one iterator is kept
-                across runs, so an infinite loader gives new batches each time.
+            data_loader: an iterable of batches for ``model(batch)``, or a function without
+                arguments that builds one (called at the first run, inside the hook's
+                random stream, so building it draws nothing from the training's). One
+                iterator is kept across runs, so an infinite loader gives new batches
+                each time.
             num_iter: batches per worker and run (ignored when ``num_samples`` is given).
             num_samples: images over all workers per run, instead of ``num_iter``.
             ema_eval_function: returns evaluation results (a nested dict of floats).
             ema_eval_period: evaluation period the EMA evaluation follows; 0: last only.
+            seed: seed of the hook's own :class:`~d2_batchnorm.rng.RandomStream`.
         """
         if period < 0:
             raise ValueError(f"PreciseBN period = {period!r} is not allowed; it must be >= 0")
@@ -216,6 +228,7 @@ class PreciseBN(HookBase):
         self._ema_eval = ema_eval_function
         self._ema_eval_period = ema_eval_period
         self._iter = None
+        self._rng = RandomStream(seed)
         self._disabled_reason = ""
         if not get_bn_modules(model):
             self.disable("the model has no BN module in training mode")
@@ -242,7 +255,8 @@ class PreciseBN(HookBase):
 
     def evaluate_ema(self) -> None:
         """Evaluates with the current (EMA) statistics and logs the results as ``ema/*``."""
-        results = self._ema_eval()
+        with self._rng:
+            results = self._ema_eval()
         if results:
             flat = {f"ema/{k}": float(v) for k, v in flatten_results_dict(results).items()}
             self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
@@ -251,6 +265,8 @@ class PreciseBN(HookBase):
     def _batches(self):
         """Batches from the one iterator kept across runs, until the loader ends."""
         if self._iter is None:
+            if callable(self._loader) and not isinstance(self._loader, Iterable):
+                self._loader = self._loader()
             self._iter = iter(self._loader)
         while True:
             try:
@@ -265,7 +281,9 @@ class PreciseBN(HookBase):
             return None
         ema = snapshot_bn_statistics(self._model)
         start = time.perf_counter()
-        with EventStorage():  # the model's own training-mode scalars are discarded
+        # the model's own training-mode scalars are discarded; every random draw (loader,
+        # augmentations, RoI sampling and shuffling) comes from the hook's own stream
+        with EventStorage(), self._rng:
             result = update_bn_stats(
                 self._model,
                 self._batches(),

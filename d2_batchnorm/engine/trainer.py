@@ -15,6 +15,8 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import validate_batchnorm_config
 from ..modeling import build_model as build_bn_model
+from ..rng import derive_seed, preserved_rng_state
+from .defaults import resolve_device
 
 __all__ = ["BNTrainer", "create_ddp_model"]
 
@@ -46,6 +48,7 @@ class BNTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        cfg = resolve_device(cfg)
         validate_batchnorm_config(cfg, comm.get_world_size())
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
@@ -80,7 +83,8 @@ class BNTrainer(DefaultTrainer):
         IterationTimer, LRScheduler, :class:`~d2_batchnorm.engine.hooks.PreciseBN`
         (``TEST.PRECISE_BN.ENABLED``; every ``TEST.PRECISE_BN.PERIOD`` or, if 0,
         ``TEST.EVAL_PERIOD`` iterations, and after the last; with ``EVAL_EMA`` it first
-        evaluates with the EMA statistics), :class:`~d2_batchnorm.engine.hooks.FrozenBNLate`
+        evaluates with the EMA statistics; its loader is built at its first run, and its
+        random stream is seeded from ``SEED`` and the rank), :class:`~d2_batchnorm.engine.hooks.FrozenBNLate`
         (``BN.FROZEN_LAST_ITERS`` > 0), then the checkpointer — after PreciseBN, so
         checkpoints hold precise statistics —, evaluation and the writers.
         """
@@ -99,11 +103,12 @@ class BNTrainer(DefaultTrainer):
             precise = bn_hooks.PreciseBN(
                 pbn.PERIOD or cfg.TEST.EVAL_PERIOD,
                 self.model,
-                bn_hooks.build_precise_bn_loader(cfg),
+                lambda: bn_hooks.build_precise_bn_loader(cfg),
                 pbn.NUM_ITER,
                 num_samples=bn_hooks.precise_bn_num_samples(cfg),
                 ema_eval_function=ema_eval,
                 ema_eval_period=cfg.TEST.EVAL_PERIOD,
+                seed=derive_seed("PreciseBN", cfg.SEED, comm.get_rank()),
             )
             ret.append(precise)
         if cfg.BN.FROZEN_LAST_ITERS > 0:
@@ -140,11 +145,14 @@ class BNTrainer(DefaultTrainer):
         detectron2's evaluation on ``DATASETS.TEST``. With ``TEST.BN_STATS: mini_batch``
         every BN normalizes each test batch by its own statistics (see
         :func:`~d2_batchnorm.engine.hooks.mini_batch_statistics`); the population
-        statistics are left untouched.
+        statistics are left untouched. The random state is put back afterwards
+        (:func:`~d2_batchnorm.rng.preserved_rng_state`), so evaluating during training
+        does not change the training.
         """
         from .hooks import mini_batch_statistics
 
-        if cfg.TEST.BN_STATS == "mini_batch":
-            with mini_batch_statistics(model):
-                return super().test(cfg, model, evaluators)
-        return super().test(cfg, model, evaluators)
+        with preserved_rng_state():  # an evaluation during training must not perturb it
+            if cfg.TEST.BN_STATS == "mini_batch":
+                with mini_batch_statistics(model):
+                    return super().test(cfg, model, evaluators)
+            return super().test(cfg, model, evaluators)

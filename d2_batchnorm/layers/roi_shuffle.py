@@ -31,23 +31,20 @@ broadcast, all-gather again; the backward of each all-gather is an all-reduce of
 gathered tensor) sends ``3 * (W - 1) * max_r n_r * (F + G)``: ours is about
 ``2 / (3 W)`` of it. ``tools/bench_shuffle.py`` measures both.
 """
-import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from .. import distributed as d2bn_dist
+from ..rng import derive_seed, next_shared_count
 
 __all__ = ["RoIShuffleState", "shuffle_rois", "unshuffle_rois", "roi_shuffle_permutation"]
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_SEED = 0x5EED_B0A7
-# Number of shuffles done so far per process group (``None``: the default group). All
-# members of a group take part in every shuffle of that group, so the counters agree.
-_CALL_COUNTERS: Dict[object, int] = {}
 _WARNED_SINGLE_WORKER = False
 
 
@@ -83,12 +80,6 @@ class RoIShuffleState:
     def is_identity(self) -> bool:
         """True when nothing moved (a single worker)."""
         return self.permutation is None
-
-
-def _seed_from(seed: int, counter: int, counts: List[int]) -> int:
-    """A 63-bit seed from integers every rank shares (deterministic across processes)."""
-    payload = ",".join(str(v) for v in [seed, counter] + list(counts)).encode()
-    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
 
 
 def roi_shuffle_permutation(counts: List[int], seed: int) -> torch.Tensor:
@@ -154,8 +145,9 @@ def shuffle_rois(
     Args:
         x: (n_r, *F) features of this rank's RoIs; n_r may differ between ranks and be 0.
             Every rank of ``group`` must call this together with the same trailing shape.
-        seed: an integer shared by all ranks; ``None`` uses an internal per-group call
-            counter, so successive calls draw different permutations without any broadcast.
+        seed: an integer shared by all ranks; ``None`` uses a per-group call counter
+            (:func:`d2_batchnorm.rng.next_shared_count`), so successive calls draw
+            different permutations without any broadcast.
         group: the process group to shuffle over (``None``: all workers).
 
     Returns:
@@ -181,11 +173,10 @@ def shuffle_rois(
     counts = d2bn_dist.all_gather_counts(x.shape[0], x.device, group)
     rank = d2bn_dist.group_rank(group)
     if seed is None:
-        counter = _CALL_COUNTERS.get(group, 0)
-        _CALL_COUNTERS[group] = counter + 1
-        seed = _seed_from(_DEFAULT_SEED, counter, counts)
+        # all members of a group take part in every shuffle of that group: the counts agree
+        seed = derive_seed(_DEFAULT_SEED, next_shared_count(("shuffle_rois", group)), *counts)
     else:
-        seed = _seed_from(seed, -1, counts)
+        seed = derive_seed(seed, -1, *counts)
     permutation = roi_shuffle_permutation(counts, seed)
     send_index, send_counts, recv_index, recv_counts = _plan(counts, rank, permutation)
 
