@@ -14,7 +14,7 @@ from detectron2.config import CfgNode as CN
 
 from .layers import NORM_NAMES
 
-__all__ = ["add_batchnorm_config", "validate_batchnorm_config"]
+__all__ = ["add_batchnorm_config", "validate_batchnorm_config", "images_per_worker"]
 
 RETINANET_NORM_STATS = ("per_level", "shared", "naive")
 POPULATION_STATS = ("", "per_level", "shared")
@@ -131,6 +131,7 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
     """
     if "BN" not in cfg:
         raise ValueError("the config lacks d2_batchnorm's keys: call add_batchnorm_config(cfg)")
+    _check_schedule(cfg, world_size)
     pbn = cfg.TEST.PRECISE_BN
     _check_int("TEST.PRECISE_BN.NUM_ITER", pbn.NUM_ITER, 1)
     _check_int("TEST.PRECISE_BN.NUM_SAMPLES", pbn.NUM_SAMPLES, 0)
@@ -176,6 +177,38 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
             )
 
 
+def _check_schedule(cfg: CN, world_size: int) -> None:
+    """detectron2's solver keys that the workers would otherwise fail on."""
+    _check_int("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, 1)
+    _check_int("SOLVER.CHECKPOINT_PERIOD", cfg.SOLVER.CHECKPOINT_PERIOD, 1)
+    _check_int("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, 0)
+    images_per_worker(cfg, world_size)
+
+
+def images_per_worker(cfg: CN, world_size: int) -> int:
+    """
+    Training images per worker: ``SOLVER.IMS_PER_BATCH`` (the total batch) split evenly over
+    ``world_size`` workers, after detectron2 scales it to ``world_size /
+    SOLVER.REFERENCE_WORLD_SIZE`` of itself when that key is > 0 (``auto_scale_workers``).
+    Raises ``ValueError`` naming the key when the batch cannot be split evenly.
+    """
+    batch, reference = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.REFERENCE_WORLD_SIZE
+    _check_int("SOLVER.IMS_PER_BATCH", batch, 1)
+    _check_int("SOLVER.REFERENCE_WORLD_SIZE", reference, 0)
+    workers = reference or world_size
+    if batch % workers != 0:
+        lower = batch // workers * workers
+        nearest = " or ".join(str(v) for v in (lower, lower + workers) if v > 0)
+        what = (f"SOLVER.REFERENCE_WORLD_SIZE = {reference} (detectron2 scales the batch by "
+                f"workers / REFERENCE_WORLD_SIZE)" if reference else f"{world_size} workers")
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH = {batch} is not allowed with {what}: it is the total batch, "
+            f"split evenly over the workers; allowed values: multiples of {workers} "
+            f"(e.g. {nearest})"
+        )
+    return batch // workers
+
+
 def check_leakage_mitigation(key: str, mitigation, norm_key: str, norm) -> None:
     """
     Raises ``ValueError`` unless ``mitigation`` (the value of ``key``) is one of
@@ -198,12 +231,12 @@ def _check_norms(cfg: CN, world_size: int) -> None:
     ghost = [f"MODEL.{n}.NORM" for n in IMAGE_BATCH_NORM_KEYS if cfg.MODEL[n].NORM == "GhostBN"]
     size = cfg.BN.GHOST_BATCH_SIZE
     if ghost and size > 0:
-        per_worker = cfg.SOLVER.IMS_PER_BATCH // max(world_size, 1)
-        if per_worker == 0 or per_worker % size != 0:
+        per_worker = images_per_worker(cfg, world_size)
+        if per_worker % size != 0:
             raise ValueError(
                 f"BN.GHOST_BATCH_SIZE = {size} is not allowed with {ghost[0]} = 'GhostBN': it "
-                f"must divide the images per worker, SOLVER.IMS_PER_BATCH / workers = "
-                f"{cfg.SOLVER.IMS_PER_BATCH} / {world_size}; use 0 (whole batch) or a divisor"
+                f"must divide the images per worker ({per_worker}: SOLVER.IMS_PER_BATCH = "
+                f"{cfg.SOLVER.IMS_PER_BATCH} over the workers); use 0 (whole batch) or a divisor"
             )
     retina = cfg.MODEL.RETINANET
     if retina.NORM_STATS == "naive" and retina.POPULATION_STATS != "":

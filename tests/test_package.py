@@ -43,6 +43,9 @@ def test_validation_requires_our_keys():
         ("MODEL.RETINANET.POPULATION_STATS", "per-level", "MODEL.RETINANET.POPULATION_STATS"),
         ("TEST.PRECISE_BN.EVAL_EMA", 1, "TEST.PRECISE_BN.EVAL_EMA = 1 is not allowed; allowed values: [True, False]"),
         ("MODEL.RETINANET.NORM_SHARE_AFFINE", "yes", "MODEL.RETINANET.NORM_SHARE_AFFINE = 'yes'"),
+        ("SOLVER.MAX_ITER", -5, "SOLVER.MAX_ITER = -5 is not allowed; it must be an integer >= 1"),
+        ("SOLVER.IMS_PER_BATCH", 0, "SOLVER.IMS_PER_BATCH = 0 is not allowed"),
+        ("SOLVER.CHECKPOINT_PERIOD", 0, "SOLVER.CHECKPOINT_PERIOD = 0 is not allowed"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(key, value, message):
@@ -65,3 +68,25 @@ def test_mini_batch_statistics_take_any_positive_test_batch():
         validate_batchnorm_config(cfg)
     cfg.TEST.IMS_PER_BATCH = 1  # one image: H x W values per channel, all RoIs of the image
     validate_batchnorm_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "batch, reference, world_size, message",
+    [
+        (16, 0, 3, "SOLVER.IMS_PER_BATCH = 16 is not allowed with 3 workers: it is the total "
+                   "batch, split evenly over the workers; allowed values: multiples of 3 (e.g. 15 or 18)"),
+        (16, 3, 2, "SOLVER.IMS_PER_BATCH = 16 is not allowed with SOLVER.REFERENCE_WORLD_SIZE = 3"),
+        (2, 0, 4, "allowed values: multiples of 4 (e.g. 4)"),
+        (16, 0, 4, None),
+        (16, 8, 3, None),  # detectron2 scales 16 images for 8 workers to 6 for 3
+    ],
+)
+def test_the_training_batch_must_split_evenly_over_the_workers(batch, reference, world_size, message):
+    cfg = get_bn_cfg()
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.REFERENCE_WORLD_SIZE = batch, reference
+    if message is None:
+        validate_batchnorm_config(cfg, world_size=world_size)
+        return
+    with pytest.raises(ValueError) as err:
+        validate_batchnorm_config(cfg, world_size=world_size)
+    assert message in str(err.value)

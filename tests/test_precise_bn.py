@@ -354,15 +354,21 @@ def test_two_ranks_one_empty_loader_changes_nothing(run_workers):
 
 # ---------------------------------------------------------------- tools/precise_bn_checkpoint.py
 
-def test_precise_bn_checkpoint_tool(tmp_path):
+def _checkpoint_tool():
     import importlib.util
-    import json
-
-    from d2_batchnorm.engine import BNTrainer, load_config
 
     spec = importlib.util.spec_from_file_location("precise_bn_checkpoint", "tools/precise_bn_checkpoint.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_precise_bn_checkpoint_tool(tmp_path):
+    import json
+
+    from d2_batchnorm.engine import BNTrainer, load_config
+
+    tool = _checkpoint_tool()
     # opts reach the model build: a 1-conv head instead of the config's 2
     opts = ["MODEL.RETINANET.NUM_CONVS", "1", "OUTPUT_DIR", str(tmp_path)]
     cfg = load_config("configs/Toy/retinanet_R18_FPN_bn_head.yaml", opts)
@@ -383,6 +389,17 @@ def test_precise_bn_checkpoint_tool(tmp_path):
         if "running" not in k and "num_batches" not in k:
             assert torch.equal(before[k], after[k]), k
     assert tool.cli(["--config-file", "configs/Toy/retinanet_R18_FPN_bn_head.yaml"]) == 2  # no weights
+
+
+def test_precise_bn_checkpoint_tool_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    out = tmp_path / "out"
+    rc = _checkpoint_tool().cli(["--config-file", "configs/Toy/retinanet_R18_FPN_bn_head.yaml",
+                                 "MODEL.WEIGHTS", str(tmp_path / "notes.txt"), "OUTPUT_DIR", str(out)])
+    assert rc == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert err == f"error: MODEL.WEIGHTS = '{tmp_path / 'notes.txt'}' is not a readable checkpoint: " \
+        "neither a torch.save zip archive nor a pickle\n"
 
 
 def _level_data(rank):

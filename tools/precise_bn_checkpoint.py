@@ -30,7 +30,7 @@ from detectron2.utils.logger import setup_logger
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm import update_bn_stats
 from d2_batchnorm.data import prepare_datasets
-from d2_batchnorm.engine import BNTrainer, launch, load_config
+from d2_batchnorm.engine import BNTrainer, check_checkpoint, check_launch_args, launch, load_config
 from d2_batchnorm.engine.hooks import (
     bn_statistics_distance,
     build_precise_bn_loader,
@@ -118,11 +118,11 @@ def _headline(results: dict) -> dict:
 def cli(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
+        check_launch_args(args.num_gpus)
         cfg = load_config(args.config_file, args.opts, args.num_gpus)
         if not cfg.MODEL.WEIGHTS:
             raise ValueError("MODEL.WEIGHTS is empty; pass the checkpoint as MODEL.WEIGHTS path.pth")
-        if not PathManager.exists(cfg.MODEL.WEIGHTS):
-            raise ValueError(f"MODEL.WEIGHTS = {cfg.MODEL.WEIGHTS!r} does not exist")
+        check_checkpoint(cfg.MODEL.WEIGHTS)
         prepare_datasets(list(cfg.DATASETS.TEST) + list(cfg.TEST.PRECISE_BN.DATASETS or cfg.DATASETS.TRAIN))
         launch(main, args.num_gpus, dist_url=args.dist_url, args=(args,))
     except ValueError as e:

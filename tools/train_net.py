@@ -8,8 +8,9 @@ command-line conventions:
 
 On a machine without CUDA, ``--num-gpus N`` starts N CPU processes over gloo. Also runs
 under ``torchrun --nproc-per-node N tools/train_net.py ...``. The config, the datasets and
-``--num-gpus`` are checked before any worker starts.
+``--num-gpus`` and ``MODEL.WEIGHTS`` are checked before any worker starts.
 """
+import os
 import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -17,7 +18,15 @@ from detectron2.engine import default_argument_parser
 
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.data import prepare_datasets
-from d2_batchnorm.engine import BNTrainer, launch, load_config, setup
+from d2_batchnorm.engine import (
+    BNTrainer,
+    check_launch_args,
+    check_weights,
+    launch,
+    launched_by_torchrun,
+    load_config,
+    setup,
+)
 
 
 def main(args):
@@ -34,9 +43,17 @@ def main(args):
 
 
 def check_before_launch(args) -> None:
-    """Fails fast, in the launching process, on a bad config or missing dataset."""
-    world_size = args.num_gpus * args.num_machines
+    """
+    Fails fast, in the launching process, on a bad config, a missing dataset or a file that
+    is not a checkpoint (nothing is written into OUTPUT_DIR).
+    """
+    if launched_by_torchrun():  # the environment gives the workers
+        world_size = int(os.environ["WORLD_SIZE"])
+    else:
+        check_launch_args(args.num_gpus, args.num_machines)
+        world_size = args.num_gpus * args.num_machines
     cfg = load_config(args.config_file, args.opts, world_size)
+    check_weights(cfg, resume=args.resume)
     prepare_datasets(
         list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + list(cfg.TEST.PRECISE_BN.DATASETS)
     )
@@ -54,12 +71,8 @@ def cli(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        launch(main, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-    except ValueError as e:  # launch's own argument checks
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
     return 0
 
 

@@ -1,6 +1,7 @@
 """Config set-up shared by tools/train_net.py and the other tools."""
 import logging
 import os
+import zipfile
 
 import torch
 from detectron2.config import get_cfg
@@ -10,7 +11,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_batchnorm_config, validate_batchnorm_config
 
-__all__ = ["get_bn_cfg", "load_config", "resolve_device", "setup"]
+__all__ = ["get_bn_cfg", "load_config", "resolve_device", "check_checkpoint", "check_weights", "setup"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,52 @@ def resolve_device(cfg):
     if frozen:
         cfg.freeze()
     return cfg
+
+
+def check_checkpoint(path: str, what: str = "MODEL.WEIGHTS") -> None:
+    """
+    Raises ``ValueError`` naming ``what`` and ``path`` unless the local file ``path`` looks
+    like a checkpoint detectron2 can load: a ``torch.save`` zip archive (with its
+    ``data.pkl`` record) or a pickle (detectron2's ``.pkl`` weights, legacy ``torch.save``;
+    a ``.pkl`` must also end with pickle's STOP opcode, i.e. not be cut short). Reads a few
+    bytes, not the weights. Empty paths and URLs (``detectron2://``, ``https://``, ...)
+    are left to detectron2.
+    """
+    if not path or "://" in path:
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} = {path!r} does not exist (a checkpoint file or a URL is allowed)")
+    problem = ""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist()):
+                problem = "a zip archive without torch's data.pkl record"
+    else:
+        with open(path, "rb") as f:
+            head = f.read(1)
+            f.seek(-1 if os.path.getsize(path) else 0, os.SEEK_END)
+            tail = f.read(1)
+        if head != b"\x80":  # pickle protocol >= 2
+            problem = "neither a torch.save zip archive nor a pickle"
+        elif path.endswith(".pkl") and tail != b".":
+            problem = "a pickle cut short (no STOP opcode at its end)"
+    if problem:
+        raise ValueError(f"{what} = {path!r} is not a readable checkpoint: {problem}")
+
+
+def check_weights(cfg, resume: bool = False) -> None:
+    """
+    :func:`check_checkpoint` on what ``DetectionCheckpointer.resume_or_load(cfg.MODEL.WEIGHTS,
+    resume=resume)`` will load: with ``resume`` and an ``OUTPUT_DIR/last_checkpoint``, the
+    checkpoint it names, otherwise ``MODEL.WEIGHTS``.
+    """
+    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    if resume and os.path.isfile(last):
+        with open(last) as f:
+            name = f.read().strip()
+        check_checkpoint(os.path.join(cfg.OUTPUT_DIR, name), f"the checkpoint named by {last}")
+    else:
+        check_checkpoint(cfg.MODEL.WEIGHTS)
 
 
 def setup(args):

@@ -8,9 +8,11 @@ Starting worker processes through torch.distributed, the way detectron2 does.
   each rank's result; used by the tests and the benchmarks.
 """
 import io
+import ipaddress
 import os
 import traceback
 from datetime import timedelta
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -19,7 +21,7 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
 
-__all__ = ["launch", "launched_by_torchrun", "run_on_local_workers"]
+__all__ = ["check_launch_args", "launch", "launched_by_torchrun", "run_on_local_workers"]
 
 
 def launched_by_torchrun() -> bool:
@@ -43,32 +45,54 @@ def _cpu_worker(main_func, threads: int, *args):
     return main_func(*args)
 
 
-def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
-           dist_url: str = "auto", args=()):
-    """
-    Runs ``main_func(*args)`` in ``num_gpus_per_machine`` processes on each of
-    ``num_machines`` machines. Without CUDA, the processes run on CPU over gloo, each with
-    ``cpu_count // num_gpus_per_machine`` torch threads unless ``OMP_NUM_THREADS`` is set.
-    Under ``torchrun`` the process group comes from the environment and the other
-    arguments are ignored.
+def _loopback(dist_url: str) -> bool:
+    """True when ``dist_url`` (e.g. ``tcp://127.0.0.1:PORT``) names this host's loopback
+    address: then every "machine" of the job runs on this host."""
+    host = urlparse(dist_url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    Raises:
-        ValueError: ``num_gpus_per_machine`` < 1, or more than the GPUs present.
+
+def check_launch_args(num_gpus_per_machine: int, num_machines: int = 1) -> None:
     """
-    if launched_by_torchrun():
-        _init_from_torchrun_env()
-        return main_func(*args)
-    if num_gpus_per_machine < 1:
-        raise ValueError(f"--num-gpus = {num_gpus_per_machine} is not allowed; it must be >= 1")
+    Raises ``ValueError`` naming ``--num-gpus`` / ``--num-machines`` when they are < 1, or
+    when ``--num-gpus`` exceeds the GPUs present (on a machine with CUDA).
+    """
+    for flag, value in (("--num-gpus", num_gpus_per_machine), ("--num-machines", num_machines)):
+        if value < 1:
+            raise ValueError(f"{flag} = {value} is not allowed; it must be >= 1")
     if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
         raise ValueError(
             f"--num-gpus = {num_gpus_per_machine} but this machine has only "
             f"{torch.cuda.device_count()} GPU(s)"
         )
-    if not torch.cuda.is_available() and num_gpus_per_machine > 1 and "OMP_NUM_THREADS" not in os.environ:
+
+
+def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
+           dist_url: str = "auto", args=()):
+    """
+    Runs ``main_func(*args)`` in ``num_gpus_per_machine`` processes on each of
+    ``num_machines`` machines. Without CUDA, the processes run on CPU over gloo, each with
+    ``cpu_count // W`` torch threads unless ``OMP_NUM_THREADS`` is set, where W counts every
+    worker on this host: ``num_gpus_per_machine``, times ``num_machines`` when ``dist_url``
+    is a loopback address (machines simulated on one host, each its own launcher).
+    Under ``torchrun`` the process group comes from the environment and the other
+    arguments are ignored.
+
+    Raises:
+        ValueError: see :func:`check_launch_args`.
+    """
+    if launched_by_torchrun():
+        _init_from_torchrun_env()
+        return main_func(*args)
+    check_launch_args(num_gpus_per_machine, num_machines)
+    host_workers = num_gpus_per_machine * (num_machines if _loopback(dist_url) else 1)
+    if not torch.cuda.is_available() and host_workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         # N CPU workers with torch's default of one thread per core each would oversubscribe
         # the cores N times: give each worker its share (OMP_NUM_THREADS overrides this).
-        threads = max(1, (os.cpu_count() or 1) // num_gpus_per_machine)
+        threads = max(1, (os.cpu_count() or 1) // host_workers)
         args = (main_func, threads) + tuple(args)
         main_func = _cpu_worker
     return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
