@@ -12,13 +12,14 @@ group is built, and raises ``ValueError`` naming the key, the bad value and what
 """
 from detectron2.config import CfgNode as CN
 
+from .bn_modes import TEST_BN_STATS
+from .checks import check_bool, check_choice, check_int
 from .layers import NORM_NAMES
 
 __all__ = ["add_batchnorm_config", "validate_batchnorm_config", "images_per_worker"]
 
 RETINANET_NORM_STATS = ("per_level", "shared", "naive")
 POPULATION_STATS = ("", "per_level", "shared")
-TEST_BN_STATS = ("population", "mini_batch")
 LEAKAGE_MITIGATIONS = ("none", "syncbn", "shuffle")
 # Keys naming a norm (d2_batchnorm.layers.get_norm's names), and those whose norm sees a
 # batch of images (the ones GhostBN splits into BN.GHOST_BATCH_SIZE images).
@@ -106,21 +107,6 @@ def _add_keys(cfg: CN) -> None:
     _set_default(cfg.MODEL.ROI_MASK_HEAD, "LEAKAGE_MITIGATION", "none")
 
 
-def _check_choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key} = {value!r} is not allowed; allowed values: {list(allowed)}")
-
-
-def _check_int(key: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} = {value!r} is not allowed; it must be an integer >= {minimum}")
-
-
-def _check_bool(key: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key} = {value!r} is not allowed; allowed values: [True, False]")
-
-
 def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
     """
     Raises ``ValueError`` naming the first bad key of ``cfg``, its value and what is allowed.
@@ -133,36 +119,36 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
         raise ValueError("the config lacks d2_batchnorm's keys: call add_batchnorm_config(cfg)")
     _check_schedule(cfg, world_size)
     pbn = cfg.TEST.PRECISE_BN
-    _check_int("TEST.PRECISE_BN.NUM_ITER", pbn.NUM_ITER, 1)
-    _check_int("TEST.PRECISE_BN.NUM_SAMPLES", pbn.NUM_SAMPLES, 0)
-    _check_int("TEST.PRECISE_BN.PERIOD", pbn.PERIOD, 0)
-    _check_int("TEST.PRECISE_BN.IMS_PER_BATCH", pbn.IMS_PER_BATCH, 0)
-    _check_bool("TEST.PRECISE_BN.EVAL_EMA", pbn.EVAL_EMA)
+    check_int("TEST.PRECISE_BN.NUM_ITER", pbn.NUM_ITER, 1)
+    check_int("TEST.PRECISE_BN.NUM_SAMPLES", pbn.NUM_SAMPLES, 0)
+    check_int("TEST.PRECISE_BN.PERIOD", pbn.PERIOD, 0)
+    check_int("TEST.PRECISE_BN.IMS_PER_BATCH", pbn.IMS_PER_BATCH, 0)
+    check_bool("TEST.PRECISE_BN.EVAL_EMA", pbn.EVAL_EMA)
     if not isinstance(pbn.DATASETS, (list, tuple)):
         raise ValueError(
             f"TEST.PRECISE_BN.DATASETS = {pbn.DATASETS!r} is not allowed; "
             "it must be a list of registered dataset names"
         )
-    _check_choice("TEST.BN_STATS", cfg.TEST.BN_STATS, TEST_BN_STATS)
-    _check_int("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH, 1)
+    check_choice("TEST.BN_STATS", cfg.TEST.BN_STATS, TEST_BN_STATS)
+    check_int("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH, 1)
 
-    _check_int("BN.FROZEN_LAST_ITERS", cfg.BN.FROZEN_LAST_ITERS, 0)
+    check_int("BN.FROZEN_LAST_ITERS", cfg.BN.FROZEN_LAST_ITERS, 0)
     if cfg.BN.FROZEN_LAST_ITERS > cfg.SOLVER.MAX_ITER:
         raise ValueError(
             f"BN.FROZEN_LAST_ITERS = {cfg.BN.FROZEN_LAST_ITERS} is not allowed; it must be "
             f"<= SOLVER.MAX_ITER ({cfg.SOLVER.MAX_ITER})"
         )
-    _check_int("BN.SYNC_GROUP_SIZE", cfg.BN.SYNC_GROUP_SIZE, 0)
+    check_int("BN.SYNC_GROUP_SIZE", cfg.BN.SYNC_GROUP_SIZE, 0)
     if cfg.BN.SYNC_GROUP_SIZE > 0 and world_size % cfg.BN.SYNC_GROUP_SIZE != 0:
         raise ValueError(
             f"BN.SYNC_GROUP_SIZE = {cfg.BN.SYNC_GROUP_SIZE} is not allowed; it must be 0 "
             f"(all workers) or divide the number of workers ({world_size})"
         )
-    _check_int("BN.GHOST_BATCH_SIZE", cfg.BN.GHOST_BATCH_SIZE, 0)
+    check_int("BN.GHOST_BATCH_SIZE", cfg.BN.GHOST_BATCH_SIZE, 0)
 
-    _check_choice("MODEL.RETINANET.NORM_STATS", cfg.MODEL.RETINANET.NORM_STATS, RETINANET_NORM_STATS)
-    _check_bool("MODEL.RETINANET.NORM_SHARE_AFFINE", cfg.MODEL.RETINANET.NORM_SHARE_AFFINE)
-    _check_choice(
+    check_choice("MODEL.RETINANET.NORM_STATS", cfg.MODEL.RETINANET.NORM_STATS, RETINANET_NORM_STATS)
+    check_bool("MODEL.RETINANET.NORM_SHARE_AFFINE", cfg.MODEL.RETINANET.NORM_SHARE_AFFINE)
+    check_choice(
         "MODEL.RETINANET.POPULATION_STATS", cfg.MODEL.RETINANET.POPULATION_STATS, POPULATION_STATS
     )
     _check_norms(cfg, world_size)
@@ -179,9 +165,9 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
 
 def _check_schedule(cfg: CN, world_size: int) -> None:
     """detectron2's solver keys that the workers would otherwise fail on."""
-    _check_int("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, 1)
-    _check_int("SOLVER.CHECKPOINT_PERIOD", cfg.SOLVER.CHECKPOINT_PERIOD, 1)
-    _check_int("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, 0)
+    check_int("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, 1)
+    check_int("SOLVER.CHECKPOINT_PERIOD", cfg.SOLVER.CHECKPOINT_PERIOD, 1)
+    check_int("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, 0)
     images_per_worker(cfg, world_size)
 
 
@@ -193,8 +179,8 @@ def images_per_worker(cfg: CN, world_size: int) -> int:
     Raises ``ValueError`` naming the key when the batch cannot be split evenly.
     """
     batch, reference = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.REFERENCE_WORLD_SIZE
-    _check_int("SOLVER.IMS_PER_BATCH", batch, 1)
-    _check_int("SOLVER.REFERENCE_WORLD_SIZE", reference, 0)
+    check_int("SOLVER.IMS_PER_BATCH", batch, 1)
+    check_int("SOLVER.REFERENCE_WORLD_SIZE", reference, 0)
     workers = reference or world_size
     if batch % workers != 0:
         lower = batch // workers * workers
@@ -215,7 +201,7 @@ def check_leakage_mitigation(key: str, mitigation, norm_key: str, norm) -> None:
     :data:`LEAKAGE_MITIGATIONS` and the head's norm (``norm``, the value of ``norm_key``)
     is one it applies to: "syncbn" needs a BatchNorm, "shuffle" a per-worker BatchNorm.
     """
-    _check_choice(key, mitigation, LEAKAGE_MITIGATIONS)
+    check_choice(key, mitigation, LEAKAGE_MITIGATIONS)
     allowed = LEAKAGE_MITIGATION_NORMS[mitigation]
     if allowed is not None and norm not in allowed:
         raise ValueError(
@@ -227,7 +213,7 @@ def check_leakage_mitigation(key: str, mitigation, norm_key: str, norm) -> None:
 def _check_norms(cfg: CN, world_size: int) -> None:
     """Norm names, GhostBN's batch divisor and RetinaNet's statistics modes."""
     for node in NORM_KEYS:
-        _check_choice(f"MODEL.{node}.NORM", cfg.MODEL[node].NORM, NORM_NAMES)
+        check_choice(f"MODEL.{node}.NORM", cfg.MODEL[node].NORM, NORM_NAMES)
     ghost = [f"MODEL.{n}.NORM" for n in IMAGE_BATCH_NORM_KEYS if cfg.MODEL[n].NORM == "GhostBN"]
     size = cfg.BN.GHOST_BATCH_SIZE
     if ghost and size > 0:

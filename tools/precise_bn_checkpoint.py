@@ -10,8 +10,8 @@ dataset, e.g. a new test domain), evaluates before and after, and saves a new ch
 
 The trailing ``KEY VALUE`` opts go into the config the model is built from (as with
 tools/train_net.py), so a checkpoint can get the population statistics of another mode.
-The statistics are computed by :func:`d2_batchnorm.update_bn_stats` on all workers
-together from ``TEST.PRECISE_BN.NUM_SAMPLES`` images (or ``NUM_ITER`` batches per worker)
+The statistics are computed exactly as the training hook computes them
+(:class:`d2_batchnorm.engine.PreciseBN` built from the config), on all workers together, from ``TEST.PRECISE_BN.NUM_SAMPLES`` images (or ``NUM_ITER`` batches per worker)
 of ``TEST.PRECISE_BN.DATASETS`` (empty: ``DATASETS.TRAIN``), ``IMS_PER_BATCH`` images per
 worker per batch. The new checkpoint is written to ``--output`` (default:
 ``<OUTPUT_DIR>/model_precise_bn.pth``); a JSON of the results before/after next to it.
@@ -23,20 +23,12 @@ import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
-from detectron2.utils.events import EventStorage
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
-from d2_batchnorm import update_bn_stats
 from d2_batchnorm.data import prepare_datasets
-from d2_batchnorm.engine import BNTrainer, check_checkpoint, check_launch_args, launch, load_config
-from d2_batchnorm.engine.hooks import (
-    bn_statistics_distance,
-    build_precise_bn_loader,
-    precise_bn_num_samples,
-    snapshot_bn_statistics,
-)
+from d2_batchnorm.engine import BNTrainer, PreciseBN, check_checkpoint, check_launch_args, launch, load_config
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -66,21 +58,13 @@ def main(args) -> dict:
                "datasets": list(cfg.TEST.PRECISE_BN.DATASETS or cfg.DATASETS.TRAIN)}
     if not args.no_eval:
         summary["before"] = BNTrainer.test(cfg, model)
-    before = snapshot_bn_statistics(model)
-    model.train()
-    with EventStorage():
-        result = update_bn_stats(
-            model,
-            build_precise_bn_loader(cfg),
-            cfg.TEST.PRECISE_BN.NUM_ITER,
-            progress="tqdm" if comm.is_main_process() else None,
-            num_samples=precise_bn_num_samples(cfg),
-        )
+    model.train()  # the BN modules PreciseBN updates are those in training mode
+    hook = PreciseBN(cfg, model)  # the training hook's statistics, loader and random stream
+    result = hook.update_stats()
     model.eval()
     summary.update(
         images=result.num_samples, iterations=result.num_iters, bn_modules=result.num_modules,
-        seconds=round(result.seconds, 2),
-        relative_change=bn_statistics_distance(before, snapshot_bn_statistics(model)),
+        seconds=round(result.seconds, 2), relative_change=hook.last_ema_distance,
     )
     if not args.no_eval:
         summary["after"] = BNTrainer.test(cfg, model)

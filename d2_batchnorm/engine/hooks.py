@@ -1,24 +1,23 @@
 """
-Training hooks and contexts for BatchNorm train/test consistency.
+Training hooks for BatchNorm train/test consistency:
 
 * :class:`PreciseBN` — precise population statistics (exact across workers) every
   ``period`` iterations and after the last one, optionally evaluating with the EMA
-  statistics first so both APs are logged ("ema/bbox/AP" next to "bbox/AP").
+  statistics first so both APs are logged ("ema/bbox/AP" next to "bbox/AP"), and how far
+  the EMA statistics were from the precise ones (:func:`bn_statistics_distance`);
 * :class:`FrozenBNLate` — FrozenBN for the last N iterations: every BN normalizes with its
   population statistics in the training forward; gamma/beta are still learned.
-* :func:`mini_batch_statistics` — inference where every BN normalizes each test batch by
-  its own statistics; the population statistics are left untouched.
-* :func:`bn_statistics_distance` — how far two sets of BN statistics are apart.
 
-:class:`d2_batchnorm.engine.BNTrainer` builds them from the config; a custom trainer can
-register them itself.
+Both can be built from a config (``PreciseBN(cfg, model)``, as detectron2's
+``@configurable`` classes); :class:`d2_batchnorm.engine.BNTrainer` registers them, a custom
+trainer can too. The contexts that choose which statistics BN uses are in
+:mod:`d2_batchnorm.bn_modes`.
 """
 import logging
-import time
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
+from detectron2.config import configurable
 from detectron2.engine import HookBase
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
@@ -26,46 +25,14 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..precise_bn import get_bn_modules, update_bn_stats  # noqa: F401  (get_bn_modules re-exported)
-from ..rng import RandomStream
+from ..bn_modes import force_bn_mode
+from ..checks import check_int
+from ..precise_bn import PreciseBNResult, get_bn_modules, update_bn_stats
+from ..rng import RandomStream, derive_seed
 
-__all__ = [
-    "PreciseBN",
-    "FrozenBNLate",
-    "mini_batch_statistics",
-    "force_bn_mode",
-    "bn_statistics_distance",
-    "snapshot_bn_statistics",
-    "build_precise_bn_loader",
-    "precise_bn_num_samples",
-]
+__all__ = ["PreciseBN", "FrozenBNLate", "bn_statistics_distance", "snapshot_bn_statistics"]
 
 logger = logging.getLogger(__name__)
-
-
-def build_precise_bn_loader(cfg):
-    """
-    The data loader PreciseBN draws its batches from: detectron2's training loader (an
-    infinite stream with training augmentations) over ``TEST.PRECISE_BN.DATASETS`` (empty:
-    ``DATASETS.TRAIN``), ``TEST.PRECISE_BN.IMS_PER_BATCH`` images per worker (0: the
-    training batch per worker), and 0 loader workers.
-    """
-    from detectron2.data import build_detection_train_loader
-
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.DATALOADER.NUM_WORKERS = 0
-    if len(cfg.TEST.PRECISE_BN.DATASETS):
-        cfg.DATASETS.TRAIN = tuple(cfg.TEST.PRECISE_BN.DATASETS)
-    if cfg.TEST.PRECISE_BN.IMS_PER_BATCH > 0:
-        cfg.SOLVER.IMS_PER_BATCH = cfg.TEST.PRECISE_BN.IMS_PER_BATCH * comm.get_world_size()
-    return build_detection_train_loader(cfg)
-
-
-def precise_bn_num_samples(cfg) -> Optional[int]:
-    """``TEST.PRECISE_BN.NUM_SAMPLES`` if > 0 (it then replaces ``NUM_ITER``), else None."""
-    n = cfg.TEST.PRECISE_BN.NUM_SAMPLES
-    return n if n > 0 else None
 
 
 def snapshot_bn_statistics(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -104,67 +71,6 @@ def bn_statistics_distance(
     return out
 
 
-@contextmanager
-def force_bn_mode(model: nn.Module, training: bool, modules: Optional[List[_BatchNorm]] = None):
-    """
-    Within the block, every forward of each BN module of ``model`` (or of ``modules``) runs
-    with ``module.training = training``, whatever ``model.train()`` / ``model.eval()``
-    set: a forward pre-hook sets the flag and a forward hook puts the caller's value back,
-    so the flag seen from outside (and by :func:`update_bn_stats`) is unchanged.
-
-    ``training=False`` is FrozenBN (population statistics, affine still learned);
-    ``training=True`` is inference with mini-batch statistics.
-    """
-    if modules is None:
-        modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    saved: Dict[int, bool] = {}
-
-    def pre(module, args):
-        saved[id(module)] = module.training
-        module.training = training
-
-    def post(module, args, output):
-        module.training = saved.pop(id(module), module.training)
-
-    handles = []
-    for m in modules:
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
-    try:
-        yield modules
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def mini_batch_statistics(model: nn.Module):
-    """
-    Inference with mini-batch statistics: within the block every BN module of ``model``
-    normalizes each batch by that batch's own per-channel statistics, also under
-    ``model.eval()`` (which detectron2's ``inference_on_dataset`` calls). Synchronized norms
-    (modules with a ``sync_stats`` attribute) compute per-worker statistics — workers see
-    different numbers of test batches, so syncing could deadlock. Running buffers,
-    ``sync_stats`` and modes are restored when the block ends.
-    """
-    modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    buffers = [
-        (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for m in modules
-    ]
-    syncs = [(m, m.sync_stats) for m in model.modules() if hasattr(m, "sync_stats")]
-    for m, _ in syncs:
-        m.sync_stats = False
-    try:
-        with force_bn_mode(model, True, modules):
-            yield
-    finally:
-        for m, saved in buffers:
-            for k, b in m.named_buffers(recurse=False):
-                b.copy_(saved[k])
-        for m, value in syncs:
-            m.sync_stats = value
-
-
 class PreciseBN(HookBase):
     """
     Replaces the EMA statistics of every BN module in training mode by precise population
@@ -190,6 +96,7 @@ class PreciseBN(HookBase):
     of the same run without the hook (only the BN buffers differ).
     """
 
+    @configurable
     def __init__(
         self,
         period: int,
@@ -218,8 +125,7 @@ class PreciseBN(HookBase):
             ema_eval_period: evaluation period the EMA evaluation follows; 0: last only.
             seed: seed of the hook's own :class:`~d2_batchnorm.rng.RandomStream`.
         """
-        if period < 0:
-            raise ValueError(f"PreciseBN period = {period!r} is not allowed; it must be >= 0")
+        check_int("period", period, 0)
         self._model = model
         self._loader = data_loader
         self._num_iter = num_iter
@@ -230,8 +136,34 @@ class PreciseBN(HookBase):
         self._iter = None
         self._rng = RandomStream(seed)
         self._disabled_reason = ""
+        self.last_ema_distance: Dict[str, float] = {}  # bn_statistics_distance of the last run
         if not get_bn_modules(model):
             self.disable("the model has no BN module in training mode")
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module, ema_eval_function: Optional[Callable[[], Dict]] = None):
+        """
+        The hook of ``TEST.PRECISE_BN``: every ``PERIOD`` (0: ``TEST.EVAL_PERIOD``)
+        iterations, ``NUM_SAMPLES`` images over all workers (0: ``NUM_ITER`` batches per
+        worker) drawn from detectron2's training loader (training augmentations, 0 loader
+        workers) over ``DATASETS`` (empty: ``DATASETS.TRAIN``) with ``IMS_PER_BATCH`` images
+        per worker (0: the training batch per worker), built at the first run. The EMA
+        evaluation (``ema_eval_function``) is kept when ``EVAL_EMA`` is on, inference uses
+        population statistics and ``DATASETS.TEST`` is not empty. The random stream is
+        seeded from ``SEED`` and the rank.
+        """
+        pbn = cfg.TEST.PRECISE_BN
+        evaluates_ema = pbn.EVAL_EMA and cfg.TEST.BN_STATS == "population" and len(cfg.DATASETS.TEST)
+        return {
+            "period": pbn.PERIOD or cfg.TEST.EVAL_PERIOD,
+            "model": model,
+            "data_loader": lambda: _build_loader(cfg),
+            "num_iter": pbn.NUM_ITER,
+            "num_samples": pbn.NUM_SAMPLES or None,
+            "ema_eval_function": ema_eval_function if evaluates_ema else None,
+            "ema_eval_period": cfg.TEST.EVAL_PERIOD,
+            "seed": derive_seed("PreciseBN", cfg.SEED, comm.get_rank()),
+        }
 
     def disable(self, reason: str) -> None:
         """Stops later runs (e.g. once BN is frozen); ``reason`` is logged."""
@@ -275,12 +207,14 @@ class PreciseBN(HookBase):
                 return
             yield batch
 
-    def update_stats(self):
-        """Computes and writes precise statistics now; logs the scalars if in training."""
+    def update_stats(self) -> Optional[PreciseBNResult]:
+        """
+        Computes and writes precise statistics now (None when disabled); logs the scalars if
+        in training and sets :attr:`last_ema_distance`.
+        """
         if self.disabled:
             return None
         ema = snapshot_bn_statistics(self._model)
-        start = time.perf_counter()
         # the model's own training-mode scalars are discarded; every random draw (loader,
         # augmentations, RoI sampling and shuffling) comes from the hook's own stream
         with EventStorage(), self._rng:
@@ -291,18 +225,17 @@ class PreciseBN(HookBase):
                 progress="tqdm" if comm.is_main_process() else None,
                 num_samples=self._num_samples,
             )
-        seconds = time.perf_counter() - start
-        dist = bn_statistics_distance(ema, snapshot_bn_statistics(self._model))
+        dist = self.last_ema_distance = bn_statistics_distance(ema, snapshot_bn_statistics(self._model))
         logger.info(
             "PreciseBN: %d images in %.1f s; EMA statistics were %.4g (mean) / %.4g (var) "
             "away from the precise ones (relative L2)",
-            result.num_samples, seconds, dist["mean"], dist["var"],
+            result.num_samples, result.seconds, dist["mean"], dist["var"],
         )
         trainer = getattr(self, "trainer", None)
         if trainer is not None and result.num_iters > 0:
             trainer.storage.put_scalars(
                 **{
-                    "precise_bn/seconds": seconds,
+                    "precise_bn/seconds": result.seconds,
                     "precise_bn/samples": float(result.num_samples),
                     "precise_bn/ema_mean_rel_dist": dist["mean"],
                     "precise_bn/ema_var_rel_dist": dist["var"],
@@ -326,8 +259,7 @@ class FrozenBNLate(HookBase):
     """
 
     def __init__(self, model: nn.Module, start_iter: int, precise_bn: Optional[PreciseBN] = None):
-        if start_iter < 0:
-            raise ValueError(f"FrozenBNLate start_iter = {start_iter!r} is not allowed; it must be >= 0")
+        check_int("start_iter", start_iter, 0)
         self._model = model
         self._start_iter = start_iter
         self._precise_bn = precise_bn
@@ -352,3 +284,22 @@ class FrozenBNLate(HookBase):
         if self._context is not None:
             self._context.__exit__(None, None, None)
             self._context = None
+
+
+def _build_loader(cfg):
+    """
+    The data loader PreciseBN draws its batches from: detectron2's training loader (an
+    infinite stream with training augmentations) over ``TEST.PRECISE_BN.DATASETS`` (empty:
+    ``DATASETS.TRAIN``), ``TEST.PRECISE_BN.IMS_PER_BATCH`` images per worker (0: the
+    training batch per worker), and 0 loader workers.
+    """
+    from detectron2.data import build_detection_train_loader
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATALOADER.NUM_WORKERS = 0
+    if len(cfg.TEST.PRECISE_BN.DATASETS):
+        cfg.DATASETS.TRAIN = tuple(cfg.TEST.PRECISE_BN.DATASETS)
+    if cfg.TEST.PRECISE_BN.IMS_PER_BATCH > 0:
+        cfg.SOLVER.IMS_PER_BATCH = cfg.TEST.PRECISE_BN.IMS_PER_BATCH * comm.get_world_size()
+    return build_detection_train_loader(cfg)

@@ -15,7 +15,8 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import validate_batchnorm_config
 from ..modeling import build_model as build_bn_model
-from ..rng import derive_seed, preserved_rng_state
+from ..bn_modes import inference_statistics
+from ..rng import preserved_rng_state
 from .defaults import resolve_device
 
 __all__ = ["BNTrainer", "create_ddp_model"]
@@ -81,10 +82,8 @@ class BNTrainer(DefaultTrainer):
         detectron2's default hooks, with d2_batchnorm's BatchNorm hooks in their place:
 
         IterationTimer, LRScheduler, :class:`~d2_batchnorm.engine.hooks.PreciseBN`
-        (``TEST.PRECISE_BN.ENABLED``; every ``TEST.PRECISE_BN.PERIOD`` or, if 0,
-        ``TEST.EVAL_PERIOD`` iterations, and after the last; with ``EVAL_EMA`` it first
-        evaluates with the EMA statistics; its loader is built at its first run, and its
-        random stream is seeded from ``SEED`` and the rank), :class:`~d2_batchnorm.engine.hooks.FrozenBNLate`
+        (``TEST.PRECISE_BN.ENABLED``; see its ``from_config``),
+        :class:`~d2_batchnorm.engine.hooks.FrozenBNLate`
         (``BN.FROZEN_LAST_ITERS`` > 0), then the checkpointer — after PreciseBN, so
         checkpoints hold precise statistics —, evaluation and the writers.
         """
@@ -93,23 +92,11 @@ class BNTrainer(DefaultTrainer):
         from . import hooks as bn_hooks
 
         cfg = self.cfg
-        pbn = cfg.TEST.PRECISE_BN
         ret = [d2_hooks.IterationTimer(), d2_hooks.LRScheduler()]
         precise = None
-        if pbn.ENABLED and bn_hooks.get_bn_modules(self.model):
-            ema_eval = None
-            if pbn.EVAL_EMA and cfg.TEST.BN_STATS == "population" and len(cfg.DATASETS.TEST):
-                ema_eval = lambda: self.test(self.cfg, self.model)  # noqa: E731
-            precise = bn_hooks.PreciseBN(
-                pbn.PERIOD or cfg.TEST.EVAL_PERIOD,
-                self.model,
-                lambda: bn_hooks.build_precise_bn_loader(cfg),
-                pbn.NUM_ITER,
-                num_samples=bn_hooks.precise_bn_num_samples(cfg),
-                ema_eval_function=ema_eval,
-                ema_eval_period=cfg.TEST.EVAL_PERIOD,
-                seed=derive_seed("PreciseBN", cfg.SEED, comm.get_rank()),
-            )
+        if cfg.TEST.PRECISE_BN.ENABLED and bn_hooks.get_bn_modules(self.model):
+            ema_eval = lambda: self.test(self.cfg, self.model)  # noqa: E731
+            precise = bn_hooks.PreciseBN(cfg, self.model, ema_eval_function=ema_eval)
             ret.append(precise)
         if cfg.BN.FROZEN_LAST_ITERS > 0:
             ret.append(
@@ -142,17 +129,13 @@ class BNTrainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         """
-        detectron2's evaluation on ``DATASETS.TEST``. With ``TEST.BN_STATS: mini_batch``
-        every BN normalizes each test batch by its own statistics (see
-        :func:`~d2_batchnorm.engine.hooks.mini_batch_statistics`); the population
-        statistics are left untouched. The random state is put back afterwards
+        detectron2's evaluation on ``DATASETS.TEST`` with the statistics ``TEST.BN_STATS``
+        selects (:func:`~d2_batchnorm.bn_modes.inference_statistics`; with "mini_batch"
+        every BN normalizes each test batch by its own statistics and the population
+        statistics are left untouched). The random state is put back afterwards
         (:func:`~d2_batchnorm.rng.preserved_rng_state`), so evaluating during training
         does not change the training.
         """
-        from .hooks import mini_batch_statistics
-
-        with preserved_rng_state():  # an evaluation during training must not perturb it
-            if cfg.TEST.BN_STATS == "mini_batch":
-                with mini_batch_statistics(model):
-                    return super().test(cfg, model, evaluators)
+        # an evaluation during training must not perturb it
+        with preserved_rng_state(), inference_statistics(model, cfg.TEST.BN_STATS):
             return super().test(cfg, model, evaluators)

@@ -39,7 +39,7 @@ def _probe(args):
 
     import d2_batchnorm  # noqa: F401
     from d2_batchnorm.engine import load_config
-    from d2_batchnorm.engine.hooks import force_bn_mode
+    from d2_batchnorm.bn_modes import force_bn_mode
     from d2_batchnorm.modeling import build_model
 
     torch.set_num_threads(1)

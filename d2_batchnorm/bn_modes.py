@@ -1,0 +1,96 @@
+"""
+Which statistics the BatchNorm modules of a model normalize with, whatever
+``model.train()`` / ``model.eval()`` set:
+
+* :func:`force_bn_mode` — every forward of the BN modules runs in the given mode
+  (``training=False``: FrozenBN, population statistics with the affine still learned;
+  ``training=True``: mini-batch statistics at inference);
+* :func:`mini_batch_statistics` — inference where each test batch is normalized by its
+  own statistics, leaving the population statistics untouched;
+* :data:`TEST_BN_STATS` and :func:`inference_statistics` — the values of ``TEST.BN_STATS``
+  and the context each selects.
+
+A norm that synchronizes statistics across workers has a bool attribute ``sync_stats``
+(d2_batchnorm's ``SyncBatchNorm`` and ``LevelBatchNorm``; a custom norm may follow the
+same protocol); :func:`mini_batch_statistics` turns it off.
+"""
+from contextlib import contextmanager, nullcontext
+from typing import Dict, List, Optional
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .checks import check_choice
+
+__all__ = ["TEST_BN_STATS", "force_bn_mode", "inference_statistics", "mini_batch_statistics"]
+
+#: the values of ``TEST.BN_STATS``: population (running) statistics, or each test batch's own
+TEST_BN_STATS = ("population", "mini_batch")
+
+
+@contextmanager
+def force_bn_mode(model: nn.Module, training: bool, modules: Optional[List[_BatchNorm]] = None):
+    """
+    Within the block, every forward of each BN module of ``model`` (or of ``modules``) runs
+    with ``module.training = training``, whatever ``model.train()`` / ``model.eval()``
+    set: a forward pre-hook sets the flag and a forward hook puts the caller's value back,
+    so the flag seen from outside (and by :func:`d2_batchnorm.update_bn_stats`) is
+    unchanged. Yields the modules.
+    """
+    if modules is None:
+        modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved: Dict[int, bool] = {}
+
+    def pre(module, args):
+        saved[id(module)] = module.training
+        module.training = training
+
+    def post(module, args, output):
+        module.training = saved.pop(id(module), module.training)
+
+    handles = []
+    for m in modules:
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    try:
+        yield modules
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def mini_batch_statistics(model: nn.Module):
+    """
+    Inference with mini-batch statistics: within the block every BN module of ``model``
+    normalizes each batch by that batch's own per-channel statistics, also under
+    ``model.eval()`` (which detectron2's ``inference_on_dataset`` calls). Synchronized norms
+    (``sync_stats``) compute per-worker statistics — workers see different numbers of test
+    batches, so syncing could deadlock. Running buffers, ``sync_stats`` and modes are
+    restored when the block ends.
+    """
+    modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    buffers = [
+        (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for m in modules
+    ]
+    syncs = [(m, m.sync_stats) for m in model.modules() if hasattr(m, "sync_stats")]
+    for m, _ in syncs:
+        m.sync_stats = False
+    try:
+        with force_bn_mode(model, True, modules):
+            yield
+    finally:
+        for m, saved in buffers:
+            for k, b in m.named_buffers(recurse=False):
+                b.copy_(saved[k])
+        for m, value in syncs:
+            m.sync_stats = value
+
+
+def inference_statistics(model: nn.Module, mode: str):
+    """
+    The context in which ``model`` is evaluated with ``TEST.BN_STATS = mode``: nothing for
+    "population", :func:`mini_batch_statistics` for "mini_batch".
+    """
+    check_choice("mode", mode, TEST_BN_STATS)
+    return mini_batch_statistics(model) if mode == "mini_batch" else nullcontext()

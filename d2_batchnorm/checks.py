@@ -1,0 +1,39 @@
+"""
+Argument checks, written once. Every error reads
+``<name> = <value> is not allowed; <what is allowed>``; ``name`` is whatever the caller
+checks — a layer's argument ("sync_group_size") or a config key ("BN.SYNC_GROUP_SIZE").
+"""
+from typing import Iterable, Optional
+
+__all__ = ["check_int", "check_choice", "check_bool"]
+
+
+def check_int(name: str, value, minimum: int, maximum: Optional[int] = None) -> int:
+    """
+    Returns ``value`` if it is an int (not a bool) with ``minimum <= value`` (and
+    ``value <= maximum`` when given); raises ``ValueError`` naming ``name`` otherwise.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} = {value!r} is not allowed; it must be an integer {bound}")
+    return value
+
+
+def check_choice(name: str, value, allowed: Iterable):
+    """Returns ``value`` if it is one of ``allowed``; raises ``ValueError`` listing them otherwise."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} = {value!r} is not allowed; allowed values: {allowed}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """Returns ``value`` if it is a bool (1 and "yes" are not); raises ``ValueError`` otherwise."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} = {value!r} is not allowed; allowed values: [True, False]")
+    return value
