@@ -167,3 +167,71 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
     assert compare.main(argv + ["--out", str(tmp_path)] if "--" not in argv else
                         argv[:argv.index("--")] + ["--out", str(tmp_path)] + argv[argv.index("--"):]) == 2
     assert message in capsys.readouterr().err
+
+
+def _seed_runs(root, label, aps, mit="none"):
+    """OUT/runs/<label>/seed<s> directories as compare.py --seeds writes them."""
+    (root / label).mkdir(parents=True)
+    for seed, ap in aps.items():
+        _run_dir(root / label, f"seed{seed}", mit=mit,
+                 metrics=None if ap is None else [{"bbox/AP": ap, "segm/AP": ap - 2}])
+    return str(root / label)
+
+
+def test_seeds_give_mean_sd_per_variant_and_paired_differences(tmp_path):
+    bn = _seed_runs(tmp_path, "bn", {1: 50.0, 2: 54.0, 3: 52.0})
+    shuffle = _seed_runs(tmp_path, "shuffle", {1: 53.0, 2: 55.0, 3: None}, mit="shuffle")
+    runs = compare.read_dir(bn, "bn") + compare.read_dir(shuffle, "shuffle")
+    assert [(r.label, r.seed, r.status) for r in runs] == [
+        ("bn", 1, "ok"), ("bn", 2, "ok"), ("bn", 3, "ok"),
+        ("shuffle", 1, "ok"), ("shuffle", 2, "ok"), ("shuffle", 3, "unfinished")]
+    # paired by seed, only where both runs are ok: 53-50, 55-54
+    assert compare.paired_differences(runs, "bn", "bbox/AP") == {"shuffle": [3.0, 1.0]}
+    markdown = compare.write_seed_tables(runs, str(tmp_path), baseline="bn")
+    header, _, bn_row, shuffle_row = markdown.strip().splitlines()
+    assert "bbox AP (mean ± sd)" in header and "Δ bbox AP vs bn (paired, mean ± sd)" in header
+    assert "| 3/3 | 52.0 ± 2.0 | 50.0 ± 2.0 | 1: 50.0, 2: 54.0, 3: 52.0 | (baseline) |" in bn_row
+    assert "| 2/3 | 54.0 ± 1.4 |" in shuffle_row and "| 2.0 ± 1.4 |" in shuffle_row
+    assert "seed 3 unfinished" in shuffle_row
+    with open(tmp_path / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["seed"], r["status"]) for r in rows] == [
+        (r.label, str(r.seed), r.status) for r in runs]
+    compare.plot(runs, str(tmp_path / "compare.png"))
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_seeds_reuse_finished_runs_and_rerun_the_rest(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"  # fails in train_net's launch-time checks: a cheap "run"
+    config.write_text('_BASE_: "%s"\nMODEL:\n  ROI_BOX_HEAD:\n    LEAKAGE_MITIGATION: "shufle"\n'
+                      % os.path.abspath("configs/Toy/mask_rcnn_R18_FPN_base.yaml"))
+    out = tmp_path / "out"
+    runs = out / "runs" / "bad"
+    runs.mkdir(parents=True)
+    done = _run_dir(runs, "seed1", metrics=[{"bbox/AP": 40.0, "segm/AP": 38.0}])
+    request = {"config": str(config), "opts": ["SOLVER.MAX_ITER", "5", "SEED", "1"], "num_gpus": 2}
+    with open(os.path.join(done, compare.REQUEST_FILE), "w") as f:
+        json.dump({"request": request, "seconds": 12.0}, f)
+    stale = _run_dir(runs, "seed2", metrics=[{"bbox/AP": 41.0}])  # made by another request
+    argv = [f"bad={config}", "--seeds", "2", "--out", str(out), "--", "SOLVER.MAX_ITER", "5"]
+    assert compare.main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "bad seed 1: reusing the finished run" in printed
+    assert "is made by another request; running it again" in printed
+    assert "SEED 2" in (runs / "seed2" / "train_net.log").read_text()
+    assert not os.path.exists(os.path.join(stale, "metrics.json"))  # the stale run was removed
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["seed"], r["status"]) for r in rows] == [("1", "ok"), ("2", "failed")]
+    assert rows[0]["seconds"] == "12.0"
+
+
+@pytest.mark.parametrize("seeds, expected", [("3", [1, 2, 3]), ("7,0,11", [7, 0, 11]), ("", [])])
+def test_parse_seeds(seeds, expected):
+    assert compare.parse_seeds(seeds) == expected
+
+
+@pytest.mark.parametrize("seeds", ["0", "two", "1,1", "-1,2"])
+def test_bad_seeds(tmp_path, capsys, seeds):
+    assert compare.main(["x", f"--seeds={seeds}", "--out", str(tmp_path)]) == 2
+    assert "--seeds" in capsys.readouterr().err

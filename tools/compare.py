@@ -2,7 +2,8 @@
 """
 Compares detection runs: a Markdown and a CSV table of bbox/segm AP and a PNG bar chart.
 
-    python tools/compare.py [--num-gpus 2] [--out DIR] RUN [RUN ...] [-- KEY VALUE ...]
+    python tools/compare.py [--num-gpus 2] [--out DIR] [--seeds K [--baseline LABEL]] \
+        RUN [RUN ...] [-- KEY VALUE ...]
 
 Each RUN is ``[LABEL=]PATH``:
 
@@ -24,12 +25,28 @@ mapping; the detail names the file and why) — never dropped.
 
 Writes ``DIR/compare.md``, ``DIR/compare.csv`` and ``DIR/compare.png`` and prints the
 Markdown table. Exits 0 when every run has its AP, 1 otherwise, 2 on bad arguments.
+
+Seeds and spread. ``--seeds K`` (seeds 1..K) or ``--seeds S1,S2,...`` runs every config
+once per seed (``SEED`` set explicitly) into ``DIR/runs/<LABEL>/seed<S>``; a directory
+holding such ``seed<S>`` folders is read the same way. The table then has one row per
+variant with mean ± sample standard deviation over its ok runs and the per-seed values,
+the CSV one row per run (with its seed), the plot error bars and one dot per seed. All
+variants of one seed start from the same seed, so with ``--baseline LABEL`` each variant
+also gets its paired difference to LABEL (per seed, then mean ± sd): the spread that
+matters for "is A better than B".
+
+Resuming. A config run whose folder holds a finished run (status ok) of the same request
+(config, options, seed, processes; recorded in ``compare_request.json``) is reused, and
+said so; a missing, failed, unfinished, corrupt or differently requested run is deleted
+and run again. Re-running an interrupted command therefore only runs what is left.
 """
 import argparse
 import csv
 import json
 import math
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +54,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 __all__ = [
-    "RunResult", "CorruptFile", "copypaste_blocks", "read_run", "run_config", "write_tables",
+    "RunResult", "CorruptFile", "copypaste_blocks", "read_run", "read_dir", "run_config",
+    "run_or_reuse", "parse_seeds", "paired_differences", "write_tables", "write_seed_tables",
     "plot", "main",
 ]
 
@@ -62,6 +80,7 @@ class RunResult:
     statistics: str = ""
     metrics: Dict[str, float] = field(default_factory=dict)
     seconds: Optional[float] = None
+    seed: Optional[int] = None  # SEED of the run when compare.py ran it with --seeds
 
 
 class CorruptFile(Exception):
@@ -245,6 +264,45 @@ def run_config(config: str, output_dir: str, num_gpus: int, opts: List[str], tim
             return 124
 
 
+REQUEST_FILE = "compare_request.json"
+
+
+def run_or_reuse(label: str, config: str, output_dir: str, num_gpus: int, opts: List[str],
+                 timeout: float, seed: Optional[int] = None) -> RunResult:
+    """
+    The run of ``config`` (with ``SEED seed`` when given) in ``output_dir``: a finished run
+    (status ok) made by the same request (config, opts, seed, workers: ``REQUEST_FILE``) is
+    reused; anything else (missing, failed, unfinished, corrupt, another request) is
+    deleted and run again, so an interrupted comparison resumes where it stopped.
+    """
+    name = label if seed is None else f"{label} seed {seed}"
+    opts = list(opts) + ([] if seed is None else ["SEED", str(seed)])
+    request = {"config": os.path.abspath(config), "opts": opts, "num_gpus": num_gpus}
+    request_path = os.path.join(output_dir, REQUEST_FILE)
+    if os.path.isdir(output_dir):
+        done = {}
+        if os.path.isfile(request_path):
+            with open(request_path) as f:
+                done = json.load(f)
+        run = read_run(output_dir, label)
+        if run.status == "ok" and done.get("request") == request:
+            run.seconds, run.seed = done.get("seconds"), seed
+            print(f"[compare] {name}: reusing the finished run in {output_dir}", flush=True)
+            return run
+        found = _status_text(run) if done.get("request") == request else "made by another request"
+        print(f"[compare] {name}: {output_dir} is {found}; running it again", flush=True)
+        shutil.rmtree(output_dir)  # detectron2 appends to a metrics.json it finds
+    print(f"[compare] running {name}: {config} -> {output_dir}", flush=True)
+    start = time.perf_counter()
+    rc = run_config(config, output_dir, num_gpus, opts, timeout)
+    run = read_run(output_dir, label, rc)
+    run.seconds, run.seed = time.perf_counter() - start, seed
+    with open(request_path, "w") as f:
+        json.dump({"request": request, "seconds": run.seconds, "returncode": rc}, f)
+    print(f"[compare] {name}: {_status_text(run)} ({run.seconds:.0f} s)", flush=True)
+    return run
+
+
 def _fmt(value: Optional[float]) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.1f}"
 
@@ -270,44 +328,59 @@ def write_tables(runs: List[RunResult], out_dir: str) -> str:
     markdown = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(markdown)
-    with open(os.path.join(out_dir, "compare.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["run", "path", "mitigation", "statistics"] + [k for k, _ in COLUMNS] + ["status", "detail", "seconds"])
-        for r in runs:
-            writer.writerow(
-                [r.label, r.path, r.mitigation, r.statistics]
-                + [r.metrics.get(k, "") for k, _ in COLUMNS]
-                + [r.status, r.detail, "" if r.seconds is None else round(r.seconds, 1)]
-            )
+    _write_csv(runs, out_dir)
     return markdown
 
 
+def _write_csv(runs: List[RunResult], out_dir: str) -> None:
+    """compare.csv: one row per run (with its seed when compare.py set one)."""
+    with open(os.path.join(out_dir, "compare.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "seed", "path", "mitigation", "statistics"] + [k for k, _ in COLUMNS]
+                        + ["status", "detail", "seconds"])
+        for r in runs:
+            writer.writerow(
+                [r.label, "" if r.seed is None else r.seed, r.path, r.mitigation, r.statistics]
+                + [r.metrics.get(k, "") for k, _ in COLUMNS]
+                + [r.status, r.detail, "" if r.seconds is None else round(r.seconds, 1)]
+            )
+
+
 def plot(runs: List[RunResult], path: str, title: str = "") -> None:
-    """Grouped bar chart of the AP columns per run; runs without AP are marked in place."""
+    """
+    Grouped bar chart of the AP columns per variant (label): the mean over its ok runs,
+    with the standard deviation as an error bar and every seed as a dot when it has
+    several; a variant without any ok run is marked with its status.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = list(_by_label(runs).items())
     columns = [(k, n) for k, n in COLUMNS if any(k in r.metrics for r in runs)] or list(COLUMNS[:2])
     width = 0.8 / len(columns)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(runs) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.2))
     for j, (key, name) in enumerate(columns):
-        xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(runs))]
-        heights = [r.metrics.get(key, 0.0) if r.status == "ok" else 0.0 for r in runs]
-        bars = ax.bar(xs, heights, width, label=name)
-        for bar, h, r in zip(bars, heights, runs):
-            if r.status == "ok" and key in r.metrics:
-                ax.annotate(f"{h:.1f}", (bar.get_x() + bar.get_width() / 2, h), ha="center",
+        values = [[r.metrics[key] for r in group if r.status == "ok" and key in r.metrics] for _, group in groups]
+        xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(groups))]
+        means = [statistics.mean(v) if v else 0.0 for v in values]
+        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        bars = ax.bar(xs, means, width, yerr=sds if any(sds) else None, capsize=3, label=name)
+        for x, bar, mean, v in zip(xs, bars, means, values):
+            if len(v) > 1:
+                ax.plot([x] * len(v), v, "k.", markersize=3)
+            if v:
+                ax.annotate(f"{mean:.1f}", (bar.get_x() + bar.get_width() / 2, mean), ha="center",
                             va="bottom", fontsize=7)
     top = max([v for r in runs for v in r.metrics.values()] + [1.0])
-    for i, r in enumerate(runs):
-        if r.status != "ok":
-            ax.text(i, top * 0.05, r.status.upper(), ha="center", va="bottom", color="red",
+    for i, (_, group) in enumerate(groups):
+        if all(r.status != "ok" for r in group):
+            ax.text(i, top * 0.05, group[0].status.upper(), ha="center", va="bottom", color="red",
                     fontsize=9, rotation=90)
-    ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([r.label for r in runs], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("COCO AP")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([label for label, _ in groups], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("COCO AP" + (" (mean ± sd over seeds)" if any(len(g) > 1 for _, g in groups) else ""))
     ax.set_ylim(0, top * 1.15)
     ax.legend(fontsize=8)
     if title:
@@ -315,6 +388,105 @@ def plot(runs: List[RunResult], path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _mean_sd(values: List[float]) -> str:
+    """``mean ± sd`` (sample standard deviation; just the value for one run); '' for none."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _by_label(runs: List[RunResult]) -> Dict[str, List[RunResult]]:
+    groups: Dict[str, List[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(r.label, []).append(r)
+    return groups
+
+
+def paired_differences(runs: List[RunResult], baseline: str, key: str) -> Dict[str, List[float]]:
+    """
+    Per label, ``metric(label, seed) - metric(baseline, seed)`` over the seeds where both
+    runs are ok and have ``key``: differences of runs that saw the same seed (data order,
+    initialization), whose spread is the spread that matters for the comparison.
+    """
+    groups = _by_label(runs)
+    base = {r.seed: r.metrics[key] for r in groups.get(baseline, []) if r.status == "ok" and key in r.metrics}
+    return {
+        label: [r.metrics[key] - base[r.seed] for r in group
+                if r.status == "ok" and key in r.metrics and r.seed in base]
+        for label, group in groups.items() if label != baseline
+    }
+
+
+def write_seed_tables(runs: List[RunResult], out_dir: str, baseline: Optional[str] = None) -> str:
+    """
+    Writes compare.md (one row per variant: mean ± sd over its seeds, the per-seed values,
+    and, with ``baseline``, the paired difference to it) and compare.csv (one row per run);
+    returns the Markdown text.
+    """
+    columns = [(k, name) for k, name in COLUMNS if any(k in r.metrics for r in runs)] or list(COLUMNS[:2])
+    header = ["variant", "head leakage mitigation", "inference statistics", "seeds ok"]
+    header += [f"{name} (mean ± sd)" for _, name in columns] + [f"{columns[0][1]} per seed"]
+    diffs = paired_differences(runs, baseline, columns[0][0]) if baseline else {}
+    if baseline:
+        header.append(f"Δ {columns[0][1]} vs {baseline} (paired, mean ± sd)")
+    header.append("not ok")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for label, group in _by_label(runs).items():
+        ok = [r for r in group if r.status == "ok"]
+        first = next((r for r in group if r.mitigation or r.statistics), group[0])
+        row = [label, first.mitigation, first.statistics, f"{len(ok)}/{len(group)}"]
+        row += [_mean_sd([r.metrics[k] for r in ok if k in r.metrics]) for k, _ in columns]
+        row.append(", ".join(f"{r.seed}: {_fmt(r.metrics.get(columns[0][0]))}" for r in ok))
+        if baseline:
+            row.append("(baseline)" if label == baseline else _mean_sd(diffs.get(label, [])))
+        row.append("; ".join(f"seed {r.seed} {_status_text(r)}" for r in group if r.status != "ok"))
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
+    markdown = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(markdown)
+    _write_csv(runs, out_dir)
+    return markdown
+
+
+def parse_seeds(text: str) -> List[int]:
+    """``--seeds``: "" → [] (the configs' own SEED), "K" → [1, ..., K], "S1,S2,..." → that list."""
+    if not text:
+        return []
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"--seeds = {text!r} is not allowed; give a count K >= 1 or distinct seeds >= 0 "
+                         "separated by commas")
+    if len(values) == 1 and "," not in text:
+        if values[0] < 1:
+            raise ValueError(f"--seeds = {text!r} is not allowed; a count must be >= 1")
+        return list(range(1, values[0] + 1))
+    return values
+
+
+def read_dir(path: str, label: str) -> List[RunResult]:
+    """
+    The runs of an output directory: one per ``seed<N>`` subdirectory (as compare.py
+    --seeds writes them), else the directory itself as one run.
+    """
+    seeds = sorted(
+        int(name[4:]) for name in (os.listdir(path) if os.path.isdir(path) else [])
+        if name.startswith("seed") and name[4:].isdigit() and os.path.isdir(os.path.join(path, name))
+    )
+    if not seeds:
+        return [read_run(path, label)]
+    runs = []
+    for seed in seeds:
+        run = read_run(os.path.join(path, f"seed{seed}"), label)
+        run.seed = seed
+        runs.append(run)
+    return runs
 
 
 def _parse_run(spec: str) -> Tuple[str, str]:
@@ -338,6 +510,11 @@ def main(argv=None) -> int:
     parser.add_argument("--num-gpus", type=int, default=2, help="processes per run of a config (CPU processes without CUDA)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each run of a config")
     parser.add_argument("--title", default="", help="title of the chart")
+    parser.add_argument("--seeds", default="", metavar="K | S1,S2,...",
+                        help="run every config with these SEEDs (K: seeds 1..K); the table gives "
+                             "mean ± sd per variant, the CSV one row per run")
+    parser.add_argument("--baseline", default="", metavar="LABEL",
+                        help="with --seeds: also report each variant's paired difference to LABEL")
     args = parser.parse_args(argv)
     if len(opts) % 2:
         print(f"error: the options after -- must be KEY VALUE pairs; got {opts}", file=sys.stderr)
@@ -354,23 +531,33 @@ def main(argv=None) -> int:
         if path.endswith((".yaml", ".yml")) and not os.path.isfile(path):
             print(f"error: config file {path!r} (run {label!r}) does not exist", file=sys.stderr)
             return 2
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.baseline and (not seeds or args.baseline not in labels):
+        print(f"error: --baseline = {args.baseline!r} is not allowed; it must be one of the run labels "
+              f"{labels}, with --seeds", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
 
     runs = []
     for label, path in specs:
-        if path.endswith((".yaml", ".yml")):
+        if not path.endswith((".yaml", ".yml")):
+            runs += read_dir(path, label)
+        elif not seeds:
             out_dir = os.path.join(args.out, "runs", label)
-            print(f"[compare] running {label}: {path} -> {out_dir}", flush=True)
-            start = time.perf_counter()
-            rc = run_config(path, out_dir, args.num_gpus, opts, args.timeout)
-            run = read_run(out_dir, label, rc)
-            run.seconds = time.perf_counter() - start
-            print(f"[compare] {label}: {_status_text(run)} ({run.seconds:.0f} s)", flush=True)
+            runs.append(run_or_reuse(label, path, out_dir, args.num_gpus, opts, args.timeout))
         else:
-            run = read_run(path, label)
-        runs.append(run)
+            for seed in seeds:
+                out_dir = os.path.join(args.out, "runs", label, f"seed{seed}")
+                runs.append(run_or_reuse(label, path, out_dir, args.num_gpus, opts, args.timeout, seed))
 
-    markdown = write_tables(runs, args.out)
+    if seeds:
+        markdown = write_seed_tables(runs, args.out, args.baseline or None)
+    else:
+        markdown = write_tables(runs, args.out)
     plot(runs, os.path.join(args.out, "compare.png"), args.title)
     print(markdown)
     print(f"[compare] wrote {os.path.join(args.out, 'compare.md')}, compare.csv, compare.png")
