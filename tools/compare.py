@@ -514,7 +514,7 @@ def main(argv=None) -> int:
                         help="run every config with these SEEDs (K: seeds 1..K); the table gives "
                              "mean ± sd per variant, the CSV one row per run")
     parser.add_argument("--baseline", default="", metavar="LABEL",
-                        help="with --seeds: also report each variant's paired difference to LABEL")
+                        help="with seeds: also report each variant's paired difference to LABEL")
     args = parser.parse_args(argv)
     if len(opts) % 2:
         print(f"error: the options after -- must be KEY VALUE pairs; got {opts}", file=sys.stderr)
@@ -536,9 +536,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.baseline and (not seeds or args.baseline not in labels):
+    if args.baseline and args.baseline not in labels:
         print(f"error: --baseline = {args.baseline!r} is not allowed; it must be one of the run labels "
-              f"{labels}, with --seeds", file=sys.stderr)
+              f"{labels}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
 
@@ -554,7 +554,7 @@ def main(argv=None) -> int:
                 out_dir = os.path.join(args.out, "runs", label, f"seed{seed}")
                 runs.append(run_or_reuse(label, path, out_dir, args.num_gpus, opts, args.timeout, seed))
 
-    if seeds:
+    if any(r.seed is not None for r in runs):  # --seeds, or directories of seed<S> runs
         markdown = write_seed_tables(runs, args.out, args.baseline or None)
     else:
         markdown = write_tables(runs, args.out)

@@ -3,9 +3,10 @@
 # small RetinaNet with BatchNorm in its head in 2 CPU processes (gloo) through
 # tools/train_net.py, evaluates it with detectron2's COCOEvaluator and prints the bbox AP
 # table; then compares the leakage mitigations of R-CNN BN heads on the toy data.
-#   bash tools/demo.sh            (about 15 minutes on an idle 2-core machine)
+#   bash tools/demo.sh            (about 30 minutes on an idle 2-core machine)
 #   D2BN_DEMO_OUTPUT=dir          where runs are written (default: output/demo)
 #   D2BN_COMPARE_ITERS=N          training iterations of each compared variant (default: 300)
+#   D2BN_COMPARE_SEEDS=K|S1,...   seeds of the comparison (default: 3; 1 for a quick look)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/bootstrap_env.sh
