@@ -7,5 +7,5 @@ setup(
     packages=find_packages(include=["d2_batchnorm", "d2_batchnorm.*"]),
     python_requires=">=3.8",
     # detectron2 is not on PyPI under its own name: see README.md (Installation).
-    install_requires=["fvcore", "iopath", "pycocotools", "yacs", "tabulate", "matplotlib"],
+    install_requires=["fvcore", "iopath", "pycocotools", "yacs", "tabulate", "matplotlib", "submitit>=1.5"],
 )

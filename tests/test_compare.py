@@ -209,7 +209,7 @@ def test_seeds_reuse_finished_runs_and_rerun_the_rest(tmp_path, capsys):
     runs = out / "runs" / "bad"
     runs.mkdir(parents=True)
     done = _run_dir(runs, "seed1", metrics=[{"bbox/AP": 40.0, "segm/AP": 38.0}])
-    request = {"config": str(config), "opts": ["SOLVER.MAX_ITER", "5", "SEED", "1"], "num_gpus": 2}
+    request = {"config": str(config), "opts": ["SOLVER.MAX_ITER", "5", "SEED", "1"], "workers": 2}
     with open(os.path.join(done, compare.REQUEST_FILE), "w") as f:
         json.dump({"request": request, "seconds": 12.0}, f)
     stale = _run_dir(runs, "seed2", metrics=[{"bbox/AP": 41.0}])  # made by another request

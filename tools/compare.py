@@ -53,9 +53,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from d2_batchnorm.engine.cluster import CLUSTERS
+
 __all__ = [
     "RunResult", "CorruptFile", "copypaste_blocks", "read_run", "read_dir", "run_config",
-    "run_or_reuse", "parse_seeds", "paired_differences", "write_tables", "write_seed_tables",
+    "run_all", "parse_seeds", "paired_differences", "write_tables", "write_seed_tables",
     "plot", "main",
 ]
 
@@ -246,12 +248,14 @@ def read_run(path: str, label: Optional[str] = None, returncode: Optional[int] =
     return run
 
 
+TRAIN_NET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_net.py")
+
+
 def run_config(config: str, output_dir: str, num_gpus: int, opts: List[str], timeout: float) -> int:
     """Trains and evaluates ``config`` with tools/train_net.py; returns its exit status."""
     os.makedirs(output_dir, exist_ok=True)
-    train_net = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_net.py")
     cmd = [
-        sys.executable, train_net, "--num-gpus", str(num_gpus), "--dist-url", "auto",
+        sys.executable, TRAIN_NET, "--num-gpus", str(num_gpus), "--dist-url", "auto",
         "--config-file", config, *opts, "OUTPUT_DIR", output_dir,
     ]
     with open(os.path.join(output_dir, "train_net.log"), "w") as log:
@@ -267,40 +271,120 @@ def run_config(config: str, output_dir: str, num_gpus: int, opts: List[str], tim
 REQUEST_FILE = "compare_request.json"
 
 
-def run_or_reuse(label: str, config: str, output_dir: str, num_gpus: int, opts: List[str],
-                 timeout: float, seed: Optional[int] = None) -> RunResult:
+class LocalLauncher:
+    """Runs each config now, one after the other, with tools/train_net.py --num-gpus N."""
+
+    def __init__(self, num_gpus: int, timeout: float):
+        self.num_gpus, self.timeout = num_gpus, timeout
+        self.workers = num_gpus
+
+    def start(self, config: str, output_dir: str, opts: List[str]):
+        return run_config(config, output_dir, self.num_gpus, opts, self.timeout)
+
+    def finish(self, returncode: int) -> Tuple[int, str]:
+        """(exit status, detail for a failed run)."""
+        return returncode, ""
+
+
+class SubmititLauncher:
     """
-    The run of ``config`` (with ``SEED seed`` when given) in ``output_dir``: a finished run
-    (status ok) made by the same request (config, opts, seed, workers: ``REQUEST_FILE``) is
-    reused; anything else (missing, failed, unfinished, corrupt, another request) is
-    deleted and run again, so an interrupted comparison resumes where it stopped.
+    Submits each config as a submitit job (:mod:`d2_batchnorm.engine.cluster`: nodes ×
+    gpus-per-node tasks, tools/train_net.py unchanged in each), all jobs first, then waits
+    for them. The job's id, state and log paths go to ``<run>/submitit_job.json``.
     """
-    name = label if seed is None else f"{label} seed {seed}"
-    opts = list(opts) + ([] if seed is None else ["SEED", str(seed)])
-    request = {"config": os.path.abspath(config), "opts": opts, "num_gpus": num_gpus}
+
+    def __init__(self, cluster: str, nodes: int, gpus_per_node: int, timeout_min: int,
+                 partition: Optional[str], cpus_per_task: Optional[int]):
+        self.cluster = cluster
+        self.options = dict(nodes=nodes, gpus_per_node=gpus_per_node, timeout_min=timeout_min,
+                            partition=partition, cpus_per_task=cpus_per_task)
+        self.workers = nodes * gpus_per_node
+
+    def start(self, config: str, output_dir: str, opts: List[str]):
+        from d2_batchnorm.engine.cluster import TrainNetJob, make_executor
+
+        os.makedirs(output_dir, exist_ok=True)
+        executor = make_executor(os.path.join(output_dir, "submitit"), self.cluster, **self.options)
+        args = ["--config-file", config, *opts, "OUTPUT_DIR", os.path.abspath(output_dir)]
+        job = executor.submit(TrainNetJob(TRAIN_NET, args))
+        self._record(output_dir, job)
+        print(f"[compare] submitted job {job.job_id} ({self.cluster}) for {output_dir}", flush=True)
+        return output_dir, job
+
+    def finish(self, handle) -> Tuple[int, str]:
+        output_dir, job = handle
+        try:
+            error = job.exception()  # waits; the first failed task's error, None if all succeeded
+        except Exception as e:  # e.g. submitit's UncompletedJobError: killed, no result written
+            error = e
+        state = self._record(output_dir, job)
+        if error is None:
+            return 0, ""
+        return 1, (f"job {job.job_id} raised {type(error).__name__} (state {state}); "
+                   f"log {job.paths.stderr} (stdout {job.paths.stdout})")
+
+    def _record(self, output_dir: str, job) -> str:
+        state = job.state
+        with open(os.path.join(output_dir, "submitit_job.json"), "w") as f:
+            json.dump({"job_id": job.job_id, "cluster": self.cluster, "state": state,
+                       "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}, f, indent=1)
+        return state
+
+
+def reusable_run(label: str, output_dir: str, request: dict, name: str) -> Optional[RunResult]:
+    """
+    The finished run (status ok) in ``output_dir`` if the same ``request`` made it (its
+    ``REQUEST_FILE``); otherwise None, after deleting whatever is there (a missing, failed,
+    unfinished, corrupt or differently requested run: detectron2 would append to it).
+    """
+    if not os.path.isdir(output_dir):
+        return None
     request_path = os.path.join(output_dir, REQUEST_FILE)
-    if os.path.isdir(output_dir):
-        done = {}
-        if os.path.isfile(request_path):
-            with open(request_path) as f:
-                done = json.load(f)
-        run = read_run(output_dir, label)
-        if run.status == "ok" and done.get("request") == request:
-            run.seconds, run.seed = done.get("seconds"), seed
-            print(f"[compare] {name}: reusing the finished run in {output_dir}", flush=True)
-            return run
-        found = _status_text(run) if done.get("request") == request else "made by another request"
-        print(f"[compare] {name}: {output_dir} is {found}; running it again", flush=True)
-        shutil.rmtree(output_dir)  # detectron2 appends to a metrics.json it finds
-    print(f"[compare] running {name}: {config} -> {output_dir}", flush=True)
-    start = time.perf_counter()
-    rc = run_config(config, output_dir, num_gpus, opts, timeout)
-    run = read_run(output_dir, label, rc)
-    run.seconds, run.seed = time.perf_counter() - start, seed
-    with open(request_path, "w") as f:
-        json.dump({"request": request, "seconds": run.seconds, "returncode": rc}, f)
-    print(f"[compare] {name}: {_status_text(run)} ({run.seconds:.0f} s)", flush=True)
-    return run
+    done = {}
+    if os.path.isfile(request_path):
+        with open(request_path) as f:
+            done = json.load(f)
+    run = read_run(output_dir, label)
+    if run.status == "ok" and done.get("request") == request:
+        run.seconds = done.get("seconds")
+        print(f"[compare] {name}: reusing the finished run in {output_dir}", flush=True)
+        return run
+    found = _status_text(run) if done.get("request") == request else "made by another request"
+    print(f"[compare] {name}: {output_dir} is {found}; running it again", flush=True)
+    shutil.rmtree(output_dir)
+    return None
+
+
+def run_all(tasks: List[Tuple[str, str, str, Optional[int]]], launcher, opts: List[str]) -> List[RunResult]:
+    """
+    Runs (label, config, output_dir, seed) ``tasks`` with ``launcher``, reusing finished
+    runs of the same request (config, options with SEED, workers): every run is started
+    first (for a cluster: all jobs are queued), then finished in order.
+    """
+    started = []
+    for label, config, output_dir, seed in tasks:
+        name = label if seed is None else f"{label} seed {seed}"
+        run_opts = list(opts) + ([] if seed is None else ["SEED", str(seed)])
+        request = {"config": os.path.abspath(config), "opts": run_opts, "workers": launcher.workers}
+        run = reusable_run(label, output_dir, request, name)
+        if run is None:
+            print(f"[compare] running {name}: {config} -> {output_dir}", flush=True)
+            handle = launcher.start(config, output_dir, run_opts)
+        started.append((label, output_dir, seed, name, request, run, handle if run is None else None,
+                        time.perf_counter()))
+    runs = []
+    for label, output_dir, seed, name, request, run, handle, start in started:
+        if run is None:
+            rc, detail = launcher.finish(handle)
+            run = read_run(output_dir, label, rc)
+            run.detail = run.detail if not detail else f"{detail}; {run.detail}".rstrip("; ")
+            run.seconds = time.perf_counter() - start
+            with open(os.path.join(output_dir, REQUEST_FILE), "w") as f:
+                json.dump({"request": request, "seconds": run.seconds, "returncode": rc}, f)
+            print(f"[compare] {name}: {_status_text(run)} ({run.seconds:.0f} s)", flush=True)
+        run.seed = seed
+        runs.append(run)
+    return runs
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -362,7 +446,7 @@ def plot(runs: List[RunResult], path: str, title: str = "") -> None:
     width = 0.8 / len(columns)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.2))
     for j, (key, name) in enumerate(columns):
-        values = [[r.metrics[key] for r in group if r.status == "ok" and key in r.metrics] for _, group in groups]
+        values = [_values(group, key) for _, group in groups]
         xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(groups))]
         means = [statistics.mean(v) if v else 0.0 for v in values]
         sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
@@ -373,7 +457,7 @@ def plot(runs: List[RunResult], path: str, title: str = "") -> None:
             if v:
                 ax.annotate(f"{mean:.1f}", (bar.get_x() + bar.get_width() / 2, mean), ha="center",
                             va="bottom", fontsize=7)
-    top = max([v for r in runs for v in r.metrics.values()] + [1.0])
+    top = max([v for r in runs for v in r.metrics.values() if not math.isnan(v)] + [1.0])
     for i, (_, group) in enumerate(groups):
         if all(r.status != "ok" for r in group):
             ax.text(i, top * 0.05, group[0].status.upper(), ha="center", va="bottom", color="red",
@@ -388,6 +472,12 @@ def plot(runs: List[RunResult], path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _values(group: List[RunResult], key: str) -> List[float]:
+    """``key``'s values in the ok runs of ``group`` (NaN, COCO's "no detection", left out)."""
+    return [r.metrics[key] for r in group
+            if r.status == "ok" and key in r.metrics and not math.isnan(r.metrics[key])]
 
 
 def _mean_sd(values: List[float]) -> str:
@@ -413,10 +503,9 @@ def paired_differences(runs: List[RunResult], baseline: str, key: str) -> Dict[s
     initialization), whose spread is the spread that matters for the comparison.
     """
     groups = _by_label(runs)
-    base = {r.seed: r.metrics[key] for r in groups.get(baseline, []) if r.status == "ok" and key in r.metrics}
+    base = {r.seed: v for r in groups.get(baseline, []) for v in _values([r], key)}
     return {
-        label: [r.metrics[key] - base[r.seed] for r in group
-                if r.status == "ok" and key in r.metrics and r.seed in base]
+        label: [v - base[r.seed] for r in group if r.seed in base for v in _values([r], key)]
         for label, group in groups.items() if label != baseline
     }
 
@@ -439,7 +528,7 @@ def write_seed_tables(runs: List[RunResult], out_dir: str, baseline: Optional[st
         ok = [r for r in group if r.status == "ok"]
         first = next((r for r in group if r.mitigation or r.statistics), group[0])
         row = [label, first.mitigation, first.statistics, f"{len(ok)}/{len(group)}"]
-        row += [_mean_sd([r.metrics[k] for r in ok if k in r.metrics]) for k, _ in columns]
+        row += [_mean_sd(_values(group, k)) for k, _ in columns]
         row.append(", ".join(f"{r.seed}: {_fmt(r.metrics.get(columns[0][0]))}" for r in ok))
         if baseline:
             row.append("(baseline)" if label == baseline else _mean_sd(diffs.get(label, [])))
@@ -515,12 +604,36 @@ def main(argv=None) -> int:
                              "mean ± sd per variant, the CSV one row per run")
     parser.add_argument("--baseline", default="", metavar="LABEL",
                         help="with seeds: also report each variant's paired difference to LABEL")
+    parser.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                        help="local: train_net.py processes here, one run after the other; submitit: "
+                             "one job per run (and seed) on --cluster")
+    cluster = parser.add_argument_group("submitit launcher")
+    cluster.add_argument("--cluster", choices=CLUSTERS, default="slurm",
+                         help="slurm (sbatch), local (processes on this machine) or debug")
+    cluster.add_argument("--partition", default="", help="SLURM partition")
+    cluster.add_argument("--nodes", type=int, default=1, help="nodes per job")
+    cluster.add_argument("--gpus-per-node", type=int, default=0,
+                         help="tasks (GPUs) per node; default --num-gpus")
+    cluster.add_argument("--timeout-min", type=int, default=0, help="job time limit; default --timeout")
+    cluster.add_argument("--cpus-per-task", type=int, default=0, help="SLURM --cpus-per-task")
     args = parser.parse_args(argv)
     if len(opts) % 2:
         print(f"error: the options after -- must be KEY VALUE pairs; got {opts}", file=sys.stderr)
         return 2
-    if args.num_gpus < 1:
-        print(f"error: --num-gpus = {args.num_gpus} is not allowed; it must be >= 1", file=sys.stderr)
+    for flag, value, minimum in (("--num-gpus", args.num_gpus, 1), ("--nodes", args.nodes, 1),
+                                 ("--gpus-per-node", args.gpus_per_node, 0),
+                                 ("--timeout-min", args.timeout_min, 0),
+                                 ("--cpus-per-task", args.cpus_per_task, 0)):
+        if value < minimum:
+            print(f"error: {flag} = {value} is not allowed; it must be >= {minimum}", file=sys.stderr)
+            return 2
+    if args.launcher == "submitit" and args.cluster == "slurm" and not shutil.which("srun"):
+        print("error: --cluster slurm needs SLURM (srun, sbatch) on this machine's PATH; they were not "
+              "found (--cluster local runs the jobs as processes here)", file=sys.stderr)
+        return 2
+    if args.launcher == "submitit" and args.cluster == "local" and args.nodes != 1:
+        print(f"error: --nodes = {args.nodes} is not allowed with --cluster local; it must be 1",
+              file=sys.stderr)
         return 2
     specs = [_parse_run(s) for s in args.runs]
     labels = [label for label, _ in specs]
@@ -542,17 +655,25 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(args.out, exist_ok=True)
 
+    if args.launcher == "submitit":
+        launcher = SubmititLauncher(args.cluster, args.nodes, args.gpus_per_node or args.num_gpus,
+                                    args.timeout_min or max(1, math.ceil(args.timeout / 60)),
+                                    args.partition or None, args.cpus_per_task or None)
+    else:
+        launcher = LocalLauncher(args.num_gpus, args.timeout)
+    tasks = []
+    for label, path in specs:
+        if path.endswith((".yaml", ".yml")):
+            runs_dir = os.path.join(args.out, "runs", label)
+            tasks += ([(label, path, runs_dir, None)] if not seeds else
+                      [(label, path, os.path.join(runs_dir, f"seed{s}"), s) for s in seeds])
+    by_dir = {t[2]: r for t, r in zip(tasks, run_all(tasks, launcher, opts))}
     runs = []
     for label, path in specs:
         if not path.endswith((".yaml", ".yml")):
             runs += read_dir(path, label)
-        elif not seeds:
-            out_dir = os.path.join(args.out, "runs", label)
-            runs.append(run_or_reuse(label, path, out_dir, args.num_gpus, opts, args.timeout))
         else:
-            for seed in seeds:
-                out_dir = os.path.join(args.out, "runs", label, f"seed{seed}")
-                runs.append(run_or_reuse(label, path, out_dir, args.num_gpus, opts, args.timeout, seed))
+            runs += [by_dir[t[2]] for t in tasks if t[0] == label]
 
     if any(r.seed is not None for r in runs):  # --seeds, or directories of seed<S> runs
         markdown = write_seed_tables(runs, args.out, args.baseline or None)

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import traceback
 from datetime import timedelta
+from typing import Optional
 from urllib.parse import urlparse
 
 import torch
@@ -35,8 +36,23 @@ def _init_from_torchrun_env() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend=backend, init_method="env://")
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    threads = _cpu_threads_per_worker(local_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
     comm.create_local_process_group(local_size)
     comm.synchronize()
+
+
+def _cpu_threads_per_worker(host_workers: int) -> Optional[int]:
+    """
+    Torch threads for each of ``host_workers`` CPU workers on this host: its share of the
+    cores, so N workers with torch's default of one thread per core do not oversubscribe
+    them N times. None when there is nothing to decide: CUDA, one worker, or
+    ``OMP_NUM_THREADS`` set (it wins).
+    """
+    if torch.cuda.is_available() or host_workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // host_workers)
 
 
 def _cpu_worker(main_func, threads: int, *args):
@@ -78,8 +94,9 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
     ``cpu_count // W`` torch threads unless ``OMP_NUM_THREADS`` is set, where W counts every
     worker on this host: ``num_gpus_per_machine``, times ``num_machines`` when ``dist_url``
     is a loopback address (machines simulated on one host, each its own launcher).
-    Under ``torchrun`` the process group comes from the environment and the other
-    arguments are ignored.
+    Under ``torchrun`` (or a submitit job, which exports the same variables) the process
+    group comes from the environment, each CPU worker gets its share of the cores by
+    ``LOCAL_WORLD_SIZE``, and the other arguments are ignored.
 
     Raises:
         ValueError: see :func:`check_launch_args`.
@@ -88,11 +105,10 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
         _init_from_torchrun_env()
         return main_func(*args)
     check_launch_args(num_gpus_per_machine, num_machines)
-    host_workers = num_gpus_per_machine * (num_machines if _loopback(dist_url) else 1)
-    if not torch.cuda.is_available() and host_workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # N CPU workers with torch's default of one thread per core each would oversubscribe
-        # the cores N times: give each worker its share (OMP_NUM_THREADS overrides this).
-        threads = max(1, (os.cpu_count() or 1) // host_workers)
+    threads = _cpu_threads_per_worker(
+        num_gpus_per_machine * (num_machines if _loopback(dist_url) else 1)
+    )
+    if threads is not None:
         args = (main_func, threads) + tuple(args)
         main_func = _cpu_worker
     return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,

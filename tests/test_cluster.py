@@ -1,0 +1,78 @@
+"""
+The submitit launcher (d2_batchnorm.engine.cluster, tools/compare.py --launcher submitit):
+what is submitted to SLURM and what each task sees (SLURM cannot run here), and a toy
+comparison end to end through submitit's local executor (real processes, gloo).
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import compare  # noqa: E402
+
+TOY_RETINANET = os.path.join(REPO, "configs", "Toy", "retinanet_R18_FPN_bn_head.yaml")
+
+
+def test_slurm_job_asks_for_nodes_times_gpus_tasks(tmp_path, monkeypatch):
+    from d2_batchnorm.engine.cluster import make_executor
+
+    fake_bin = tmp_path / "bin"  # submitit's SLURM executor looks for srun on the PATH
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    executor = make_executor(str(tmp_path / "logs"), "slurm", nodes=2, gpus_per_node=8,
+                             timeout_min=120, partition="learnfair", cpus_per_task=10)
+    sbatch = executor._executor._make_submission_file_text("python -m job", "uid")
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=learnfair",
+                 "--time=120", "--cpus-per-task=10"):
+        assert f"#SBATCH {line}\n" in sbatch
+    assert "srun --unbuffered" in sbatch
+
+
+def test_each_slurm_task_gets_torch_distributed_env_variables():
+    """Task 9 of a 2-node x 8-task job, as SLURM's variables describe it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    env.update(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="16",
+               SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="node[007-008]",
+               SLURM_PROCID="9", SLURM_LOCALID="1", PYTHONWARNINGS="ignore")
+    code = ("import json, os; from d2_batchnorm.engine.cluster import export_distributed_env; "
+            "export_distributed_env(); print(json.dumps({k: os.environ[k] for k in "
+            "('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    exported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert exported["MASTER_ADDR"] == "node007" and 20000 <= int(exported["MASTER_PORT"]) <= 60000
+    assert (exported["RANK"], exported["WORLD_SIZE"], exported["LOCAL_RANK"], exported["LOCAL_WORLD_SIZE"]) \
+        == ("9", "16", "1", "8")
+
+
+def test_compare_through_submitit_local_executor(tmp_path, capsys):
+    """Two 2-task jobs: a toy RetinaNet that trains, evaluates and is read back, and a
+    config train_net refuses, which becomes a failed row naming its job and log."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('_BASE_: "%s"\nMODEL:\n  RETINANET:\n    NORM_STATS: "joint"\n' % TOY_RETINANET)
+    out = tmp_path / "cmp"
+    argv = ["--launcher", "submitit", "--cluster", "local", "--gpus-per-node", "2", "--timeout-min", "20",
+            "--seeds", "1", "--out", str(out), f"toy={TOY_RETINANET}", f"bad={bad}", "--",
+            "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1",
+            "SOLVER.STEPS", "()", "TEST.DETECTIONS_PER_IMAGE", "10"]
+    assert compare.main(argv) == 1  # the bad config's row
+    printed = capsys.readouterr().out
+    assert printed.count("[compare] submitted job") == 2
+    with open(out / "compare.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    toy, failed = rows["toy"], rows["bad"]
+    assert toy["status"] == "ok" and toy["seed"] == "1" and toy["bbox/AP"] != ""  # NaN: no detection yet
+    run_dir = out / "runs" / "toy" / "seed1"
+    job = json.loads((run_dir / "submitit_job.json").read_text())
+    assert job["state"] == "FINISHED" and job["cluster"] == "local"
+    assert (run_dir / "log.txt.rank1").is_file(), "the second task trained too"
+    assert json.loads((run_dir / compare.REQUEST_FILE).read_text())["request"]["opts"][-2:] == ["SEED", "1"]
+    assert failed["status"] == "failed" and "job " in failed["detail"] and "_log.err" in failed["detail"]
+    # a re-run reuses the finished job's run and submits the failed one again
+    assert compare.main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "toy seed 1: reusing the finished run" in printed and printed.count("[compare] submitted job") == 1
