@@ -451,11 +451,11 @@ def plot(runs: List[RunResult], path: str, title: str = "") -> None:
         means = [statistics.mean(v) if v else 0.0 for v in values]
         sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
         bars = ax.bar(xs, means, width, yerr=sds if any(sds) else None, capsize=3, label=name)
-        for x, bar, mean, v in zip(xs, bars, means, values):
+        for x, bar, mean, sd, v in zip(xs, bars, means, sds, values):
             if len(v) > 1:
                 ax.plot([x] * len(v), v, "k.", markersize=3)
-            if v:
-                ax.annotate(f"{mean:.1f}", (bar.get_x() + bar.get_width() / 2, mean), ha="center",
+            if v:  # above the error bar
+                ax.annotate(f"{mean:.1f}", (bar.get_x() + bar.get_width() / 2, mean + sd), ha="center",
                             va="bottom", fontsize=7)
     top = max([v for r in runs for v in r.metrics.values() if not math.isnan(v)] + [1.0])
     for i, (_, group) in enumerate(groups):
