@@ -22,7 +22,9 @@
 # "1img:1:2000:bn,shuffle,syncbn,gn 2img:2:1000:bn,shuffle,syncbn", each
 # NAME:IMAGES_PER_WORKER:ITERATIONS:VARIANTS, variants among bn, syncbn, shuffle, gn);
 # D2BN_STUDY_DATASET (default toy_coco_relative; its _train and _val splits are used);
-# D2BN_STUDY_REUSE=1 keeps finished runs of OUTPUT_DIR instead of retraining them.
+# D2BN_STUDY_SEEDS (default "1 2 3": every run once per SEED, into <run>/seed<S>; seeds
+# outermost, so an interrupted study has whole seeds); D2BN_STUDY_REUSE=1 keeps finished
+# runs of OUTPUT_DIR instead of retraining them.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,7 +38,15 @@ mkdir -p "$OUT"
 
 DATASET="${D2BN_STUDY_DATASET:-toy_coco_relative}"
 DATA=(DATASETS.TRAIN "(\"${DATASET}_train\",)" DATASETS.TEST "(\"${DATASET}_val\",)")
+SEEDS="${D2BN_STUDY_SEEDS:-1 2 3}"
+for seed in $SEEDS; do
+  if ! [[ "$seed" =~ ^[0-9]+$ ]]; then
+    echo "error: D2BN_STUDY_SEEDS = '$SEEDS' is not allowed; it must be integers >= 0 separated by spaces" >&2
+    exit 2
+  fi
+done
 RUN_DIRS=()
+for seed in $SEEDS; do
 for setting in $SETTINGS; do
   IFS=: read -r name ims iters variants <<< "$setting"
   if ! [[ "$ims" =~ ^[1-9][0-9]*$ && "$iters" =~ ^[1-9][0-9]*$ && -n "$variants" ]]; then
@@ -44,19 +54,19 @@ for setting in $SETTINGS; do
     exit 2
   fi
   TRAIN=(SOLVER.IMS_PER_BATCH $((2 * ims)) SOLVER.MAX_ITER "$iters"
-         SOLVER.STEPS "($((iters * 11 / 15)),$((iters * 9 / 10)))")
+         SOLVER.STEPS "($((iters * 11 / 15)),$((iters * 9 / 10)))" SEED "$seed")
   for variant in ${variants//,/ }; do
     config="configs/Toy/mask_rcnn_R18_FPN_${variant}_head.yaml"
     if [[ ! -f "$config" ]]; then
       echo "error: unknown variant '$variant' (no $config); known: bn syncbn shuffle gn" >&2
       exit 2
     fi
-    run="$OUT/$name/${variant}_head"
-    mini="${run}_mini_batch"
+    run="$OUT/$name/${variant}_head/seed$seed"
+    mini="$OUT/$name/${variant}_head_mini_batch/seed$seed"
     if [[ "${D2BN_STUDY_REUSE:-0}" == 1 && -f "$run/model_final.pth" ]]; then
       echo "[study] reusing $run"
     else
-      echo "[study] $(date +%T) $name: training ${variant}_head ($iters iterations, $ims image(s) per worker, 2 CPU processes)"
+      echo "[study] $(date +%T) $name seed $seed: training ${variant}_head ($iters iterations, $ims image(s) per worker, 2 CPU processes)"
       rm -rf "$run" "$mini"
       mkdir -p "$run"
       "$PY" tools/train_net.py --num-gpus 2 --dist-url auto --config-file "$config" \
@@ -64,7 +74,7 @@ for setting in $SETTINGS; do
         || echo "[study] training failed: see $run/train_net.log"
     fi
     if [[ -f "$run/model_final.pth" && ! ( "${D2BN_STUDY_REUSE:-0}" == 1 && -f "$mini/log.txt" ) ]]; then
-      echo "[study] $(date +%T) $name: ${variant}_head with mini-batch statistics"
+      echo "[study] $(date +%T) $name seed $seed: ${variant}_head with mini-batch statistics"
       rm -rf "$mini" && mkdir -p "$mini"
       "$PY" tools/train_net.py --num-gpus 2 --dist-url auto --eval-only --config-file "$config" \
         "${DATA[@]}" TEST.BN_STATS mini_batch TEST.IMS_PER_BATCH "$ims" \
@@ -72,12 +82,15 @@ for setting in $SETTINGS; do
         || echo "[study] mini-batch evaluation failed: see $mini/train_net.log"
     fi
     if [[ -f "$run/model_final.pth" && ! ( "${D2BN_STUDY_REUSE:-0}" == 1 && -f "$run/leakage_probe.json" ) ]]; then
-      echo "[study] $(date +%T) $name: leakage probe of ${variant}_head"
+      echo "[study] $(date +%T) $name seed $seed: leakage probe of ${variant}_head"
       "$PY" "$HERE/leakage_probe.py" --num-gpus 2 --config-file "$config" --batches 20 \
         --out "$run/leakage_probe.json" "${DATA[@]}" "${TRAIN[@]}" MODEL.WEIGHTS "$run/model_final.pth" \
         > "$run/leakage_probe.log" 2>&1 || echo "[study] leakage probe failed: see $run/leakage_probe.log"
     fi
-    RUN_DIRS+=("$name ${variant}_head=$run")
+    if [[ $seed == "${SEEDS%% *}" ]]; then  # one entry per head: summarize.py reads its seed<S> runs
+      RUN_DIRS+=("$name ${variant}_head=$OUT/$name/${variant}_head")
+    fi
   done
+done
 done
 "$PY" "$HERE/summarize.py" --out "$HERE/results" --dataset "${DATASET}_val" "${RUN_DIRS[@]}"
