@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checks import check_choice
+from .precise_bn import saved_bn_state
 
 __all__ = ["TEST_BN_STATS", "force_bn_mode", "inference_statistics", "mini_batch_statistics"]
 
@@ -70,21 +71,17 @@ def mini_batch_statistics(model: nn.Module):
     restored when the block ends.
     """
     modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    buffers = [
-        (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for m in modules
-    ]
     syncs = [(m, m.sync_stats) for m in model.modules() if hasattr(m, "sync_stats")]
-    for m, _ in syncs:
-        m.sync_stats = False
-    try:
-        with force_bn_mode(model, True, modules):
-            yield
-    finally:
-        for m, saved in buffers:
-            for k, b in m.named_buffers(recurse=False):
-                b.copy_(saved[k])
-        for m, value in syncs:
-            m.sync_stats = value
+    with saved_bn_state(model, modules) as restore_buffers:
+        for m, _ in syncs:
+            m.sync_stats = False
+        try:
+            with force_bn_mode(model, True, modules):
+                yield
+        finally:
+            restore_buffers()
+            for m, value in syncs:
+                m.sync_stats = value
 
 
 def inference_statistics(model: nn.Module, mode: str):

@@ -1,5 +1,12 @@
 """
-Config keys of d2_batchnorm and their validation — the only place either is defined.
+Config keys of d2_batchnorm and their launch-time validation.
+
+This module holds every key with its default and the checks that involve keys (names,
+ranges, cross-key rules, the world size). The allowed values of a key are defined by the
+code that implements them and imported here: norm names (``layers.NORM_NAMES``), RetinaNet
+statistics modes (``modeling.retinanet.BNRetinaNetHead``), leakage mitigations
+(``modeling.roi_heads``, and the registered heads that declare them), inference statistics
+(``bn_modes.TEST_BN_STATS``); argument checks themselves are ``checks.check_*``.
 
 ``add_batchnorm_config(cfg)`` extends detectron2's default config in place. detectron2's
 own keys keep their meaning (``TEST.PRECISE_BN.ENABLED``, ``TEST.PRECISE_BN.NUM_ITER``,
@@ -11,30 +18,21 @@ default and allowed values.
 group is built, and raises ``ValueError`` naming the key, the bad value and what is allowed.
 """
 from detectron2.config import CfgNode as CN
+from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY
 
 from .bn_modes import TEST_BN_STATS
 from .checks import check_bool, check_choice, check_int
+from .distributed import check_sync_group_size
 from .layers import NORM_NAMES
+from .modeling.retinanet import BNRetinaNetHead
+from .modeling.roi_heads import leakage_args_from_config
 
 __all__ = ["add_batchnorm_config", "validate_batchnorm_config", "images_per_worker"]
 
-RETINANET_NORM_STATS = ("per_level", "shared", "naive")
-POPULATION_STATS = ("", "per_level", "shared")
-LEAKAGE_MITIGATIONS = ("none", "syncbn", "shuffle")
 # Keys naming a norm (d2_batchnorm.layers.get_norm's names), and those whose norm sees a
 # batch of images (the ones GhostBN splits into BN.GHOST_BATCH_SIZE images).
 NORM_KEYS = ("RESNETS", "FPN", "RETINANET", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
 IMAGE_BATCH_NORM_KEYS = ("RESNETS", "FPN", "RETINANET")
-# Head norms each leakage mitigation applies to: "syncbn" turns a batch-statistics norm into
-# d2_batchnorm's SyncBN; "shuffle" needs per-worker batch statistics to be worth its cost.
-LEAKAGE_MITIGATION_NORMS = {
-    "none": None,  # any norm
-    "syncbn": ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N"),
-    "shuffle": ("BN", "GhostBN"),
-}
-# Registered heads that implement LEAKAGE_MITIGATION (d2_batchnorm.modeling.roi_heads).
-LEAKAGE_BOX_HEADS = ("BNConvFCHead",)
-LEAKAGE_MASK_HEADS = ("BNMaskRCNNConvUpsampleHead",)
 
 
 def add_batchnorm_config(cfg: CN) -> CN:
@@ -138,28 +136,22 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
             f"BN.FROZEN_LAST_ITERS = {cfg.BN.FROZEN_LAST_ITERS} is not allowed; it must be "
             f"<= SOLVER.MAX_ITER ({cfg.SOLVER.MAX_ITER})"
         )
-    check_int("BN.SYNC_GROUP_SIZE", cfg.BN.SYNC_GROUP_SIZE, 0)
-    if cfg.BN.SYNC_GROUP_SIZE > 0 and world_size % cfg.BN.SYNC_GROUP_SIZE != 0:
-        raise ValueError(
-            f"BN.SYNC_GROUP_SIZE = {cfg.BN.SYNC_GROUP_SIZE} is not allowed; it must be 0 "
-            f"(all workers) or divide the number of workers ({world_size})"
-        )
+    check_sync_group_size(cfg.BN.SYNC_GROUP_SIZE, world_size, name="BN.SYNC_GROUP_SIZE")
     check_int("BN.GHOST_BATCH_SIZE", cfg.BN.GHOST_BATCH_SIZE, 0)
 
-    check_choice("MODEL.RETINANET.NORM_STATS", cfg.MODEL.RETINANET.NORM_STATS, RETINANET_NORM_STATS)
+    BNRetinaNetHead.check_config(cfg)  # NORM_STATS, POPULATION_STATS
     check_bool("MODEL.RETINANET.NORM_SHARE_AFFINE", cfg.MODEL.RETINANET.NORM_SHARE_AFFINE)
-    check_choice(
-        "MODEL.RETINANET.POPULATION_STATS", cfg.MODEL.RETINANET.POPULATION_STATS, POPULATION_STATS
-    )
     _check_norms(cfg, world_size)
-    for node, heads in (("ROI_BOX_HEAD", LEAKAGE_BOX_HEADS), ("ROI_MASK_HEAD", LEAKAGE_MASK_HEADS)):
+    for node, registry in (("ROI_BOX_HEAD", ROI_BOX_HEAD_REGISTRY), ("ROI_MASK_HEAD", ROI_MASK_HEAD_REGISTRY)):
         head = cfg.MODEL[node]
-        key = f"MODEL.{node}.LEAKAGE_MITIGATION"
-        check_leakage_mitigation(key, head.LEAKAGE_MITIGATION, f"MODEL.{node}.NORM", head.NORM)
+        leakage_args_from_config(cfg, node)  # LEAKAGE_MITIGATION with NORM
+        # registered heads declare the mitigations they implement
+        heads = [name for name, cls in registry
+                 if head.LEAKAGE_MITIGATION in getattr(cls, "LEAKAGE_MITIGATIONS", ())]
         if head.LEAKAGE_MITIGATION != "none" and head.NAME not in heads:
             raise ValueError(
-                f"{key} = {head.LEAKAGE_MITIGATION!r} needs a head that implements it: "
-                f"MODEL.{node}.NAME = {head.NAME!r} is not allowed; allowed values: {list(heads)}"
+                f"MODEL.{node}.LEAKAGE_MITIGATION = {head.LEAKAGE_MITIGATION!r} needs a head that "
+                f"implements it: MODEL.{node}.NAME = {head.NAME!r} is not allowed; allowed values: {heads}"
             )
 
 
@@ -195,23 +187,8 @@ def images_per_worker(cfg: CN, world_size: int) -> int:
     return batch // workers
 
 
-def check_leakage_mitigation(key: str, mitigation, norm_key: str, norm) -> None:
-    """
-    Raises ``ValueError`` unless ``mitigation`` (the value of ``key``) is one of
-    :data:`LEAKAGE_MITIGATIONS` and the head's norm (``norm``, the value of ``norm_key``)
-    is one it applies to: "syncbn" needs a BatchNorm, "shuffle" a per-worker BatchNorm.
-    """
-    check_choice(key, mitigation, LEAKAGE_MITIGATIONS)
-    allowed = LEAKAGE_MITIGATION_NORMS[mitigation]
-    if allowed is not None and norm not in allowed:
-        raise ValueError(
-            f"{key} = {mitigation!r} needs BatchNorm in the head, but {norm_key} = {norm!r}; "
-            f"allowed values of {norm_key} with it: {list(allowed)}"
-        )
-
-
 def _check_norms(cfg: CN, world_size: int) -> None:
-    """Norm names, GhostBN's batch divisor and RetinaNet's statistics modes."""
+    """Norm names and GhostBN's batch divisor."""
     for node in NORM_KEYS:
         check_choice(f"MODEL.{node}.NORM", cfg.MODEL[node].NORM, NORM_NAMES)
     ghost = [f"MODEL.{n}.NORM" for n in IMAGE_BATCH_NORM_KEYS if cfg.MODEL[n].NORM == "GhostBN"]
@@ -224,11 +201,3 @@ def _check_norms(cfg: CN, world_size: int) -> None:
                 f"must divide the images per worker ({per_worker}: SOLVER.IMS_PER_BATCH = "
                 f"{cfg.SOLVER.IMS_PER_BATCH} over the workers); use 0 (whole batch) or a divisor"
             )
-    retina = cfg.MODEL.RETINANET
-    if retina.NORM_STATS == "naive" and retina.POPULATION_STATS != "":
-        raise ValueError(
-            f"MODEL.RETINANET.POPULATION_STATS = {retina.POPULATION_STATS!r} is not allowed with "
-            "MODEL.RETINANET.NORM_STATS = 'naive' (one plain BN, one EMA); allowed values: [''] "
-            "— for per-level training statistics with chosen population statistics use "
-            "NORM_STATS = 'per_level'"
-        )

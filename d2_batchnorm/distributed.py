@@ -1,5 +1,6 @@
 """
-The one place where d2_batchnorm calls torch.distributed for its own collectives.
+The one place where d2_batchnorm calls torch.distributed for its own collectives, and the
+home of sync groups (the rule for their size, their creation, the group a norm reduces over).
 
 Everything here is a no-op (or the identity) when torch.distributed is not initialized or
 the group has a single member, so callers never branch on the world size themselves.
@@ -14,16 +15,18 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from detectron2.utils import comm
 
+from .checks import check_int
+
 __all__ = [
     "is_distributed",
     "group_size",
     "group_rank",
     "all_reduce_sum_",
-    "differentiable_all_reduce_sum",
     "all_gather_counts",
-    "broadcast_",
     "differentiable_all_to_all",
+    "check_sync_group_size",
     "get_sync_group",
+    "active_sync_group",
 ]
 
 
@@ -56,16 +59,6 @@ def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
-def differentiable_all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """
-    ``y = sum_r x_r`` over the ranks of ``group``, with autograd: the gradient of each
-    rank's input is the sum over ranks of the gradients of ``y``. Returns a new tensor.
-    """
-    if not is_distributed(group):
-        return tensor
-    return dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-
-
 def all_gather_counts(count: int, device: torch.device, group=None) -> List[int]:
     """Every rank's ``count`` (an int), in rank order of ``group``."""
     if not is_distributed(group):
@@ -74,13 +67,6 @@ def all_gather_counts(count: int, device: torch.device, group=None) -> List[int]
     gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     return [int(t.item()) for t in gathered]
-
-
-def broadcast_(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
-    """Overwrites ``tensor`` in place with rank ``src``'s (no autograd) and returns it."""
-    if is_distributed(group):
-        dist.broadcast(tensor, src=src, group=group)
-    return tensor
 
 
 def differentiable_all_to_all(
@@ -122,6 +108,23 @@ def differentiable_all_to_all(
 _SYNC_GROUPS: Dict[int, object] = {}
 
 
+def check_sync_group_size(size, world_size: Optional[int] = None, name: str = "sync_group_size") -> int:
+    """
+    Returns ``size`` if it is 0 (all workers) or a positive divisor of the number of workers
+    ``world_size`` (default: the current one, 1 without torch.distributed); raises
+    ``ValueError`` naming ``name`` otherwise. With a single worker every size >= 0 is
+    accepted: synchronized norms then degrade to plain BatchNorm.
+    """
+    check_int(name, size, 0)
+    world = comm.get_world_size() if world_size is None else world_size
+    if world > 1 and size > 0 and world % size != 0:
+        raise ValueError(
+            f"{name} = {size!r} is not allowed; it must be 0 (all workers) or a positive "
+            f"divisor of the number of workers ({world})"
+        )
+    return size
+
+
 def get_sync_group(size: int):
     """
     The process group of ``size`` consecutive ranks that this rank belongs to, for
@@ -130,14 +133,10 @@ def get_sync_group(size: int):
     to take part in creating every group); the groups are created once and cached.
 
     Raises:
-        ValueError: if ``size`` is negative or does not divide the world size.
+        ValueError: see :func:`check_sync_group_size`.
     """
     world = comm.get_world_size()
-    if size < 0 or (size > 0 and world % size != 0):
-        raise ValueError(
-            f"sync group size must be 0 (all workers) or divide the world size {world}; "
-            f"got {size}"
-        )
+    check_sync_group_size(size, world)
     if size in (0, world) or world == 1:
         return None
     if size not in _SYNC_GROUPS:
@@ -149,3 +148,17 @@ def get_sync_group(size: int):
                 mine = group
         _SYNC_GROUPS[size] = mine
     return _SYNC_GROUPS[size]
+
+
+def active_sync_group(size: int):
+    """
+    The process group a synchronized norm with sync group size ``size`` reduces over
+    (``None``: the whole world), or ``False`` when there is nothing to synchronize (no
+    torch.distributed, one worker, or groups of one worker).
+    """
+    if not is_distributed():
+        return False
+    if size == 0:  # the world, the common case: no group lookup
+        return None
+    group = get_sync_group(size)
+    return group if is_distributed(group) else False

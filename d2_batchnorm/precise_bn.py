@@ -9,20 +9,14 @@ workers together ("Rethinking 'Batch' in BatchNorm", Wu & Johnson 2021, Sec. 3 a
 appendix).
 
 The math. A call of a BN module with input ``x`` of shape (N, C, *) contributes, per
-channel c, ``n = N * prod(*)`` samples with mean ``m`` and sum of squared deviations
-``M2 = n * var_biased``. Two sets ``a``, ``b`` merge exactly (Chan et al., 1979)::
+channel, ``n = N * prod(*)`` samples summarized as float64 moments (count, mean, sum of
+squared deviations ``M2``), which merge exactly with Chan et al.'s formulas
+(:class:`d2_batchnorm.layers.batch_stats.ChannelMoments`). At the end every rank's moments
+are placed in its own row of a (world_size, K) zero tensor, ONE all-reduce (sum) gathers
+the rows on every rank, and every rank merges the rows in rank order — the same float64
+operations on the same numbers, so all ranks end with bitwise-identical buffers::
 
-    n     = n_a + n_b
-    delta = m_b - m_a
-    m     = m_a + delta * n_b / n
-    M2    = M2_a + M2_b + delta^2 * n_a * n_b / n
-
-accumulated in float64. At the end every rank's (n, m, M2) is placed in its own row of a
-(world_size, K) zero tensor, ONE all-reduce (sum) gathers the rows on every rank, and
-every rank merges the rows in rank order — the same float64 operations on the same
-numbers, so all ranks end with bitwise-identical buffers. The buffers get::
-
-    running_mean = m           running_var = M2 / n     (population / biased variance)
+    running_mean = mean        running_var = M2 / n     (population / biased variance)
 
 which is what fvcore's ``update_bn_stats`` stores on one process.
 
@@ -37,7 +31,6 @@ call, and a forward hook reads them there (saving a second pass over the activat
 A module whose ``running_mean`` has shape (L, C) receives a list of L tensors per call;
 tensor i pools into row i (per-level statistics of a head shared across L feature levels).
 """
-import itertools
 import logging
 import time
 from contextlib import contextmanager
@@ -48,11 +41,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as dist_utils
-from .layers.batch_stats import shifted_channel_sums
+from .checks import check_int
+from .layers.batch_stats import ChannelMoments
 
-__all__ = ["update_bn_stats", "get_bn_modules", "count_samples", "PreciseBNResult"]
+__all__ = ["update_bn_stats", "get_bn_modules", "count_samples", "saved_bn_state", "PreciseBNResult"]
 
 logger = logging.getLogger(__name__)
+
+_END = object()  # what next() returns once a data loader has ended
 
 
 class PreciseBNResult(NamedTuple):
@@ -115,78 +111,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-class _Moments:
-    """
-    Float64 pooled statistics of one BN module: ``count`` (L,), ``mean`` (L, C) and
-    ``m2`` (L, C) (sum of squared deviations from ``mean``), L = 1 for (C,) buffers.
-    """
-
-    def __init__(self, num_slots: int, num_channels: int, device: torch.device):
-        self.count = torch.zeros(num_slots, dtype=torch.float64, device=device)
-        self.mean = torch.zeros(num_slots, num_channels, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(num_slots, num_channels, dtype=torch.float64, device=device)
-
-    def add(self, slot: int, n: float, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        """Merges n samples with per-channel ``mean`` and ``m2`` (float64, (C,)) into ``slot``."""
-        if n <= 0:
-            return
-        n_a = float(self.count[slot])
-        total = n_a + n
-        delta = mean - self.mean[slot]
-        self.mean[slot] += delta * (n / total)
-        self.m2[slot] += m2 + delta.square() * (n_a * n / total)
-        self.count[slot] = total
-
-    def add_tensor(self, slot: int, x: torch.Tensor) -> None:
-        """
-        Merges the per-channel statistics of ``x`` (N, C, *) into ``slot``.
-
-        Two passes in the input's precision (float32 for half inputs), corrected in
-        float64: with ``s`` the rounded mean and ``d = x - s`` (n samples per channel)::
-
-            mean = s + sum(d) / n          M2 = sum(d^2) - sum(d)^2 / n
-
-        which is as accurate as ``torch.var_mean`` and several times faster on CPU.
-        """
-        channels = self.mean.shape[1]
-        if x.dim() < 2 or x.shape[1] != channels:
-            raise ValueError(
-                f"a BN module with {channels} channels got an input of shape {tuple(x.shape)}; "
-                f"expected (N, C, *) with C = {channels}"
-            )
-        n = x.numel() // channels
-        if n == 0:
-            return
-        x = x.detach()
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        shift = x.sum([0] + list(range(2, x.dim()))) / n  # (C,): the rounded mean
-        _, dsum, dsq = shifted_channel_sums(x, shift)
-        m2 = dsq - dsum.square() / n
-        self.add(slot, float(n), shift.to(torch.float64) + dsum / n, m2.clamp(min=0))
-
-    def pack(self) -> torch.Tensor:
-        """Flat float64 [count (L), mean (L*C), m2 (L*C)]."""
-        return torch.cat([self.count, self.mean.flatten(), self.m2.flatten()])
-
-    def merge_packed(self, flat: torch.Tensor) -> None:
-        """Merges another rank's :meth:`pack` output into this one, slot by slot."""
-        num_slots, channels = self.mean.shape
-        count = flat[:num_slots]
-        mean = flat[num_slots : num_slots + num_slots * channels].view(num_slots, channels)
-        m2 = flat[num_slots + num_slots * channels :].view(num_slots, channels)
-        for slot in range(num_slots):
-            self.add(slot, float(count[slot]), mean[slot], m2[slot])
-
-    @property
-    def numel(self) -> int:
-        return self.count.numel() + 2 * self.mean.numel()
-
-
-class _StopForward(Exception):
-    """Raised by a forward hook once the last BN call of a forward has completed."""
-
-
 def _reads_own_statistics(m: _BatchNorm) -> bool:
     """
     True for torch's own per-process BN (BatchNorm1d/2d/3d and subclasses that keep
@@ -203,57 +127,59 @@ def _reads_own_statistics(m: _BatchNorm) -> bool:
     )
 
 
-class _Recorder:
+class _StatisticsRecorder:
     """
-    Hooks of the statistics modules that record each call's input statistics: a forward
-    pre-hook measures the input, or, for modules of :func:`_reads_own_statistics` (run with
-    momentum 1.0), a forward hook reads the call's batch statistics from the buffers.
-
-    Early exit. The first forward runs the whole model while :meth:`learn` logs the start
-    ("pre") and end ("post") of every module's forward. The stop point is the end of the
-    last BN call, extended over the ends of its callers that return right after it with
-    no other module starting in between (e.g. ``CycleBatchNormList``, which advances its
-    position after its BN returns). Later forwards raise :class:`_StopForward` at that
-    point — the k-th end of the stop module — so the layers and losses after the last BN
-    are not computed, and the modules that wrap it finish their bookkeeping. This assumes
-    every batch calls the BN modules in the same order (true for the detection models of
-    detectron2); a forward that never reaches the stop point simply runs to the end.
+    Within its ``with`` block, records the statistics of every call's input of the
+    statistics modules: one float64 :class:`ChannelMoments` per module, with one row per
+    row of its buffers (tensor i of a list input pools into row i of (L, C) buffers). Modules of
+    :func:`_reads_own_statistics` run with momentum 1.0 (restored by :func:`saved_bn_state`)
+    and :meth:`read_batch_statistics` reads each call's statistics from their buffers;
+    the others are measured from their input by :meth:`measure_input` (the rounded batch
+    mean as shift: :meth:`ChannelMoments.of` with all samples).
     """
 
     def __init__(self, modules: Sequence[_BatchNorm], device: torch.device):
-        self.device = device
-        self.moments: Dict[int, _Moments] = {}
-        for m in modules:
-            slots = m.running_mean.shape[0] if m.running_mean.dim() == 2 else 1
-            channels = m.running_mean.shape[-1]
-            self.moments[id(m)] = _Moments(slots, channels, device)
-        self.stop_module: Optional[nn.Module] = None
-        self.stop_count = 0
-        self._ends = 0
-        self._handle = None
+        self.modules = modules
+        self.moments: Dict[int, ChannelMoments] = {  # rows: L for (L, C) buffers, 1 for (C,)
+            id(m): ChannelMoments.zeros(m.running_mean.shape[:-1] or (1,), m.running_mean.shape[-1], device)
+            for m in modules
+        }
+        self._handles = []
 
-    def __call__(self, module: _BatchNorm, args: Tuple[Any, ...]) -> None:
+    def __enter__(self) -> "_StatisticsRecorder":
+        for m in self.modules:
+            if _reads_own_statistics(m):
+                m.momentum = 1.0
+                self._handles.append(m.register_forward_hook(self.read_batch_statistics))
+            else:
+                self._handles.append(m.register_forward_pre_hook(self.measure_input))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def measure_input(self, module: _BatchNorm, args: Tuple[Any, ...]) -> None:
+        """Forward pre-hook: merges the moments of the call's input (its first argument)."""
         if not args:
             raise ValueError(
                 f"{type(module).__name__} was called without a positional input; PreciseBN "
                 "reads the batch from the first positional argument"
             )
-        x = args[0]
-        moments = self.moments[id(module)]
+        x, moments = args[0], self.moments[id(module)]
         if module.running_mean.dim() == 2:
-            if not isinstance(x, (list, tuple)) or len(x) != moments.mean.shape[0]:
+            rows = moments.count.shape[0]
+            if not isinstance(x, (list, tuple)) or len(x) != rows:
                 raise ValueError(
                     f"a BN module with per-slot statistics of shape "
                     f"{tuple(module.running_mean.shape)} must be called with a list of "
-                    f"{moments.mean.shape[0]} tensors; got {type(x).__name__}"
+                    f"{rows} tensors; got {type(x).__name__}"
                 )
-            for slot, t in enumerate(x):
-                moments.add_tensor(slot, t)
-        elif isinstance(x, (list, tuple)):
-            for t in x:
-                moments.add_tensor(0, t)
+            moments = moments.merge(_measure(module, *x))
         else:
-            moments.add_tensor(0, x)
+            for t in x if isinstance(x, (list, tuple)) else [x]:
+                moments = moments.merge(_measure(module, t))
+        self.moments[id(module)] = moments
 
     def read_batch_statistics(self, module: _BatchNorm, args: Tuple[Any, ...], output) -> None:
         """
@@ -269,12 +195,60 @@ class _Recorder:
             return
         mean = module.running_mean.detach().to(torch.float64)
         m2 = module.running_var.detach().to(torch.float64) * (n - 1)
-        self.moments[id(module)].add(0, float(n), mean, m2)
+        batch = ChannelMoments(mean.new_full((), float(n)), mean, m2)
+        self.moments[id(module)] = self.moments[id(module)].merge(batch)
+
+
+def _measure(module: _BatchNorm, *xs: torch.Tensor) -> ChannelMoments:
+    """The moments of ``xs`` (one row each), shifted by their rounded batch means."""
+    channels = module.running_mean.shape[-1]
+    for x in xs:
+        if x.dim() < 2 or x.shape[1] != channels:
+            raise ValueError(
+                f"a BN module with {channels} channels got an input of shape {tuple(x.shape)}; "
+                f"expected (N, C, *) with C = {channels}"
+            )
+    return ChannelMoments.of(*xs, shift_samples=None)
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook once the last BN call of a forward has completed."""
+
+
+class _EarlyExit:
+    """
+    Runs forwards that stop after the last call of a statistics module (within its
+    ``with`` block, which removes its hook at the end).
+
+    The first forward runs the whole model while :meth:`_learn` logs the start ("pre") and
+    end ("post") of every module's forward. The stop point is the end of the last BN call,
+    extended over the ends of its callers that return right after it with no other module
+    starting in between (e.g. ``CycleBatchNormList``, which advances its position after its
+    BN returns). Later forwards raise :class:`_StopForward` at that point — the k-th end of
+    the stop module — so the layers and losses after the last BN are not computed, and the
+    modules that wrap it finish their bookkeeping. This assumes every batch calls the BN
+    modules in the same order (true for the detection models of detectron2); a forward that
+    never reaches the stop point simply runs to the end.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self._watched = {id(m) for m in modules}
+        self.stop_module: Optional[nn.Module] = None
+        self.stop_count = 0
+        self._ends = 0
+        self._handle = None
+
+    def __enter__(self) -> "_EarlyExit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
 
     def run(self, net: nn.Module, batch: Any) -> None:
         """``net(batch)``, stopping at the stop point once it is learned."""
         if self.stop_module is None:
-            self.learn(net, batch)
+            self._learn(net, batch)
             return
         self._ends = 0
         try:
@@ -282,7 +256,7 @@ class _Recorder:
         except _StopForward:
             pass
 
-    def learn(self, net: nn.Module, batch: Any) -> None:
+    def _learn(self, net: nn.Module, batch: Any) -> None:
         """Runs the whole ``net(batch)`` and sets the stop point from the order of calls."""
         events: List[Tuple[bool, nn.Module]] = []  # (is_start, module)
         handles = []
@@ -299,7 +273,7 @@ class _Recorder:
         for i, (is_start, m) in enumerate(events):
             if is_start:
                 stack.append(i)
-                if id(m) in self.moments:
+                if id(m) in self._watched:
                     last_bn_start = i
             elif stack:
                 end_of[stack.pop()] = i
@@ -318,20 +292,20 @@ class _Recorder:
         if self._ends == self.stop_count:
             raise _StopForward()
 
-    def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
 
 @contextmanager
-def _saved_state(model: nn.Module, modules: Sequence[_BatchNorm]):
+def saved_bn_state(model: nn.Module, modules: Optional[Sequence[_BatchNorm]] = None):
     """
-    Saves the train/eval mode of every module of ``model`` and the momentum and buffers of
-    each BN module. Yields a function that puts the saved buffers back; it is called when
-    the block raises (then the error propagates). Modes and momenta are restored whenever
-    the block ends.
+    Saves the train/eval mode of every module of ``model`` and the momentum and buffers
+    (running statistics, ``num_batches_tracked``) of each BN module in ``modules``
+    (default: every ``_BatchNorm`` of ``model``). Yields ``restore_buffers()``, a function
+    that copies the saved buffers back (in place; callable any number of times). If the
+    block raises, the buffers are restored and the error propagates; modes and momenta are
+    restored whenever the block ends. Used by :func:`update_bn_stats` and by
+    ``engine.hooks.mini_batch_statistics`` (which calls ``restore_buffers`` in a finally).
     """
+    if modules is None:
+        modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in modules]
     saved = [(m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for m in modules]
@@ -351,11 +325,6 @@ def _saved_state(model: nn.Module, modules: Sequence[_BatchNorm]):
             m.training = training
         for m, momentum in momenta:
             m.momentum = momentum
-
-
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} = {value!r} is not allowed; it must be a positive integer")
 
 
 @torch.no_grad()
@@ -404,9 +373,9 @@ def update_bn_stats(
     """
     start = time.perf_counter()
     if num_samples is None:
-        _check_positive("num_iters", num_iters)
+        check_int("num_iters", num_iters, 1)
     else:
-        _check_positive("num_samples", num_samples)
+        check_int("num_samples", num_samples, 1)
     named = get_bn_modules(model)
     if not named:
         logger.warning("update_bn_stats: the model has no BN module in training mode; nothing to do")
@@ -414,29 +383,17 @@ def update_bn_stats(
     net = _unwrap(model)
     modules = [m for _, m in named]
     device = modules[0].running_mean.device
-    recorder = _Recorder(modules, device)
 
-    with _saved_state(net, modules) as restore_buffers:
-        handles = []
-        for m in modules:
-            if _reads_own_statistics(m):
-                m.momentum = 1.0  # restored by _saved_state
-                handles.append(m.register_forward_hook(recorder.read_batch_statistics))
-            else:
-                handles.append(m.register_forward_pre_hook(recorder))
-        try:
-            iters, seen = _run_batches(net, data_loader, recorder, num_iters, num_samples, progress)
-        finally:
-            for h in handles:
-                h.remove()
-            recorder.remove()
+    with saved_bn_state(net, modules) as restore_buffers:
+        with _StatisticsRecorder(modules, device) as recorder, _EarlyExit(modules) as early_exit:
+            iters, seen = _run_batches(net, data_loader, early_exit, device, num_iters, num_samples, progress)
         if iters == 0:
             logger.warning(
                 "update_bn_stats: the data loader yielded no batch on at least one worker; "
                 "BN statistics are unchanged"
             )
             return PreciseBNResult(0, 0, 0, time.perf_counter() - start, ())
-        pooled = _reduce_moments([recorder.moments[id(m)] for m in modules], device)
+        pooled = _reduce_moments([recorder.moments[id(m)] for m in modules])
         # the forwards moved the EMA buffers (and num_batches_tracked): undo, then write
         restore_buffers()
         updated, uncalled = 0, []
@@ -446,8 +403,7 @@ def update_bn_stats(
                 continue
             shape = m.running_mean.shape
             m.running_mean.copy_(moments.mean.view(shape).to(m.running_mean.dtype))
-            var = (moments.m2 / moments.count.unsqueeze(1)).view(shape)
-            m.running_var.copy_(var.to(m.running_var.dtype))
+            m.running_var.copy_(moments.var.view(shape).to(m.running_var.dtype))
             updated += 1
     if uncalled:
         logger.warning(
@@ -464,7 +420,7 @@ def update_bn_stats(
     return PreciseBNResult(iters, seen, updated, seconds, tuple(uncalled))
 
 
-def _run_batches(net, data_loader, recorder: "_Recorder", num_iters, num_samples, progress):
+def _run_batches(net, data_loader, early_exit: _EarlyExit, device, num_iters, num_samples, progress):
     """
     Runs ``net(batch)`` until ``num_iters`` batches (or ``num_samples`` global images) are
     used or some rank runs out of batches. Returns (batches used, global images used).
@@ -484,8 +440,7 @@ def _run_batches(net, data_loader, recorder: "_Recorder", num_iters, num_samples
             ended = batch is _END
             local = 0 if ended else count_samples(batch)
             # [ranks without a batch, images in this batch over all ranks]
-            agreed = torch.tensor([float(ended), float(local)], dtype=torch.float64,
-                                  device=recorder.device)
+            agreed = torch.tensor([float(ended), float(local)], dtype=torch.float64, device=device)
             dist_utils.all_reduce_sum_(agreed)
             if float(agreed[0]) > 0:
                 if iters > 0:
@@ -496,7 +451,7 @@ def _run_batches(net, data_loader, recorder: "_Recorder", num_iters, num_samples
                         f"{num_samples} images" if by_samples else f"{num_iters} iterations",
                     )
                 break
-            recorder.run(net, batch)
+            early_exit.run(net, batch)
             iters += 1
             seen += int(agreed[1])
             if bar is not None:
@@ -507,30 +462,28 @@ def _run_batches(net, data_loader, recorder: "_Recorder", num_iters, num_samples
     return iters, seen
 
 
-def _reduce_moments(local: List[_Moments], device: torch.device) -> List[_Moments]:
+def _reduce_moments(local: List[ChannelMoments]) -> List[ChannelMoments]:
     """
     Pools every module's moments over all ranks with ONE all-reduce: rank r writes its
-    packed moments into row r of a (world_size, K) zero tensor; the sum of those tensors
-    is every rank's row (adding zeros is exact), and every rank merges the rows in rank
-    order, so all ranks compute bitwise-identical results.
+    moments, flattened, into row r of a (world_size, K) zero tensor; the sum of those
+    tensors is every rank's row (adding zeros is exact), and every rank merges the rows in
+    rank order, so all ranks compute bitwise-identical results.
     """
     world, rank = dist_utils.group_size(), dist_utils.group_rank()
-    flat = torch.cat([m.pack() for m in local])
     if world == 1:
         return local
-    rows = torch.zeros(world, flat.numel(), dtype=torch.float64, device=device)
+    flat = torch.cat([t.flatten() for moments in local for t in moments])
+    rows = flat.new_zeros(world, flat.numel())
     rows[rank] = flat
     dist_utils.all_reduce_sum_(rows)
-    pooled = []
-    offset = 0
-    for m in local:
-        num_slots, channels = m.mean.shape
-        out = _Moments(num_slots, channels, device)
+    pooled, offset = [], 0
+    for moments in local:
+        per_rank = []  # each field with a leading rank dimension
+        for t in moments:
+            per_rank.append(rows[:, offset : offset + t.numel()].unflatten(1, t.shape))
+            offset += t.numel()
+        out = ChannelMoments.zeros(moments.count.shape, moments.mean.shape[-1], rows.device)
         for r in range(world):
-            out.merge_packed(rows[r, offset : offset + m.numel])
-        offset += m.numel
+            out = out.merge(ChannelMoments(*(t[r] for t in per_rank)))
         pooled.append(out)
     return pooled
-
-
-_END = object()

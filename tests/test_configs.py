@@ -92,7 +92,7 @@ def _check_retinanet_head(cfg, head):
     population = retina.POPULATION_STATS or retina.NORM_STATS
     for m in norms:
         buffer_shape = (num_levels, m.num_features) if population == "per_level" else (m.num_features,)
-        got = (m.num_levels, m.stats, m.population_stats, m.synchronized, m.share_affine, tuple(m.running_mean.shape))
+        got = (m.num_levels, m.stats, m.population_stats, m.sync_stats, m.share_affine, tuple(m.running_mean.shape))
         want = (num_levels, retina.NORM_STATS, population, retina.NORM == "SyncBN", retina.NORM_SHARE_AFFINE,
                 buffer_shape)
         assert got == want, (

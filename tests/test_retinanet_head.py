@@ -69,7 +69,7 @@ def test_head_statistics_modes():
     naive = _head(norm="BN", norm_stats="naive")
     assert type(naive.cls_subnet[1]) is nn.BatchNorm2d
     sync = _head(norm="SyncBN", norm_stats="shared")
-    assert sync.cls_subnet[1].synchronized and sync.cls_subnet[1].running_mean.shape == (C,)
+    assert sync.cls_subnet[1].sync_stats and sync.cls_subnet[1].running_mean.shape == (C,)
     assert isinstance(_head(norm="GN").cls_subnet[1], nn.GroupNorm)
     assert len(_head(norm="").cls_subnet) == 4  # conv, relu, conv, relu
     for head in (shared, naive, sync):
@@ -80,9 +80,9 @@ def test_head_statistics_modes():
 
 
 def test_head_bad_input():
-    with pytest.raises(ValueError, match=r"NORM_STATS\) = 'joint' is not allowed; allowed values"):
+    with pytest.raises(ValueError, match=r"^norm_stats = 'joint' is not allowed; allowed values"):
         _head(norm="BN", norm_stats="joint")
-    with pytest.raises(ValueError, match=r"POPULATION_STATS\) = 'shared' is not allowed with norm_stats = 'naive'"):
+    with pytest.raises(ValueError, match=r"^population_stats = 'shared' is not allowed with norm_stats = 'naive'"):
         _head(norm="BN", norm_stats="naive", population_stats="shared")
     with pytest.raises(ValueError, match="expected 3 FPN levels"):
         _head(norm="BN")(_features()[:2])
@@ -106,7 +106,7 @@ def test_build_model_resolves_norm_names_everywhere():
     assert type(model.backbone.bottom_up.stem.conv1.norm) is GhostBatchNorm
     assert model.backbone.bottom_up.stem.conv1.norm.ghost_batch_size == 2
     assert type(model.backbone.fpn_lateral3.norm) is SyncBatchNorm
-    assert isinstance(model.head.cls_subnet[1], LevelBatchNorm) and model.head.cls_subnet[1].synchronized
+    assert isinstance(model.head.cls_subnet[1], LevelBatchNorm) and model.head.cls_subnet[1].sync_stats
     # detectron2's own RetinaNet head: "SyncBN" (nn.SyncBatchNorm per level) is converted too
     d2 = build_model(_cfg(**{"MODEL.META_ARCHITECTURE": "RetinaNet", "MODEL.RETINANET.NORM": "SyncBN"}))
     assert not any(type(m) is nn.SyncBatchNorm for m in d2.modules())

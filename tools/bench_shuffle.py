@@ -130,7 +130,8 @@ def reference_shuffle(x: torch.Tensor):
     rank, world = d2bn_dist.group_rank(), d2bn_dist.group_size()
     everything, counts = _reference_gather(x)
     total = everything.shape[0]
-    permutation = d2bn_dist.broadcast_(torch.randperm(total), src=0)
+    permutation = torch.randperm(total)
+    torch.distributed.broadcast(permutation, src=0)
     start = sum(counts[:rank])
     restore = torch.argsort(permutation)[start : start + x.shape[0]]
     chunk = math.ceil(total / world)

@@ -13,9 +13,9 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..bn_modes import inference_statistics
 from ..config import validate_batchnorm_config
 from ..modeling import build_model as build_bn_model
-from ..bn_modes import inference_statistics
 from ..rng import preserved_rng_state
 from .defaults import resolve_device
 
@@ -45,7 +45,13 @@ class BNTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        # Same construction order as DefaultTrainer.__init__; only the DDP wrapping differs.
+        """
+        ``DefaultTrainer.__init__``, same steps in the same order, except: ``cfg`` first gets
+        :func:`resolve_device` and :func:`validate_batchnorm_config` (users build BNTrainer from
+        configs nobody validated, README "In your own trainer"); the model is wrapped by our
+        :func:`create_ddp_model`. detectron2's passes ``device_ids``, which DDP rejects for CPU
+        modules, and its ``__init__`` offers no hook to replace it: hence this copy.
+        """
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
@@ -99,9 +105,7 @@ class BNTrainer(DefaultTrainer):
             precise = bn_hooks.PreciseBN(cfg, self.model, ema_eval_function=ema_eval)
             ret.append(precise)
         if cfg.BN.FROZEN_LAST_ITERS > 0:
-            ret.append(
-                bn_hooks.FrozenBNLate(self.model, self.max_iter - cfg.BN.FROZEN_LAST_ITERS, precise)
-            )
+            ret.append(bn_hooks.FrozenBNLate(self.model, self.max_iter - cfg.BN.FROZEN_LAST_ITERS, precise))
         if comm.is_main_process():
             ret.append(d2_hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
 
@@ -122,9 +126,8 @@ class BNTrainer(DefaultTrainer):
         """
         from detectron2.data import build_detection_test_loader
 
-        if cfg.TEST.BN_STATS == "mini_batch":
-            return build_detection_test_loader(cfg, dataset_name, batch_size=cfg.TEST.IMS_PER_BATCH)
-        return build_detection_test_loader(cfg, dataset_name)
+        batch = {"batch_size": cfg.TEST.IMS_PER_BATCH} if cfg.TEST.BN_STATS == "mini_batch" else {}
+        return build_detection_test_loader(cfg, dataset_name, **batch)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

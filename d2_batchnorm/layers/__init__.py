@@ -1,34 +1,36 @@
 """
-d2_batchnorm's normalization layers: :func:`get_norm` (detectron2's names plus ours),
-:class:`SyncBatchNorm`, :class:`GhostBatchNorm`, :class:`LevelBatchNorm` (per-level or
-shared statistics for heads shared across FPN levels) and the batch-statistics helpers.
+d2_batchnorm's normalization layers: :func:`get_norm` (detectron2's names plus ours) and
+the converters of a built model's norms, :class:`SyncBatchNorm`, :class:`GhostBatchNorm`,
+:class:`LevelBatchNorm` (per-level or shared statistics for heads shared across FPN
+levels), the RoI shuffle, and the per-channel statistics they share (:mod:`.batch_stats`).
 """
-from .batch_norm import D2BN_NORM_NAMES, NORM_NAMES, get_norm, norm_options_from_config
-from .batch_stats import (
-    batch_norm_over_parts,
-    local_power_sums,
-    moments_from_power_sums,
-    update_running_stats_,
+from .batch_norm import (
+    D2BN_NORM_NAMES,
+    NORM_NAMES,
+    convert_batchnorm,
+    convert_sync_batchnorm,
+    get_norm,
+    norm_options_from_config,
 )
+from .batch_stats import ChannelMoments, batch_norm_over_parts, update_running_stats_
 from .ghost_batch_norm import GhostBatchNorm
 from .level_norm import LEVEL_STATS, LevelBatchNorm
 from .roi_shuffle import RoIShuffleState, shuffle_rois, unshuffle_rois
-from .sync_batch_norm import SyncBatchNorm, check_sync_group_size, convert_sync_batchnorm
+from .sync_batch_norm import SyncBatchNorm
 
 __all__ = [
     "D2BN_NORM_NAMES",
     "NORM_NAMES",
     "get_norm",
     "norm_options_from_config",
-    "SyncBatchNorm",
-    "check_sync_group_size",
+    "convert_batchnorm",
     "convert_sync_batchnorm",
+    "SyncBatchNorm",
     "GhostBatchNorm",
     "LEVEL_STATS",
     "LevelBatchNorm",
+    "ChannelMoments",
     "batch_norm_over_parts",
-    "local_power_sums",
-    "moments_from_power_sums",
     "update_running_stats_",
     "RoIShuffleState",
     "shuffle_rois",

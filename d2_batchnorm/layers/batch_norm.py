@@ -1,7 +1,9 @@
 """
-``get_norm``: detectron2's norm names plus d2_batchnorm's, resolved to modules.
+``get_norm``: detectron2's norm names plus d2_batchnorm's, resolved to modules; and the
+conversions of the norms of a module tree built by detectron2 (``convert_batchnorm``,
+``convert_sync_batchnorm``).
 """
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Type, Union
 
 from detectron2.layers.batch_norm import FrozenBatchNorm2d, LayerNorm, NaiveSyncBatchNorm
 from torch import nn
@@ -9,7 +11,14 @@ from torch import nn
 from .ghost_batch_norm import GhostBatchNorm
 from .sync_batch_norm import SyncBatchNorm
 
-__all__ = ["get_norm", "norm_options_from_config", "NORM_NAMES", "D2BN_NORM_NAMES"]
+__all__ = [
+    "get_norm",
+    "norm_options_from_config",
+    "convert_batchnorm",
+    "convert_sync_batchnorm",
+    "NORM_NAMES",
+    "D2BN_NORM_NAMES",
+]
 
 #: names known to d2_batchnorm but not to detectron2's ``get_norm``
 D2BN_NORM_NAMES = ("GhostBN",)
@@ -105,3 +114,49 @@ def norm_options_from_config(cfg) -> dict:
         "sync_group_size": cfg.BN.SYNC_GROUP_SIZE,
         "ghost_batch_size": cfg.BN.GHOST_BATCH_SIZE,
     }
+
+
+def convert_batchnorm(module: nn.Module, norm: str, **options) -> nn.Module:
+    """
+    Replaces every ``nn.BatchNorm2d`` (exactly that type) in ``module`` by
+    ``get_norm(norm, C, **options)`` (a BatchNorm subclass) that takes over its state (see
+    :func:`_replace_norms`). Returns the converted module (a new one if ``module`` itself
+    was converted).
+    """
+    return _replace_norms(module, nn.BatchNorm2d, lambda m: get_norm(norm, m.num_features, **options))
+
+
+def convert_sync_batchnorm(module: nn.Module, sync_group_size: int = 0) -> nn.Module:
+    """
+    Replaces every ``torch.nn.SyncBatchNorm`` in ``module`` (detectron2's "SyncBN" and
+    "nnSyncBN", which refuse CPU input) by :class:`SyncBatchNorm` with ``sync_group_size``
+    that takes over its state (see :func:`_replace_norms`). Returns the converted module (a
+    new one if ``module`` itself was a ``nn.SyncBatchNorm``).
+    """
+    return _replace_norms(
+        module, nn.SyncBatchNorm, lambda m: SyncBatchNorm(m.num_features, sync_group_size=sync_group_size)
+    )
+
+
+def _replace_norms(module: nn.Module, kind: Type[nn.Module], build: Callable[[nn.Module], nn.Module]):
+    """
+    Replaces every module of exactly type ``kind`` in the tree of ``module`` by
+    ``build(old)``, which takes over old's hyper-parameters (eps, momentum, affine,
+    track_running_stats), train/eval mode, parameters and buffers. These are shared, not
+    copied: the same tensors, on their device and in their dtype, so an optimizer holding
+    them keeps working.
+    """
+    if type(module) is kind:
+        new = build(module)
+        for name in ("eps", "momentum", "affine", "track_running_stats"):
+            setattr(new, name, getattr(module, name))
+        for name in list(new._parameters):
+            new.register_parameter(name, getattr(module, name, None))
+        for name in list(new._buffers):
+            new.register_buffer(name, getattr(module, name, None))
+        return new.train(module.training)
+    for name, child in module.named_children():
+        converted = _replace_norms(child, kind, build)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

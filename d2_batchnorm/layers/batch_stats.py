@@ -1,180 +1,202 @@
 """
-Batch statistics shared by d2_batchnorm's normalization layers, written once.
+Per-channel batch statistics, written once: for d2_batchnorm's norms and for PreciseBN.
 
-A batch of a BN layer's input ``x`` of shape (N, C, *) is summarized per channel by its
-*power sums* ``[n, S_c, Q_c]`` with ``n = N * prod(*)`` values per channel,
-``S_c = sum x`` and ``Q_c = sum x^2``. Power sums of disjoint batches add, so the
-statistics of a batch spread over workers (or FPN levels) are one sum (one all-reduce)
-away, weighted by every part's count::
+:class:`ChannelMoments` is the one type: per channel, the count ``n``, the mean ``m`` and
+``M2``, the sum of squared deviations from ``m`` (biased variance ``M2 / n``), in float64.
 
-    mean = S / n,    var = Q / n - mean^2      (biased, i.e. population, variance)
+* Measured from a batch ``x`` (N, C, *) with sums of ``d = x - K`` in x's precision
+  (>= float32), for a per-channel shift ``K`` near the mean, then in float64::
 
-``Q / n - mean^2`` cancels catastrophically in float32 when |mean| >> std. To stay exact,
-each part is first reduced in the input's precision (>= float32) to sums of values
-*shifted* by a per-channel constant near the mean (see :func:`local_power_sums`), and
-only then turned into power sums in float64; the cancellation then happens in float64
-and loses nothing measurable unless |mean| / std > 1e6. Everything is differentiable, so
-gradients flow through the pooled statistics.
+      m = K + sum(d) / n,      M2 = sum(d^2) - sum(d)^2 / n
+
+  The shift rule, one rule with one knob: ``K`` is the rounded mean of the first
+  ``shift_samples`` samples of x. Any K within a few standard deviations of the mean keeps
+  the float32 sums small, losing only ~1e-7 * (1 + (m - K)^2 / var) of the variance, so
+  the result stays exact when |mean| >> std (where ``E[x^2] - E[x]^2`` would lose every
+  digit). The knob is there because the two users weigh cost differently. The training
+  norms run at every step and take one sample: 1/N of a pass over x (the batch mean would
+  cost a whole extra pass). PreciseBN takes all N, the batch mean, which removes the
+  (m - K)^2 term and keeps its population statistics bitwise what they have always been
+  (a one-sample shift would change their last bits).
+* Merged exactly (Chan et al., 1979), how PreciseBN pools calls and ranks::
+
+      n = n_a + n_b,   delta = m_b - m_a,   m = m_a + delta n_b / n,
+      M2 = M2_a + M2_b + delta^2 n_a n_b / n
+
+* Carried as *power sums* ``[n, S, Q] = [n, n m, M2 + n m^2]`` (a (..., 2C+1) float64
+  tensor; :meth:`~ChannelMoments.power_sums`, :meth:`~ChannelMoments.from_power_sums`)
+  where parts are added by one all-reduce: power sums of disjoint batches add. The
+  cancellation ``Q - S^2 / n`` then happens in float64 and loses nothing measurable
+  unless |mean| / std > 1e6.
+
+:func:`batch_norm_over_parts` is the training-mode BatchNorm of the synchronized and level
+norms on top of it; :func:`update_running_stats_` and :func:`ema_factor` are torch's EMA
+of the running buffers. The small helpers every norm shares live here too: :func:`upcast`,
+:func:`channel_view`, :func:`row_of` and the base class :class:`BatchNormNd`.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from .. import distributed as d2bn_dist
 
 __all__ = [
-    "shifted_channel_sums",
-    "local_power_sums",
-    "moments_from_power_sums",
-    "update_running_stats_",
+    "ChannelMoments",
+    "BatchNormNd",
     "batch_norm_over_parts",
+    "update_running_stats_",
+    "ema_factor",
+    "upcast",
+    "channel_view",
+    "row_of",
 ]
 
 
-def _channel_dims(x: torch.Tensor):
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 → float32 (their reductions are not precise enough); else ``x``."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The per-channel tensor ``t`` (C,) viewed to broadcast over ``x`` (N, C, *)."""
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def row_of(t: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
+    """Row i of an (L, C) parameter or buffer; a (C,) one (or None) is shared by all rows."""
+    return t[i] if t is not None and t.dim() == 2 else t
+
+
+class BatchNormNd(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that accepts inputs (N, C, *) with any number of trailing dims."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(
+                f"{type(self).__name__} expects an input of shape (N, C, *); got {tuple(x.shape)}"
+            )
+
+
+def _channel_dims(x: torch.Tensor) -> List[int]:
     return [0] + list(range(2, x.dim()))
 
 
-def shifted_channel_sums(x: torch.Tensor, shift: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
+class ChannelMoments(NamedTuple):
+    """``count`` (...,), ``mean`` and ``m2`` (..., C): float64 moments (module docstring)."""
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def zeros(cls, shape: Tuple[int, ...], channels: int, device=None) -> "ChannelMoments":
+        """No samples: ``count`` of ``shape``, ``mean`` and ``m2`` of ``shape + (channels,)``."""
+        count = torch.zeros(shape, dtype=torch.float64, device=device)
+        rows = tuple(shape) + (channels,)
+        return cls(count, count.new_zeros(rows), count.new_zeros(rows))
+
+    @classmethod
+    def of(cls, *xs: torch.Tensor, shift_samples: Optional[int] = 1) -> "ChannelMoments":
+        """
+        Moments of each x (N, C, *) (N may be 0), no autograd: one row per x, i.e. count
+        (L,), mean and m2 (L, C). The shift is the mean of the first ``shift_samples``
+        samples of x (None: all of them), the shift rule of the module docstring.
+        """
+        counts, sums = [], []  # per x: n, and (3, C) float64 [shift, sum d, sum d^2]
+        for x in xs:
+            x = upcast(x.detach())
+            channels = x.shape[1]
+            counts.append(x.numel() // channels if channels > 0 else 0)
+            if counts[-1] == 0:
+                sums.append(x.new_zeros(3, channels, dtype=torch.float64))
+                continue
+            dims = _channel_dims(x)
+            head = x if shift_samples is None else x[:shift_samples]
+            shift = head.sum(dims) / (head.numel() // channels)
+            d = x - channel_view(shift, x)
+            sums.append(torch.stack([shift, d.sum(dims), (d * d).sum(dims)]).double())
+        k, s1, s2 = (torch.stack(sums) if len(sums) > 1 else sums[0].unsqueeze(0)).unbind(1)
+        count = k.new_tensor(counts)
+        n = count.clamp(min=1).unsqueeze(-1)
+        return cls(count, k + s1 / n, (s2 - s1.square() / n).clamp_(min=0))
+
+    def merge(self, other: "ChannelMoments") -> "ChannelMoments":
+        """The moments of both sets of samples (Chan's merge), row by row; empty rows add nothing."""
+        total = self.count + other.count
+        n_a, n_b = self.count.unsqueeze(-1), other.count.unsqueeze(-1)
+        denom = total.clamp(min=1).unsqueeze(-1)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (n_b / denom)
+        return ChannelMoments(total, mean, self.m2 + (other.m2 + delta.square() * (n_a * n_b / denom)))
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Biased (population) variance ``M2 / n`` (0 for no samples)."""
+        return self.m2 / self.count.clamp(min=1).unsqueeze(-1)
+
+    def power_sums(self) -> torch.Tensor:
+        """(..., 2C + 1) ``[n, S, Q]``: these add over disjoint batches (one all-reduce)."""
+        count = self.count.unsqueeze(-1)
+        s = count * self.mean
+        return torch.cat([count, s, torch.addcmul(self.m2, s, self.mean)], -1)
+
+    @classmethod
+    def from_power_sums(cls, sums: torch.Tensor) -> "ChannelMoments":
+        """The moments of (..., 2C + 1) power sums, e.g. summed over workers or parts."""
+        channels = (sums.shape[-1] - 1) // 2
+        count, s, q = sums[..., 0], sums[..., 1 : 1 + channels], sums[..., 1 + channels :]
+        mean = s / count.clamp(min=1).unsqueeze(-1)
+        return cls(count, mean, torch.addcmul(q, s, mean, value=-1).clamp_(min=0))
+
+
+def ema_factor(module) -> float:
     """
-    Per-channel sums of ``x`` (N, C, *) shifted by ``shift`` (C,), no autograd::
-
-        n = N * prod(*),   s1 = sum (x - shift),   s2 = sum (x - shift)^2
-
-    reduced in x's precision (>= float32 advised) and returned as float64 (C,) tensors.
-    With a shift near the mean both sums stay small, so the moments formed from them in
-    float64 keep full precision even when |mean| >> std — the one place this is computed,
-    for the training-mode norms and for PreciseBN alike.
+    torch's BatchNorm EMA factor for one more batch of ``module``: counts the batch in
+    ``num_batches_tracked`` and returns ``momentum``, or 1 / num_batches_tracked for
+    ``momentum=None`` (cumulative average); 0.0 (nothing counted) unless the module is
+    training and tracks running statistics.
     """
-    channels = x.shape[1]
-    count = x.numel() // channels if channels > 0 else 0
-    if count == 0:
-        zeros = torch.zeros(channels, dtype=torch.float64, device=x.device)
-        return 0, zeros, zeros.clone()
-    dims = _channel_dims(x)
-    d = x.detach() - shift.reshape((1, -1) + (1,) * (x.dim() - 2))
-    s1, s2 = torch.stack([d.sum(dims), (d * d).sum(dims)]).double()
-    return count, s1, s2
-
-
-def _shifted_power_sums(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(2C + 1,) float64 ``[n, S, Q]`` of x (no autograd) and the (C,) shift K used."""
-    channels = x.shape[1]
-    if x.numel() == 0:
-        return torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device), x.new_zeros(channels)
-    shift = x[0].detach().reshape(channels, -1).mean(1)  # (C,): the first sample's mean
-    count, s1, s2 = shifted_channel_sums(x, shift)
-    k = shift.double()
-    n = torch.full((1,), float(count), dtype=torch.float64, device=x.device)
-    return torch.cat([n, s1 + count * k, s2 + k * (2 * s1 + count * k)]), shift
-
-
-class _PowerSums(torch.autograd.Function):
-    """
-    ``[n, S, Q]`` of x (see :func:`local_power_sums`). Autograd saves only ``x`` itself
-    (no temporary of its size): the backward pass is ``dx = gS + 2 gQ x``, evaluated as
-    ``(gS + 2 gQ K) + 2 gQ (x - K)`` with the forward's shift K so that it stays precise
-    when |mean| >> std.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        sums, shift = _shifted_power_sums(x)
-        ctx.save_for_backward(x, shift)
-        return sums
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, shift = ctx.saved_tensors
-        channels = x.shape[1]
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        g_s, g_q = grad[1 : 1 + channels], grad[1 + channels :]
-        offset = (g_s + 2 * g_q * shift.double()).to(x.dtype)
-        return torch.addcmul(offset.reshape(view), x - shift.reshape(view), (2 * g_q).to(x.dtype).reshape(view))
-
-
-def local_power_sums(x: torch.Tensor) -> torch.Tensor:
-    """
-    Args:
-        x: (N, C, *) float tensor; N may be 0.
-    Returns:
-        (2C + 1,) float64 tensor ``[n, S_1..S_C, Q_1..Q_C]``, differentiable w.r.t. ``x``
-        (an empty ``x`` gives zeros that are still connected to the graph).
-
-    Shifted sums: with a per-channel shift K (the mean of the first sample, a constant for
-    autograd) and d = x - K, the float32 sums ``s1 = sum d``, ``s2 = sum d^2`` lose only
-    ~1e-7 * (1 + (mean - K)^2 / var) of the variance (K lies within a few standard
-    deviations of the mean), then ``S = s1 + n K`` and ``Q = s2 + 2 K s1 + n K^2`` are
-    formed in float64. Two streaming passes, as fast as plain sums and sums of squares;
-    autograd keeps no tensor of x's size besides x.
-    """
-    return _PowerSums.apply(x)
-
-
-def moments_from_power_sums(sums: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """
-    Args:
-        sums: (..., 2C + 1) power sums as returned by :func:`local_power_sums` (summed over
-            any number of parts).
-    Returns:
-        ``count`` (...,), ``mean`` (..., C), ``var`` (..., C): float64 count, mean and biased
-        variance. An empty batch (count 0) gives mean 0 and variance 0 instead of NaN.
-    """
-    channels = (sums.shape[-1] - 1) // 2
-    count = sums[..., 0]
-    denom = count.clamp(min=1).unsqueeze(-1)
-    mean = sums[..., 1 : 1 + channels] / denom
-    var = (sums[..., 1 + channels :] / denom - mean * mean).clamp(min=0)
-    return count, mean, var
+    if not (module.training and module.track_running_stats):
+        return 0.0
+    module.num_batches_tracked.add_(1)
+    return 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
 
 
 @torch.no_grad()
-def update_running_stats_(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    num_batches_tracked: torch.Tensor,
-    momentum,
-    count: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-) -> None:
+def update_running_stats_(module, moments: ChannelMoments) -> None:
     """
-    torch's BatchNorm update of the running statistics, in place, skipped for empty batches
-    without a host synchronization.
-
-    ``running_var`` follows torch's convention and receives the *unbiased* batch variance
-    ``var * n / (n - 1)`` (``var`` is biased); ``momentum=None`` is torch's cumulative
-    average. Rows of (L, C) buffers are updated independently from (L,) counts and (L, C)
-    statistics; ``num_batches_tracked`` grows by one if any row had samples.
-
-    Args:
-        running_mean, running_var: (C,) or (L, C) buffers.
-        num_batches_tracked: scalar int64 buffer.
-        momentum: float or None.
-        count: () or (L,) number of values per channel in the batch.
-        mean, var: (C,) or (L, C) batch mean and biased variance.
+    torch's BatchNorm update of ``module``'s running statistics from the batch ``moments``,
+    in place, when the module is training and tracks them: ``running_var`` receives the
+    *unbiased* batch variance ``M2 / (n - 1)``, as in torch. Moments with a leading row
+    dimension of 1 update (C,) buffers; (L,) rows update (L, C) buffers row by row. Empty
+    batches (rows) are skipped without a host synchronization; ``num_batches_tracked``
+    grows by one if any row had samples.
     """
-    dtype = running_mean.dtype
+    if not (module.training and module.track_running_stats):
+        return
+    running_mean, running_var = module.running_mean, module.running_var
+    dtype, shape = running_mean.dtype, running_mean.shape
+    count = moments.count.reshape(shape[:-1])
+    mean, m2 = moments.mean.reshape(shape), moments.m2.reshape(shape)
     if count.dim() == 0 and count.device.type == "cpu":  # host scalar: no small-op overhead
         n = float(count)
         if n <= 0:
             return
-        num_batches_tracked.add_(1)
-        factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
-        running_mean.lerp_(mean.to(dtype), factor)
-        running_var.lerp_(var.to(dtype) * (n / max(n - 1, 1)), factor)
-        return
-    count = count.to(dtype)
-    valid = (count > 0).to(dtype)
-    num_batches_tracked.add_((valid.max() if valid.dim() else valid).to(num_batches_tracked.dtype))
-    if momentum is None:
-        factor = valid / num_batches_tracked.clamp(min=1).to(dtype)
+        factor = ema_factor(module)
+        var = m2 / max(n - 1, 1)
     else:
-        factor = valid * momentum
-    factor = factor.unsqueeze(-1)
-    unbiased = var.to(dtype) * (count / (count - 1).clamp(min=1)).unsqueeze(-1)
+        # ema_factor's rule per row, without a host synchronization
+        valid = (count > 0).to(dtype)
+        tracked = module.num_batches_tracked
+        tracked.add_(valid.max().to(tracked.dtype))
+        if module.momentum is None:
+            factor = (valid / tracked.clamp(min=1).to(dtype)).unsqueeze(-1)
+        else:
+            factor = (valid * module.momentum).unsqueeze(-1)
+        var = m2 / (count - 1).clamp(min=1).unsqueeze(-1)
     running_mean.lerp_(mean.to(dtype), factor)
-    running_var.lerp_(unbiased, factor)
+    running_var.lerp_(var.to(dtype), factor)
 
 
 def batch_norm_over_parts(
@@ -184,7 +206,7 @@ def batch_norm_over_parts(
     eps: float,
     group=False,
     joint: bool = False,
-) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[List[torch.Tensor], torch.Tensor, ChannelMoments]:
     """
     Training-mode BatchNorm of L parts ``xs`` (e.g. FPN levels), each x_i of shape
     (N, C, *_i), with statistics summed over the workers of ``group`` (a process group,
@@ -196,8 +218,8 @@ def batch_norm_over_parts(
 
     ``weight``/``bias``: None, (C,) shared by the parts, or (L, C), one row per part.
     Returns the L normalized tensors, the (L, 2C + 1) float64 power sums of the parts
-    summed over workers, and the count (R,), mean (R, C) and biased variance (R, C) the
-    parts were normalized with (R = 1 if ``joint`` else L); these carry no gradient.
+    summed over workers, and the :class:`ChannelMoments` (R rows, R = 1 if ``joint`` else
+    L) the parts were normalized with; these carry no gradient.
 
     One all-reduce of (L, 2C + 1) float64 in forward, one of (L or 1, 2C) in backward;
     autograd saves only the inputs and per-channel vectors. The backward pass, with the
@@ -208,41 +230,34 @@ def batch_norm_over_parts(
         dw = sum_local dy (x - mean) * invstd,   db = sum_local dy
     """
     out = _BatchNormOverParts.apply(weight, bias, eps, group, joint, *xs)
-    return list(out[: len(xs)]), *out[len(xs) :]
-
-
-def _row(t: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
-    return t[i] if t is not None and t.dim() == 2 else t
+    return list(out[: len(xs)]), out[len(xs)], ChannelMoments(*out[len(xs) + 1 :])
 
 
 class _BatchNormOverParts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, bias, eps, group, joint, *xs):
-        channels = xs[0].shape[1]
         with torch.no_grad():
-            sums = torch.stack([_shifted_power_sums(x)[0] for x in xs])  # (L, 2C+1)
+            sums = ChannelMoments.of(*xs).power_sums()  # (L, 2C+1)
             if group is not False:
                 d2bn_dist.all_reduce_sum_(sums, group)
-        rows = sums.sum(0, keepdim=True) if joint else sums
-        count, mean64, var64 = moments_from_power_sums(rows)  # (R,), (R, C), (R, C)
-        invstd64 = torch.rsqrt(var64 + eps)
+        pooled = ChannelMoments.from_power_sums(sums.sum(0, keepdim=True) if joint else sums)
+        invstd64 = torch.rsqrt(pooled.var + eps)
         ys, means, invstds = [], [], []
         for i, x in enumerate(xs):
             r = 0 if joint else i
-            mean, invstd = mean64[r].to(x.dtype), invstd64[r].to(x.dtype)
-            w, b = _row(weight, i), _row(bias, i)
+            mean, invstd = pooled.mean[r].to(x.dtype), invstd64[r].to(x.dtype)
+            w, b = row_of(weight, i), row_of(bias, i)
             scale = invstd if w is None else w.to(x.dtype) * invstd
             shift = -mean * scale if b is None else b.to(x.dtype) - mean * scale
-            view = (1, -1) + (1,) * (x.dim() - 2)
-            ys.append(torch.addcmul(shift.reshape(view), x, scale.reshape(view)))
+            ys.append(torch.addcmul(channel_view(shift, x), x, channel_view(scale, x)))
             means.append(mean)
             invstds.append(invstd)
-        ctx.save_for_backward(weight, count, *xs, *means, *invstds)
-        ctx.group, ctx.joint, ctx.num_parts, ctx.channels = group, joint, len(xs), channels
+        ctx.save_for_backward(weight, pooled.count, *xs, *means, *invstds)
+        ctx.group, ctx.joint, ctx.num_parts, ctx.channels = group, joint, len(xs), xs[0].shape[1]
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.bias_per_part = bias is not None and bias.dim() == 2
-        ctx.mark_non_differentiable(sums, count, mean64, var64)
-        return (*ys, sums, count, mean64, var64)
+        ctx.mark_non_differentiable(sums, *pooled)
+        return (*ys, sums, *pooled)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -252,9 +267,8 @@ class _BatchNormOverParts(torch.autograd.Function):
         dys = grads[:num]  # the gradients of the statistics outputs are ignored
         local = []
         for x, dy, mean in zip(xs, dys, means):
-            view = (1, -1) + (1,) * (x.dim() - 2)
-            dims = [0] + list(range(2, x.dim()))
-            xmu = x - mean.reshape(view)  # recomputed below rather than kept: lower peak memory
+            dims = _channel_dims(x)
+            xmu = x - channel_view(mean, x)  # recomputed below rather than kept: lower peak memory
             local.append(torch.cat([dy.sum(dims), (dy * xmu).sum(dims)]))
             del xmu
         local = torch.stack(local)  # (L, 2C): [sum dy, sum dy (x - mean)] per part
@@ -264,13 +278,12 @@ class _BatchNormOverParts(torch.autograd.Function):
         rows = rows / count.clamp(min=1).unsqueeze(1)
         dxs, dws, dbs = [], [], []
         for i, (x, dy, mean, invstd) in enumerate(zip(xs, dys, means, invstds)):
-            view = (1, -1) + (1,) * (x.dim() - 2)
-            xmu = x - mean.reshape(view)
+            xmu = x - channel_view(mean, x)
             mean_dy, mean_dy_xmu = rows[0 if ctx.joint else i].to(x.dtype).split(channels)
-            w = _row(weight, i)
+            w = row_of(weight, i)
             scale = invstd if w is None else w.to(x.dtype) * invstd
-            coef = (mean_dy_xmu * invstd * invstd).reshape(view)
-            dxs.append((dy - mean_dy.reshape(view)).sub_(xmu.mul_(coef)).mul_(scale.reshape(view)))
+            coef = channel_view(mean_dy_xmu * invstd * invstd, x)
+            dxs.append((dy - channel_view(mean_dy, x)).sub_(xmu.mul_(coef)).mul_(channel_view(scale, x)))
             dws.append(local[i, channels:] * invstd)
             dbs.append(local[i, :channels])
         dw = db = None

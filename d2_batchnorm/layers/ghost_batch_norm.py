@@ -3,15 +3,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .batch_stats import update_running_stats_
-from .sync_batch_norm import upcast
+from ..checks import check_int
+from .batch_stats import BatchNormNd, ChannelMoments, channel_view, ema_factor, update_running_stats_, upcast
 
 __all__ = ["GhostBatchNorm"]
 
 
-class GhostBatchNorm(nn.BatchNorm2d):
+class GhostBatchNorm(BatchNormNd):
     """
     Splits a batch of N samples into N / G consecutive virtual batches of G samples
     (``ghost_batch_size``) and normalizes each by its own statistics; 0 (or G = N) is
@@ -45,16 +44,7 @@ class GhostBatchNorm(nn.BatchNorm2d):
         dtype=None,
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 0:
-            raise ValueError(
-                f"ghost_batch_size (BN.GHOST_BATCH_SIZE) = {ghost_batch_size!r} is not allowed; "
-                "it must be an integer >= 0 (0: the whole batch)"
-            )
-        self.ghost_batch_size = ghost_batch_size
-
-    def _check_input_dim(self, x):
-        if x.dim() < 2:
-            raise ValueError(f"GhostBatchNorm expects an input of shape (N, C, *); got {tuple(x.shape)}")
+        self.ghost_batch_size = check_int("ghost_batch_size", ghost_batch_size, 0)
 
     def extra_repr(self):
         return super().extra_repr() + f", ghost_batch_size={self.ghost_batch_size}"
@@ -74,20 +64,19 @@ class GhostBatchNorm(nn.BatchNorm2d):
             return self._plain(xf, use_batch_stats).to(dtype)
         if n % g != 0:
             raise ValueError(
-                f"GhostBatchNorm: ghost_batch_size (BN.GHOST_BATCH_SIZE) = {g} does not divide "
+                f"GhostBatchNorm: ghost_batch_size = {g} does not divide "
                 f"the batch size {n} of this worker; use a divisor of {n}, or 0 for the whole batch"
             )
         k, c = n // g, x.shape[1]
         xs = xf.reshape(k, g, c, -1)
         var, mean = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)  # (k, 1, C, 1)
-        if self.training and self.track_running_stats:
-            full_mean = mean.detach().mean(0).flatten()
-            full_var = (var.detach().mean(0) + mean.detach().var(0, correction=0)).flatten()
-            update_running_stats_(
-                self.running_mean, self.running_var, self.num_batches_tracked, self.momentum,
-                torch.tensor(float(xs.shape[1] * xs.shape[3] * k), device=x.device),
-                full_mean, full_var,
-            )
+        if self.training and self.track_running_stats:  # equal splits: their pooled moments
+            count = float(xs.shape[1] * xs.shape[3] * k)
+            full_var = (var.detach().mean(0) + mean.detach().var(0, correction=0)).flatten().double()
+            update_running_stats_(self, ChannelMoments(
+                torch.tensor(count, dtype=torch.float64, device=x.device),
+                mean.detach().mean(0).flatten().double(), full_var * count,
+            ))
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             scale = scale * self.weight.to(xf.dtype).reshape(1, 1, c, 1)
@@ -98,14 +87,9 @@ class GhostBatchNorm(nn.BatchNorm2d):
 
     def _plain(self, x: torch.Tensor, use_batch_stats: bool) -> torch.Tensor:
         if x.shape[0] == 0:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = x if self.weight is None else x * self.weight.reshape(shape)
-            return y if self.bias is None else y + self.bias.reshape(shape)
-        factor = 0.0
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            y = x if self.weight is None else x * channel_view(self.weight, x)
+            return y if self.bias is None else y + channel_view(self.bias, x)
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias,
-            use_batch_stats, factor, self.eps,
+            use_batch_stats, ema_factor(self), self.eps,
         )

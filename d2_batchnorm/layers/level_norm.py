@@ -8,18 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch_stats import batch_norm_over_parts, moments_from_power_sums, update_running_stats_
-from .sync_batch_norm import active_sync_group, check_sync_group_size, upcast
+from ..checks import check_choice, check_int
+from ..distributed import active_sync_group, check_sync_group_size
+from .batch_stats import ChannelMoments, batch_norm_over_parts, row_of, update_running_stats_, upcast
 
 __all__ = ["LevelBatchNorm", "LEVEL_STATS"]
 
 #: allowed statistics modes of :class:`LevelBatchNorm` (training and population)
 LEVEL_STATS = ("per_level", "shared")
-
-
-def _check_mode(arg: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{arg} = {value!r} is not allowed; allowed values: {list(allowed)}")
 
 
 class LevelBatchNorm(nn.BatchNorm2d):
@@ -51,8 +47,9 @@ class LevelBatchNorm(nn.BatchNorm2d):
 
     With ``sync_group_size`` not None the statistics are synchronized across the workers
     of a sync group (one all-reduce of (L, 2C+1) float64 power sums per call, count
-    weighted, empty workers allowed), like :class:`SyncBatchNorm`; ``sync_stats=False``
-    turns that off (per-worker statistics). ``running_var`` receives the unbiased batch
+    weighted, empty workers allowed), like :class:`SyncBatchNorm`. ``sync_stats``, the flag
+    of every synchronized norm, is True iff built with a ``sync_group_size``; setting it to
+    False gives per-worker statistics. ``running_var`` receives the unbiased batch
     variance, as in torch. Float16/bfloat16 inputs are normalized in float32.
     """
 
@@ -70,30 +67,20 @@ class LevelBatchNorm(nn.BatchNorm2d):
         track_running_stats: bool = True,
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
-        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
-            raise ValueError(f"num_levels = {num_levels!r} is not allowed; it must be an integer >= 1")
-        _check_mode("stats (MODEL.RETINANET.NORM_STATS)", stats, LEVEL_STATS)
-        population_stats = population_stats or stats
-        _check_mode("population_stats (MODEL.RETINANET.POPULATION_STATS)", population_stats, LEVEL_STATS)
+        self.num_levels = check_int("num_levels", num_levels, 1)
+        self.stats = check_choice("stats", stats, LEVEL_STATS)
+        self.population_stats = check_choice("population_stats", population_stats or stats, LEVEL_STATS)
+        self.share_affine = share_affine
         if sync_group_size is not None:
             check_sync_group_size(sync_group_size)
-        self.num_levels = num_levels
-        self.stats = stats
-        self.population_stats = population_stats
-        self.share_affine = share_affine
         self.sync_group_size = sync_group_size
-        self.sync_stats = True
+        self.sync_stats = sync_group_size is not None
         if affine and not share_affine:
             self.weight = nn.Parameter(torch.ones(num_levels, num_features))
             self.bias = nn.Parameter(torch.zeros(num_levels, num_features))
-        if track_running_stats and population_stats == "per_level":
+        if track_running_stats and self.population_stats == "per_level":
             self.running_mean = torch.zeros(num_levels, num_features)
             self.running_var = torch.ones(num_levels, num_features)
-
-    @property
-    def synchronized(self) -> bool:
-        """Whether statistics are synchronized across workers (when ``sync_stats``)."""
-        return self.sync_group_size is not None
 
     def extra_repr(self):
         return super().extra_repr() + (
@@ -101,9 +88,6 @@ class LevelBatchNorm(nn.BatchNorm2d):
             f"population_stats={self.population_stats}, share_affine={self.share_affine}, "
             f"sync_group_size={self.sync_group_size}"
         )
-
-    def _level(self, tensor: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
-        return tensor[i] if tensor is not None and tensor.dim() == 2 else tensor
 
     def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """
@@ -122,23 +106,17 @@ class LevelBatchNorm(nn.BatchNorm2d):
         if not (self.training or self.running_mean is None):
             return [
                 F.batch_norm(
-                    x, self._level(self.running_mean, i), self._level(self.running_var, i),
-                    self._level(self.weight, i), self._level(self.bias, i), False, 0.0, self.eps,
+                    x, row_of(self.running_mean, i), row_of(self.running_var, i),
+                    row_of(self.weight, i), row_of(self.bias, i), False, 0.0, self.eps,
                 ).to(f.dtype)
                 for i, (x, f) in enumerate(zip(xs, features))
             ]
-        group = active_sync_group(self.sync_group_size) if self.synchronized and self.sync_stats else False
-        ys, sums, count, mean, var = batch_norm_over_parts(
+        group = active_sync_group(self.sync_group_size or 0) if self.sync_stats else False
+        ys, sums, moments = batch_norm_over_parts(
             xs, self.weight, self.bias, self.eps, group, joint=self.stats == "shared"
         )
-        if self.training and self.track_running_stats:
-            if self.population_stats != self.stats:
-                rows = sums if self.population_stats == "per_level" else sums.sum(0, keepdim=True)
-                count, mean, var = moments_from_power_sums(rows)
-            if self.population_stats == "shared":  # (1,), (1, C) -> (), (C,)
-                count, mean, var = count[0], mean[0], var[0]
-            update_running_stats_(
-                self.running_mean, self.running_var, self.num_batches_tracked, self.momentum,
-                count, mean, var,
-            )
+        if self.population_stats != self.stats:
+            rows = sums if self.population_stats == "per_level" else sums.sum(0, keepdim=True)
+            moments = ChannelMoments.from_power_sums(rows)
+        update_running_stats_(self, moments)
         return [y.to(f.dtype) for y, f in zip(ys, features)]

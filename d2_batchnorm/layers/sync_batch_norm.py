@@ -6,59 +6,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from detectron2.utils import comm
-from torch import nn
 
-from .. import distributed as d2bn_dist
-from .batch_stats import batch_norm_over_parts, update_running_stats_
+from ..distributed import active_sync_group, check_sync_group_size
+from .batch_stats import BatchNormNd, batch_norm_over_parts, ema_factor, update_running_stats_, upcast
 
-__all__ = ["SyncBatchNorm", "active_sync_group", "check_sync_group_size", "convert_sync_batchnorm", "upcast"]
+__all__ = ["SyncBatchNorm"]
 
 
-def check_sync_group_size(sync_group_size: int, world_size: Optional[int] = None) -> None:
-    """
-    Raises ``ValueError`` unless ``sync_group_size`` is 0 (all workers) or a positive
-    divisor of the world size (default: the current one, 1 without torch.distributed).
-    With a single worker every non-negative size is accepted: synchronized norms then
-    degrade to plain BatchNorm.
-    """
-    world = comm.get_world_size() if world_size is None else world_size
-    if (
-        isinstance(sync_group_size, bool)
-        or not isinstance(sync_group_size, int)
-        or sync_group_size < 0
-        or (world > 1 and sync_group_size > 0 and world % sync_group_size != 0)
-    ):
-        raise ValueError(
-            f"sync_group_size (BN.SYNC_GROUP_SIZE) = {sync_group_size!r} is not allowed; it must "
-            f"be 0 (all workers) or a positive divisor of the number of workers ({world})"
-        )
-
-
-def active_sync_group(sync_group_size: int):
-    """
-    The process group a synchronized norm reduces over (``None``: the whole world), or
-    ``False`` when there is nothing to synchronize (no torch.distributed, one worker, or
-    groups of one worker).
-    """
-    if not d2bn_dist.is_distributed():
-        return False
-    if sync_group_size == 0:  # the world, the common case: no group lookup
-        return None
-    group = d2bn_dist.get_sync_group(sync_group_size)
-    return group if d2bn_dist.is_distributed(group) else False
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 → float32 (their reductions are not precise enough); else ``x``."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _channel_shape(x: torch.Tensor):
-    return (1, -1) + (1,) * (x.dim() - 2)
-
-
-class SyncBatchNorm(nn.BatchNorm2d):
+class SyncBatchNorm(BatchNormNd):
     """
     BatchNorm over the union of the batches of the workers of a sync group.
 
@@ -109,21 +64,8 @@ class SyncBatchNorm(nn.BatchNorm2d):
         self.sync_group_size = sync_group_size
         self.sync_stats = True
 
-    def _check_input_dim(self, x):
-        if x.dim() < 2:
-            raise ValueError(f"SyncBatchNorm expects an input of shape (N, C, *); got {tuple(x.shape)}")
-
     def extra_repr(self):
         return super().extra_repr() + f", sync_group_size={self.sync_group_size}"
-
-    def _uses_batch_stats(self) -> bool:
-        return self.training or self.running_mean is None
-
-    def _ema_factor(self) -> float:
-        if not (self.training and self.track_running_stats):
-            return 0.0
-        self.num_batches_tracked.add_(1)
-        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -134,54 +76,18 @@ class SyncBatchNorm(nn.BatchNorm2d):
         """
         self._check_input_dim(x)
         dtype, xf = x.dtype, upcast(x)
-        if not self._uses_batch_stats():
+        if not (self.training or self.running_mean is None):
             return F.batch_norm(
                 xf, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             ).to(dtype)
         group = active_sync_group(self.sync_group_size) if self.sync_stats else False
         if group is not False or xf.numel() == 0:
-            (y,), _, count, mean, var = batch_norm_over_parts(
-                [xf], self.weight, self.bias, self.eps, group
-            )
-            if self.training and self.track_running_stats:
-                update_running_stats_(
-                    self.running_mean, self.running_var, self.num_batches_tracked, self.momentum,
-                    count[0], mean[0], var[0],
-                )
+            (y,), _, moments = batch_norm_over_parts([xf], self.weight, self.bias, self.eps, group)
+            update_running_stats_(self, moments)
             return y.to(dtype)
         # one worker: exactly torch's BatchNorm
         return F.batch_norm(
             xf, self.running_mean, self.running_var, self.weight, self.bias, True,
-            self._ema_factor(), self.eps,
+            ema_factor(self), self.eps,
         ).to(dtype)
 
-
-def convert_sync_batchnorm(module: nn.Module, sync_group_size: int = 0) -> nn.Module:
-    """
-    Replaces every ``torch.nn.SyncBatchNorm`` in ``module`` (detectron2's "SyncBN" and
-    "nnSyncBN", which refuse CPU input) by :class:`SyncBatchNorm` with the same
-    hyper-parameters, parameters and buffers (shared, not copied, so optimizers built
-    later see them). Returns the converted module (a new one if ``module`` itself was a
-    ``nn.SyncBatchNorm``).
-    """
-    if type(module) is nn.SyncBatchNorm:
-        new = SyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, sync_group_size=sync_group_size,
-        )
-        _move_state(module, new)
-        return new
-    for name, child in module.named_children():
-        converted = convert_sync_batchnorm(child, sync_group_size)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
-
-
-def _move_state(src: nn.Module, dst: nn.Module) -> None:
-    """Gives ``dst`` the parameters and buffers of ``src`` (same names), and its mode."""
-    for name, param in src.named_parameters(recurse=False):
-        setattr(dst, name, param)
-    for name, buf in src.named_buffers(recurse=False):
-        setattr(dst, name, buf)
-    dst.train(src.training)

@@ -32,9 +32,9 @@ from typing import Dict, List
 from detectron2.modeling import build_model as d2_build_model
 from torch import nn
 
-from ..layers import D2BN_NORM_NAMES, convert_sync_batchnorm, get_norm, norm_options_from_config
+from ..layers import D2BN_NORM_NAMES, convert_batchnorm, convert_sync_batchnorm, norm_options_from_config
 
-__all__ = ["build_model", "convert_batchnorm"]
+__all__ = ["build_model"]
 
 _D2_META_ARCHS_WITH_HEAD_NORM = ("RetinaNet",)
 
@@ -52,30 +52,6 @@ def build_model(cfg) -> nn.Module:
         for module in _modules_of_key(model, cfg, key):
             convert_batchnorm(module, name, **options)
     return convert_sync_batchnorm(model, cfg.BN.SYNC_GROUP_SIZE)
-
-
-def convert_batchnorm(module: nn.Module, norm: str, **options) -> nn.Module:
-    """
-    Replaces every ``nn.BatchNorm2d`` (exactly that type) in ``module`` by
-    ``get_norm(norm, C, **options)`` (a BatchNorm subclass), carrying over eps, momentum,
-    ``affine``, parameters and buffers.
-    Returns the converted module (a new one if ``module`` itself was converted).
-    """
-    if type(module) is nn.BatchNorm2d:
-        new = get_norm(norm, module.num_features, **options)
-        new.eps, new.momentum = module.eps, module.momentum
-        if not module.affine:  # e.g. detectron2's CycleBatchNormList keeps the affine apart
-            new.affine = False
-            new.register_parameter("weight", None)
-            new.register_parameter("bias", None)
-        new.load_state_dict(module.state_dict())
-        new.train(module.training)
-        return new.to(module.weight.device) if module.weight is not None else new
-    for name, child in module.named_children():
-        converted = convert_batchnorm(child, norm, **options)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
 
 
 def _config_for_detectron2(cfg):

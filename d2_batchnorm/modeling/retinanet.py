@@ -10,12 +10,15 @@ from typing import List, Sequence
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
-from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
 from torch import nn
 
-from ..layers import LevelBatchNorm, get_norm, norm_options_from_config
+from ..checks import check_choice
+from ..layers import LEVEL_STATS, LevelBatchNorm, get_norm, norm_options_from_config
 
 __all__ = ["BNRetinaNet", "BNRetinaNetHead", "LEVEL_STATS_NORMS"]
 
@@ -47,6 +50,11 @@ class BNRetinaNetHead(nn.Module):
     ``get_norm(norm)`` module applied to each level in turn.
     """
 
+    #: allowed ``norm_stats``: :class:`LevelBatchNorm`'s modes, and "naive"
+    NORM_STATS = LEVEL_STATS + ("naive",)
+    #: allowed ``population_stats``: "" (the same as ``norm_stats``) or a LevelBatchNorm mode
+    POPULATION_STATS = ("",) + LEVEL_STATS
+
     @configurable
     def __init__(
         self,
@@ -69,23 +77,14 @@ class BNRetinaNetHead(nn.Module):
             num_classes, num_anchors: K classes and A anchors per location.
             conv_dims: output channels of each subnet conv.
             norm: a :func:`d2_batchnorm.layers.get_norm` name ("" for none).
-            norm_stats: "per_level", "shared" or "naive" (``MODEL.RETINANET.NORM_STATS``).
-            population_stats: "", "per_level" or "shared" (``MODEL.RETINANET.POPULATION_STATS``).
+            norm_stats: one of :attr:`NORM_STATS` (``MODEL.RETINANET.NORM_STATS``).
+            population_stats: one of :attr:`POPULATION_STATS` (``MODEL.RETINANET.POPULATION_STATS``).
             share_affine: one affine for all levels (``MODEL.RETINANET.NORM_SHARE_AFFINE``).
             sync_group_size, ghost_batch_size: options of "SyncBN" / "GhostBN".
             prior_prob: initial foreground probability of the classification output.
         """
         super().__init__()
-        if norm_stats not in ("per_level", "shared", "naive"):
-            raise ValueError(
-                f"norm_stats (MODEL.RETINANET.NORM_STATS) = {norm_stats!r} is not allowed; "
-                "allowed values: ['per_level', 'shared', 'naive']"
-            )
-        if norm_stats == "naive" and population_stats:
-            raise ValueError(
-                f"population_stats (MODEL.RETINANET.POPULATION_STATS) = {population_stats!r} is "
-                "not allowed with norm_stats = 'naive'; allowed values: ['']"
-            )
+        self.check_stats(norm_stats, population_stats)
         self._num_features = len(input_shape)
         level_stats = norm in LEVEL_STATS_NORMS and norm_stats != "naive"
         if norm:
@@ -126,7 +125,31 @@ class BNRetinaNetHead(nn.Module):
         return nn.Sequential(*layers)
 
     @classmethod
+    def check_stats(cls, norm_stats, population_stats, names=("norm_stats", "population_stats")) -> None:
+        """
+        Raises ``ValueError`` unless ``norm_stats`` is one of :attr:`NORM_STATS` and
+        ``population_stats`` one of :attr:`POPULATION_STATS` ("" with "naive"). ``names``:
+        what the message calls the two values, the head's arguments or config keys.
+        """
+        check_choice(names[0], norm_stats, cls.NORM_STATS)
+        check_choice(names[1], population_stats, cls.POPULATION_STATS)
+        if norm_stats == "naive" and population_stats:
+            raise ValueError(
+                f"{names[1]} = {population_stats!r} is not allowed with {names[0]} = 'naive' (one "
+                "plain BN, one EMA); allowed values: [''] — for per-level training statistics "
+                f"with chosen population statistics use {names[0]} = 'per_level'"
+            )
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """:meth:`check_stats` of ``MODEL.RETINANET.NORM_STATS`` and ``POPULATION_STATS``."""
+        retina = cfg.MODEL.RETINANET
+        keys = ("MODEL.RETINANET.NORM_STATS", "MODEL.RETINANET.POPULATION_STATS")
+        cls.check_stats(retina.NORM_STATS, retina.POPULATION_STATS, keys)
+
+    @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        cls.check_config(cfg)
         num_anchors = build_anchor_generator(cfg, input_shape).num_cell_anchors
         if len(set(num_anchors)) != 1:
             raise ValueError(
@@ -135,15 +158,10 @@ class BNRetinaNetHead(nn.Module):
             )
         retina = cfg.MODEL.RETINANET
         return {
-            "input_shape": input_shape,
-            "num_classes": retina.NUM_CLASSES,
-            "num_anchors": num_anchors[0],
-            "conv_dims": [input_shape[0].channels] * retina.NUM_CONVS,
-            "norm": retina.NORM,
+            **RetinaNetHead.from_config(cfg, input_shape),  # shapes, K, A, convs, NORM, PRIOR_PROB
             "norm_stats": retina.NORM_STATS,
             "population_stats": retina.POPULATION_STATS,
             "share_affine": retina.NORM_SHARE_AFFINE,
-            "prior_prob": retina.PRIOR_PROB,
             **norm_options_from_config(cfg),
         }
 
@@ -179,12 +197,31 @@ class BNRetinaNet(RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
-        # detectron2's from_config builds the backbone, anchors, matcher, ...; its head is
-        # built norm-free (it cannot resolve our names) and replaced by ours.
-        d2_cfg = cfg.clone()
-        d2_cfg.defrost()
-        d2_cfg.MODEL.RETINANET.NORM = ""
-        ret = super().from_config(d2_cfg)
-        shapes = ret["backbone"].output_shape()
-        ret["head"] = BNRetinaNetHead(cfg, [shapes[f] for f in cfg.MODEL.RETINANET.IN_FEATURES])
-        return ret
+        """
+        detectron2's ``RetinaNet.from_config``, piece for piece, with :class:`BNRetinaNetHead`
+        as the head (detectron2's builds its own head, with no way to pass another).
+        """
+        retina = cfg.MODEL.RETINANET
+        backbone = build_backbone(cfg)
+        shapes = [backbone.output_shape()[f] for f in retina.IN_FEATURES]
+        return {
+            "backbone": backbone,
+            "head": BNRetinaNetHead(cfg, shapes),
+            "anchor_generator": build_anchor_generator(cfg, shapes),
+            "box2box_transform": Box2BoxTransform(weights=retina.BBOX_REG_WEIGHTS),
+            "anchor_matcher": Matcher(retina.IOU_THRESHOLDS, retina.IOU_LABELS, allow_low_quality_matches=True),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "num_classes": retina.NUM_CLASSES,
+            "head_in_features": retina.IN_FEATURES,
+            "focal_loss_alpha": retina.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": retina.FOCAL_LOSS_GAMMA,
+            "smooth_l1_beta": retina.SMOOTH_L1_LOSS_BETA,
+            "box_reg_loss_type": retina.BBOX_REG_LOSS_TYPE,
+            "test_score_thresh": retina.SCORE_THRESH_TEST,
+            "test_topk_candidates": retina.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": retina.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "vis_period": cfg.VIS_PERIOD,
+            "input_format": cfg.INPUT.FORMAT,
+        }

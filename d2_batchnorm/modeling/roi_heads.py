@@ -4,23 +4,21 @@ R-CNN box and mask heads with BatchNorm whose information leakage is mitigated b
 
 Registered as ``MODEL.ROI_BOX_HEAD.NAME: "BNConvFCHead"`` (4conv1fc with
 ``NUM_CONV: 4, NUM_FC: 1``, as in the paper) and ``MODEL.ROI_MASK_HEAD.NAME:
-"BNMaskRCNNConvUpsampleHead"``. They are detectron2's ``FastRCNNConvFCHead`` and
+"BNMaskRCNNConvUpsampleHead"``: detectron2's ``FastRCNNConvFCHead`` and
 ``MaskRCNNConvUpsampleHead`` with norms built by :func:`d2_batchnorm.layers.get_norm` and
-``MODEL.ROI_{BOX,MASK}_HEAD.LEAKAGE_MITIGATION``:
+a ``leakage_mitigation`` (``MODEL.ROI_{BOX,MASK}_HEAD.LEAKAGE_MITIGATION``):
 
 * ``"none"``: the head's norm as configured (``"BN"``: per-worker statistics, leaky);
 * ``"syncbn"``: the head's BatchNorms become d2_batchnorm's ``SyncBatchNorm``: training
   statistics over the RoIs of all workers;
 * ``"shuffle"``: in training, the RoI features of all workers are shuffled with one random
   global permutation before the first layer and returned to their workers after the last
-  layer that mixes RoIs (the last norm), so every worker normalizes a random sample of the
-  global batch; per-RoI layers after that point give identical results on either side of
-  the unshuffle, so it happens where the per-RoI tensor is smallest. Losses always see
-  each worker's own RoIs, in their original order. Inference is unchanged.
+  layer that mixes RoIs (the last norm) or later, where a RoI's tensor is smaller
+  (:func:`run_layers`), so every worker normalizes a random sample of the global batch.
+  Losses always see each worker's own RoIs, in their original order. Inference is unchanged.
 """
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional, Union
 
-import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
@@ -32,206 +30,166 @@ from detectron2.modeling.roi_heads import (
 )
 from torch import nn
 
-from ..config import check_leakage_mitigation
+from ..checks import check_choice
 from ..layers import NORM_NAMES, get_norm, norm_options_from_config
 from ..layers.roi_shuffle import shuffle_rois, unshuffle_rois
 
-__all__ = ["BNConvFCHead", "BNMaskRCNNConvUpsampleHead", "head_norm"]
+__all__ = ["BNConvFCHead", "BNMaskRCNNConvUpsampleHead", "LEAKAGE_MITIGATIONS", "LEAKAGE_MITIGATION_NORMS",
+           "check_leakage_mitigation", "leakage_args_from_config", "head_norm", "run_layers"]
+
+#: The head norms each leakage mitigation applies to (None: any norm): "syncbn" turns a
+#: batch-statistics norm into d2_batchnorm's SyncBN; "shuffle" needs per-worker batch
+#: statistics to be worth its cost.
+LEAKAGE_MITIGATION_NORMS = {
+    "none": None,
+    "syncbn": ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N"),
+    "shuffle": ("BN", "GhostBN"),
+}
+#: The allowed values of the heads' ``leakage_mitigation``.
+LEAKAGE_MITIGATIONS = tuple(LEAKAGE_MITIGATION_NORMS)
+
+
+def check_leakage_mitigation(mitigation, norm, names=("leakage_mitigation", "conv_norm")) -> None:
+    """
+    Raises ``ValueError`` unless ``mitigation`` is one of :data:`LEAKAGE_MITIGATIONS` and
+    applies to the head's norm ``norm``: "syncbn" needs a BatchNorm, "shuffle" a per-worker
+    BatchNorm (:data:`LEAKAGE_MITIGATION_NORMS`). ``names``: what the message calls the two
+    values, the heads' arguments or config keys.
+    """
+    check_choice(names[0], mitigation, LEAKAGE_MITIGATIONS)
+    allowed = LEAKAGE_MITIGATION_NORMS[mitigation]
+    if allowed is not None and norm not in allowed:
+        raise ValueError(
+            f"{names[0]} = {mitigation!r} needs BatchNorm in the head, but {names[1]} = {norm!r}; "
+            f"allowed values of {names[1]} with it: {list(allowed)}"
+        )
+
+
+def leakage_args_from_config(cfg, node: str) -> dict:
+    """
+    The heads' arguments beyond detectron2's from ``MODEL.<node>`` ("ROI_BOX_HEAD" or
+    "ROI_MASK_HEAD") and ``BN``, after :func:`check_leakage_mitigation` naming the keys.
+    """
+    head = cfg.MODEL[node]
+    keys = (f"MODEL.{node}.LEAKAGE_MITIGATION", f"MODEL.{node}.NORM")
+    check_leakage_mitigation(head.LEAKAGE_MITIGATION, head.NORM, keys)
+    args = dict(conv_norm=head.NORM, leakage_mitigation=head.LEAKAGE_MITIGATION)
+    return dict(args, **norm_options_from_config(cfg))
 
 
 def head_norm(
-    norm: str,
-    mitigation: str,
-    *,
-    sync_group_size: int = 0,
-    ghost_batch_size: int = 0,
-    mitigation_arg: str = "leakage_mitigation",
-    norm_arg: str = "conv_norm",
-) -> Optional[Callable[[int], nn.Module]]:
+    conv_norm: str, leakage_mitigation: str, sync_group_size: int = 0, ghost_batch_size: int = 0
+) -> Union[Callable[[int], nn.Module], str]:
     """
-    The norm factory ``channels -> nn.Module`` of a head with norm name ``norm`` under
-    leakage mitigation ``mitigation`` ("syncbn" turns BatchNorm into ``"SyncBN"``), or
-    ``None`` for no norm.
-
-    Raises:
-        ValueError: an unknown norm name or mitigation, or a mitigation that does not
-        apply to ``norm`` (e.g. "shuffle" with "GN"), naming ``mitigation_arg`` / ``norm_arg``.
+    The norm of a head's convs as detectron2's heads take it: a factory ``channels ->
+    nn.Module`` of :func:`d2_batchnorm.layers.get_norm` name ``conv_norm``, made "SyncBN" by
+    ``leakage_mitigation`` "syncbn" (``sync_group_size``, ``ghost_batch_size``: options of
+    "SyncBN" / "GhostBN"), or "" for none. ``ValueError`` for an unknown name or mitigation,
+    or a mitigation that does not apply to the norm (e.g. "shuffle" with "GN").
     """
-    check_leakage_mitigation(mitigation_arg, mitigation, norm_arg, norm)
-    name = "SyncBN" if mitigation == "syncbn" else norm
-    if not name:
-        return None
-    if name not in NORM_NAMES:
-        raise ValueError(f"{norm_arg} = {name!r} is not allowed; allowed values: {list(NORM_NAMES)}")
+    check_leakage_mitigation(leakage_mitigation, conv_norm)
+    name = check_choice("conv_norm", "SyncBN" if leakage_mitigation == "syncbn" else conv_norm, NORM_NAMES)
     options = {"sync_group_size": sync_group_size, "ghost_batch_size": ghost_batch_size}
-    return lambda channels: get_norm(name, channels, **options)
+    return name and (lambda channels: get_norm(name, channels, **options))
 
 
-def _mitigation_from_config(cfg, node: str) -> dict:
-    """The heads' ``from_config`` arguments of ``MODEL.<node>`` (checked, naming the keys)."""
-    head = cfg.MODEL[node]
-    check_leakage_mitigation(
-        f"MODEL.{node}.LEAKAGE_MITIGATION", head.LEAKAGE_MITIGATION, f"MODEL.{node}.NORM", head.NORM
-    )
-    return dict(
-        conv_norm=head.NORM, leakage_mitigation=head.LEAKAGE_MITIGATION, **norm_options_from_config(cfg)
-    )
-
-
-def _run_layers(layers: nn.Module, x: torch.Tensor, shuffle: bool, unshuffle_after: int) -> torch.Tensor:
+def run_layers(
+    layers: Iterable[nn.Module], x: torch.Tensor, shuffle: bool, unshuffle_at: Optional[int] = None
+) -> torch.Tensor:
     """
-    Applies the children of ``layers`` in order to (R, ...) RoI features. With ``shuffle``,
-    the rows are shuffled across workers first (:func:`shuffle_rois`) and returned to this
-    worker's original order right after child number ``unshuffle_after``.
+    Applies ``layers`` in order to (R, ...) features of this worker's R RoIs. With
+    ``shuffle``, the rows are first shuffled across workers (:func:`shuffle_rois`) and
+    returned to this worker in its original order (:func:`unshuffle_rois`) before layer
+    number ``unshuffle_at`` (0-based; None: after the last layer). The layers from
+    ``unshuffle_at`` on must work per RoI. Returns (R, ...) outputs in this worker's order.
     """
     state = None
     if shuffle:
         x, state = shuffle_rois(x)
     for i, layer in enumerate(layers):
+        if state is not None and i == unshuffle_at:
+            x, state = unshuffle_rois(x, state), None
         x = layer(x)
-        if state is not None and i == unshuffle_after:
-            x = unshuffle_rois(x, state)
-            state = None
-    return x
-
-
-def _last_norm_index(layers: List[nn.Module]) -> int:
-    """Index of the last layer that holds a norm (mixes RoIs in training), -1 if none."""
-    last = -1
-    for i, layer in enumerate(layers):
-        if getattr(layer, "norm", None) is not None:
-            last = i
-    return last
-
-
-def _per_roi_numel(shape) -> int:
-    return int(np.prod([d for d in shape if d]))
-
-
-class _LeakageMitigation:
-    """
-    What both heads add to detectron2's: config reading for ``MODEL.<_CFG_NODE>`` and the
-    layer loop that shuffles RoIs across workers in training when configured. Subclasses
-    set ``leakage_mitigation`` and ``_unshuffle_after`` (index of the child after which
-    rows go back to their workers).
-    """
-
-    _CFG_NODE = ""
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        ret.update(_mitigation_from_config(cfg, cls._CFG_NODE))
-        return ret
-
-    def _apply_layers(self, x: torch.Tensor) -> torch.Tensor:
-        shuffle = self.training and self.leakage_mitigation == "shuffle"
-        return _run_layers(self, x, shuffle, self._unshuffle_after)
+    return x if state is None else unshuffle_rois(x, state)
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
-class BNConvFCHead(_LeakageMitigation, FastRCNNConvFCHead):
+class BNConvFCHead(FastRCNNConvFCHead):
     """
-    detectron2's conv+fc box head (convs with norm and ReLU, then fcs with ReLU) with
-    d2_batchnorm's norms and leakage mitigation. Input (R, C, H, W) pooled RoI features,
-    output (R, FC_DIM) (or (R, C', H, W) without fcs), R the RoIs of this worker.
+    detectron2's conv+fc box head (convs with norm and ReLU, then flatten and fcs with
+    ReLU) with d2_batchnorm's norms and leakage mitigation. Input (R, C, H, W) pooled RoI
+    features, output (R, FC_DIM) (or (R, C', H, W) without fcs), R the RoIs of this worker.
+    With "shuffle" the RoIs return to their workers after the fcs (R x FC_DIM is small),
+    or right after the convs if there are none.
     """
 
-    _CFG_NODE = "ROI_BOX_HEAD"
+    #: the leakage mitigations this head implements (config checks ask the registry)
+    LEAKAGE_MITIGATIONS = LEAKAGE_MITIGATIONS
 
     @configurable
-    def __init__(
-        self,
-        input_shape: ShapeSpec,
-        *,
-        conv_dims: List[int],
-        fc_dims: List[int],
-        conv_norm: str = "BN",
-        leakage_mitigation: str = "none",
-        sync_group_size: int = 0,
-        ghost_batch_size: int = 0,
-    ):
+    def __init__(self, input_shape: ShapeSpec, *, conv_dims: List[int], fc_dims: List[int],
+                 conv_norm: str = "BN", leakage_mitigation: str = "none", sync_group_size: int = 0,
+                 ghost_batch_size: int = 0):
         """
         Args:
-            input_shape: shape of the pooled RoI features.
+            input_shape: (C, H, W) of the pooled RoI features.
             conv_dims, fc_dims: output dimensions of the conv layers and of the fc layers
                 (the paper's 4conv1fc: ``[256] * 4`` and ``[1024]``).
-            conv_norm: norm name of the conv layers (see :func:`d2_batchnorm.layers.get_norm`).
-            leakage_mitigation: "none", "syncbn" or "shuffle" (module docstring).
-            sync_group_size, ghost_batch_size: options of "SyncBN" / "GhostBN".
+            conv_norm, leakage_mitigation, sync_group_size, ghost_batch_size: the norm of
+                the convs and its leakage mitigation (:func:`head_norm`).
         """
-        norm = head_norm(
-            conv_norm,
-            leakage_mitigation,
-            sync_group_size=sync_group_size,
-            ghost_batch_size=ghost_batch_size,
-        )
-        super().__init__(input_shape, conv_dims=conv_dims, fc_dims=fc_dims, conv_norm=norm or "")
+        norm = head_norm(conv_norm, leakage_mitigation, sync_group_size, ghost_batch_size)
+        super().__init__(input_shape, conv_dims=conv_dims, fc_dims=fc_dims, conv_norm=norm)
         self.leakage_mitigation = leakage_mitigation
-        # Unshuffle after the last layer if the head ends with fcs (R x FC_DIM is small),
-        # else right after the last norm layer: everything after it works per RoI.
-        layers = list(self)
-        last_norm = _last_norm_index(layers)
-        self._unshuffle_after = len(layers) - 1 if fc_dims else max(last_norm, 0)
+        #: index of the first layer that gets this worker's own RoIs back (None: the output)
+        self.unshuffle_at = None if fc_dims else len(conv_dims)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        return {**super().from_config(cfg, input_shape), **leakage_args_from_config(cfg, "ROI_BOX_HEAD")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, H, W) -> (R, FC_DIM); shuffled across workers in training if configured."""
-        return self._apply_layers(x)
+        return run_layers(self, x, self.training and self.leakage_mitigation == "shuffle", self.unshuffle_at)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class BNMaskRCNNConvUpsampleHead(_LeakageMitigation, MaskRCNNConvUpsampleHead):
+class BNMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     """
     detectron2's mask head (convs with norm and ReLU, 2x deconv, 1x1 predictor) with
     d2_batchnorm's norms and leakage mitigation. Input (R, C, M, M) pooled features of the
-    foreground RoIs, logits (R, K, 2M, 2M). With "shuffle" the losses see each worker's
-    own RoIs in their original order.
+    foreground RoIs, logits (R, K, 2M, 2M). With "shuffle" the RoIs return to their
+    workers where a RoI is smaller: after the convs (C' x M x M, C' the last conv's
+    channels) if C' <= 4K, else after the predictor (K x 2M x 2M); the losses see each
+    worker's own RoIs in their original order.
     """
 
-    _CFG_NODE = "ROI_MASK_HEAD"
+    #: the leakage mitigations this head implements (config checks ask the registry)
+    LEAKAGE_MITIGATIONS = LEAKAGE_MITIGATIONS
 
     @configurable
-    def __init__(
-        self,
-        input_shape: ShapeSpec,
-        *,
-        num_classes: int,
-        conv_dims: List[int],
-        conv_norm: str = "BN",
-        leakage_mitigation: str = "none",
-        sync_group_size: int = 0,
-        ghost_batch_size: int = 0,
-        **kwargs,
-    ):
+    def __init__(self, input_shape: ShapeSpec, *, num_classes: int, conv_dims: List[int],
+                 conv_norm: str = "BN", leakage_mitigation: str = "none", sync_group_size: int = 0,
+                 ghost_batch_size: int = 0, **kwargs):
         """
         Args:
-            input_shape: shape of the pooled RoI features.
+            input_shape: (C, M, M) of the pooled features.
             num_classes: K, mask classes (1 when class-agnostic).
             conv_dims: output dimensions of the convs and (last entry) of the deconv.
-            conv_norm: norm name of the convs (see :func:`d2_batchnorm.layers.get_norm`).
-            leakage_mitigation: "none", "syncbn" or "shuffle" (module docstring).
-            sync_group_size, ghost_batch_size: options of "SyncBN" / "GhostBN".
+            conv_norm, leakage_mitigation, sync_group_size, ghost_batch_size: as
+                :class:`BNConvFCHead`.
             kwargs: ``loss_weight``, ``vis_period`` of detectron2's ``BaseMaskRCNNHead``.
         """
-        norm = head_norm(
-            conv_norm,
-            leakage_mitigation,
-            sync_group_size=sync_group_size,
-            ghost_batch_size=ghost_batch_size,
-        )
-        super().__init__(
-            input_shape, num_classes=num_classes, conv_dims=conv_dims, conv_norm=norm or "", **kwargs
-        )
+        norm = head_norm(conv_norm, leakage_mitigation, sync_group_size, ghost_batch_size)
+        super().__init__(input_shape, num_classes=num_classes, conv_dims=conv_dims, conv_norm=norm, **kwargs)
         self.leakage_mitigation = leakage_mitigation
-        # Per-RoI sizes: after the last conv+norm (C * M * M) or at the output (K * 2M * 2M);
-        # the deconv in between is per RoI, so the unshuffle goes where the tensor is smaller.
-        layers = list(self)
-        last_norm = max(_last_norm_index(layers), 0)
-        side = input_shape.height or 14
-        after_norm = _per_roi_numel((conv_dims[-2] if len(conv_dims) > 1 else input_shape.channels, side, side))
-        at_output = _per_roi_numel((num_classes, 2 * side, 2 * side))
-        self._unshuffle_after = last_norm if after_norm <= at_output else len(layers) - 1
+        channels = conv_dims[-2] if len(conv_dims) > 1 else input_shape.channels  # C' (class docstring)
+        self.unshuffle_at = len(conv_dims) - 1 if channels <= 4 * num_classes else None
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        return {**super().from_config(cfg, input_shape), **leakage_args_from_config(cfg, "ROI_MASK_HEAD")}
 
     def layers(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, M, M) features -> (R, K, 2M, 2M) mask logits, in this worker's RoI order."""
-        return self._apply_layers(x)
+        return run_layers(self, x, self.training and self.leakage_mitigation == "shuffle", self.unshuffle_at)
