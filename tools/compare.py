@@ -53,6 +53,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from d2_batchnorm.checks import check_int
 from d2_batchnorm.engine.cluster import CLUSTERS
 
 __all__ = [
@@ -366,12 +367,11 @@ def run_all(tasks: List[Tuple[str, str, str, Optional[int]]], launcher, opts: Li
         name = label if seed is None else f"{label} seed {seed}"
         run_opts = list(opts) + ([] if seed is None else ["SEED", str(seed)])
         request = {"config": os.path.abspath(config), "opts": run_opts, "workers": launcher.workers}
-        run = reusable_run(label, output_dir, request, name)
+        run, handle = reusable_run(label, output_dir, request, name), None
         if run is None:
             print(f"[compare] running {name}: {config} -> {output_dir}", flush=True)
             handle = launcher.start(config, output_dir, run_opts)
-        started.append((label, output_dir, seed, name, request, run, handle if run is None else None,
-                        time.perf_counter()))
+        started.append((label, output_dir, seed, name, request, run, handle, time.perf_counter()))
     runs = []
     for label, output_dir, seed, name, request, run, handle, start in started:
         if run is None:
@@ -620,13 +620,16 @@ def main(argv=None) -> int:
     if len(opts) % 2:
         print(f"error: the options after -- must be KEY VALUE pairs; got {opts}", file=sys.stderr)
         return 2
-    for flag, value, minimum in (("--num-gpus", args.num_gpus, 1), ("--nodes", args.nodes, 1),
-                                 ("--gpus-per-node", args.gpus_per_node, 0),
-                                 ("--timeout-min", args.timeout_min, 0),
-                                 ("--cpus-per-task", args.cpus_per_task, 0)):
-        if value < minimum:
-            print(f"error: {flag} = {value} is not allowed; it must be >= {minimum}", file=sys.stderr)
-            return 2
+    try:
+        for flag, value, minimum in (("--num-gpus", args.num_gpus, 1), ("--nodes", args.nodes, 1),
+                                     ("--gpus-per-node", args.gpus_per_node, 0),
+                                     ("--timeout-min", args.timeout_min, 0),
+                                     ("--cpus-per-task", args.cpus_per_task, 0)):
+            check_int(flag, value, minimum)
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.launcher == "submitit" and args.cluster == "slurm" and not shutil.which("srun"):
         print("error: --cluster slurm needs SLURM (srun, sbatch) on this machine's PATH; they were not "
               "found (--cluster local runs the jobs as processes here)", file=sys.stderr)
@@ -644,11 +647,6 @@ def main(argv=None) -> int:
         if path.endswith((".yaml", ".yml")) and not os.path.isfile(path):
             print(f"error: config file {path!r} (run {label!r}) does not exist", file=sys.stderr)
             return 2
-    try:
-        seeds = parse_seeds(args.seeds)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if args.baseline and args.baseline not in labels:
         print(f"error: --baseline = {args.baseline!r} is not allowed; it must be one of the run labels "
               f"{labels}", file=sys.stderr)
