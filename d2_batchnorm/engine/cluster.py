@@ -7,8 +7,8 @@ job (``submitit.helpers.TorchDistributedEnvironment``: MASTER_ADDR, MASTER_PORT,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, read from SLURM's variables or from submitit's
 local executor) and runs the script with ``--resume``; the script then initialises its
 process group exactly as under ``torchrun`` (:func:`d2_batchnorm.engine.launch`). A job
-that SLURM preempts or times out is requeued (``submitit.helpers.Checkpointable``) and
-resumes from the run's last checkpoint.
+that SLURM preempts or times out is requeued through submitit's ``checkpoint`` protocol
+(:meth:`TrainNetJob.checkpoint`) and resumes from the run's last checkpoint.
 
 :func:`make_executor` builds the executor for ``cluster`` "slurm" (sbatch), "local" (real
 processes on this machine: what the tests run) or "debug" (in this process).
