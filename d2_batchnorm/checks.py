@@ -5,7 +5,7 @@ checks — a layer's argument ("sync_group_size") or a config key ("BN.SYNC_GROU
 """
 from typing import Iterable, Optional
 
-__all__ = ["check_int", "check_choice", "check_bool"]
+__all__ = ["check_int", "check_float", "check_choice", "check_bool"]
 
 
 def check_int(name: str, value, minimum: int, maximum: Optional[int] = None) -> int:
@@ -21,6 +21,20 @@ def check_int(name: str, value, minimum: int, maximum: Optional[int] = None) -> 
     ):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} = {value!r} is not allowed; it must be an integer {bound}")
+    return value
+
+
+def check_float(name: str, value, minimum: float, maximum: float) -> float:
+    """
+    Returns ``value`` if it is a real number (an int or a float, not a bool) with
+    ``minimum <= value <= maximum``; raises ``ValueError`` naming ``name`` otherwise.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not minimum <= value <= maximum  # False for NaN too
+    ):
+        raise ValueError(f"{name} = {value!r} is not allowed; it must be a number in [{minimum}, {maximum}]")
     return value
 
 

@@ -21,7 +21,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY
 
 from .bn_modes import TEST_BN_STATS
-from .checks import check_bool, check_choice, check_int
+from .checks import check_bool, check_choice, check_float, check_int
 from .distributed import check_sync_group_size
 from .layers import NORM_NAMES
 from .modeling.retinanet import BNRetinaNetHead
@@ -88,6 +88,10 @@ def _add_keys(cfg: CN) -> None:
     _set_default(cfg.BN, "SYNC_GROUP_SIZE", 0)
     # "GhostBN" normalizes over virtual batches of this many samples; 0: whole batch.
     _set_default(cfg.BN, "GHOST_BATCH_SIZE", 0)
+    # EMA momentum m of every BatchNorm (running = (1 - m) running + m batch: an average
+    # over roughly the last 1/m iterations); 0.0: keep the layers' own (0.1 in torch and
+    # detectron2). Training itself does not depend on it, only the EMA statistics do.
+    _set_default(cfg.BN, "MOMENTUM", 0.0)
 
     # ---- RetinaNet head shared across FPN levels
     # Training statistics: "per_level" (each level its own), "shared" (all levels jointly),
@@ -138,6 +142,7 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
         )
     check_sync_group_size(cfg.BN.SYNC_GROUP_SIZE, world_size, name="BN.SYNC_GROUP_SIZE")
     check_int("BN.GHOST_BATCH_SIZE", cfg.BN.GHOST_BATCH_SIZE, 0)
+    check_float("BN.MOMENTUM", cfg.BN.MOMENTUM, 0.0, 1.0)
 
     BNRetinaNetHead.check_config(cfg)  # NORM_STATS, POPULATION_STATS
     check_bool("MODEL.RETINANET.NORM_SHARE_AFFINE", cfg.MODEL.RETINANET.NORM_SHARE_AFFINE)

@@ -258,3 +258,12 @@ def test_coco_configs_train_two_iterations_in_two_processes(run_workers, tmp_pat
     for config in COCO_CONFIGS:
         print(f"{config}: {max(r[config]['seconds'] for r in results):.1f} s")
         _check_run(config, [r[config] for r in results])
+
+
+@pytest.mark.parametrize("momentum, expected", [(0.0, 0.1), (0.01, 0.01)])
+def test_bn_momentum_reaches_every_batch_norm_of_the_model(momentum, expected):
+    """BN.MOMENTUM 0.0 keeps the layers' default (torch's 0.1); > 0 sets every BN, heads included."""
+    cfg = load_config(_path("Toy/retinanet_R18_FPN_bn_head.yaml"), ["BN.MOMENTUM", momentum], WORLD_SIZE)
+    norms = [m for m in build_model(cfg).modules() if isinstance(m, _BatchNorm)]
+    assert len(norms) > 20
+    assert {m.momentum for m in norms} == {expected}

@@ -388,3 +388,23 @@ def test_level_norm_affine_per_level_equals_separate_bns():
         torch.testing.assert_close(gw[i], rgw, **TOL)
         torch.testing.assert_close(gb[i], rgb, **TOL)
         torch.testing.assert_close(norm.running_var[i], bn.running_var, **TOL)
+
+
+@pytest.mark.parametrize("momentum", [0.01, 0.5])
+def test_set_ema_momentum_sets_every_batch_norm_and_the_ema_follows_it(momentum):
+    from detectron2.layers.batch_norm import FrozenBatchNorm2d, NaiveSyncBatchNorm
+
+    from d2_batchnorm.layers import set_ema_momentum
+
+    norms = [nn.BatchNorm2d(C), SyncBatchNorm(C), GhostBatchNorm(C, ghost_batch_size=2), NaiveSyncBatchNorm(C)]
+    model = nn.Sequential(*norms, FrozenBatchNorm2d(C), nn.GroupNorm(2, C))
+    assert set_ema_momentum(model, momentum) == len(norms)
+    x = torch.randn(4, C, 3, 3) * 3 + 2
+    batch_mean = x.mean(dim=(0, 2, 3))
+    batch_var = x.var(dim=(0, 2, 3), unbiased=True)
+    for norm in norms[:2]:  # one batch, one update: running = (1 - m) running + m batch
+        norm(x)
+        torch.testing.assert_close(norm.running_mean, momentum * batch_mean, **TOL)
+        torch.testing.assert_close(norm.running_var, (1 - momentum) + momentum * batch_var, **TOL)
+    for norm in norms[2:]:
+        assert norm.momentum == momentum

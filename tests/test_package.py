@@ -46,6 +46,9 @@ def test_validation_requires_our_keys():
         ("SOLVER.MAX_ITER", -5, "SOLVER.MAX_ITER = -5 is not allowed; it must be an integer >= 1"),
         ("SOLVER.IMS_PER_BATCH", 0, "SOLVER.IMS_PER_BATCH = 0 is not allowed"),
         ("SOLVER.CHECKPOINT_PERIOD", 0, "SOLVER.CHECKPOINT_PERIOD = 0 is not allowed"),
+        ("BN.MOMENTUM", 1.5, "BN.MOMENTUM = 1.5 is not allowed; it must be a number in [0.0, 1.0]"),
+        ("BN.MOMENTUM", float("nan"), "BN.MOMENTUM = nan is not allowed"),
+        ("BN.MOMENTUM", "0.1", "BN.MOMENTUM = '0.1' is not allowed"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(key, value, message):

@@ -11,6 +11,7 @@ from .batch_norm import (
     convert_sync_batchnorm,
     get_norm,
     norm_options_from_config,
+    set_ema_momentum,
 )
 from .batch_stats import ChannelMoments, batch_norm_over_parts, update_running_stats_
 from .ghost_batch_norm import GhostBatchNorm
@@ -25,6 +26,7 @@ __all__ = [
     "norm_options_from_config",
     "convert_batchnorm",
     "convert_sync_batchnorm",
+    "set_ema_momentum",
     "SyncBatchNorm",
     "GhostBatchNorm",
     "LEVEL_STATS",

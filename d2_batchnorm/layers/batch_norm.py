@@ -1,7 +1,7 @@
 """
 ``get_norm``: detectron2's norm names plus d2_batchnorm's, resolved to modules; and the
 conversions of the norms of a module tree built by detectron2 (``convert_batchnorm``,
-``convert_sync_batchnorm``).
+``convert_sync_batchnorm``); ``set_ema_momentum``, the EMA momentum of all its BatchNorms.
 """
 from typing import Callable, Optional, Type, Union
 
@@ -16,6 +16,7 @@ __all__ = [
     "norm_options_from_config",
     "convert_batchnorm",
     "convert_sync_batchnorm",
+    "set_ema_momentum",
     "NORM_NAMES",
     "D2BN_NORM_NAMES",
 ]
@@ -136,6 +137,31 @@ def convert_sync_batchnorm(module: nn.Module, sync_group_size: int = 0) -> nn.Mo
     return _replace_norms(
         module, nn.SyncBatchNorm, lambda m: SyncBatchNorm(m.num_features, sync_group_size=sync_group_size)
     )
+
+
+def set_ema_momentum(module: nn.Module, momentum: float) -> int:
+    """
+    Sets the EMA momentum ``m`` of every BatchNorm in ``module``'s tree (torch's
+    ``_BatchNorm`` subclasses: ``nn.BatchNorm1d/2d/3d`` and every batch-statistics norm of
+    this package and of detectron2; FrozenBN, GN and LN keep no EMA). In training, each
+    forward updates the running statistics as
+
+        running = (1 - m) * running + m * batch statistic,
+
+    an exponential average whose weights fall to 1/e after about 1/m updates: m = 0.1
+    (torch's and detectron2's default) averages over roughly the last 10 iterations, so
+    the statistics lag behind the weights by a few iterations; m = 0.01, by about 100.
+    Training outputs do not depend on m (training normalizes by batch statistics); only
+    the population statistics used at inference do.
+
+    Returns the number of modules set.
+    """
+    count = 0
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+            count += 1
+    return count
 
 
 def _replace_norms(module: nn.Module, kind: Type[nn.Module], build: Callable[[nn.Module], nn.Module]):

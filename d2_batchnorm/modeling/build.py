@@ -26,13 +26,22 @@ How a norm name resolves:
   ``MODEL.ROI_BOX_HEAD.NORM`` ``roi_heads.box_head`` when NAME is "FastRCNNConvFCHead"
   ``MODEL.ROI_MASK_HEAD.NORM`` ``roi_heads.mask_head`` when NAME is "MaskRCNNConvUpsampleHead"
   =========================  ==============================================================
+
+``BN.MOMENTUM`` > 0 then sets the EMA momentum of every BatchNorm of the model
+(:func:`d2_batchnorm.layers.set_ema_momentum`).
 """
 from typing import Dict, List
 
 from detectron2.modeling import build_model as d2_build_model
 from torch import nn
 
-from ..layers import D2BN_NORM_NAMES, convert_batchnorm, convert_sync_batchnorm, norm_options_from_config
+from ..layers import (
+    D2BN_NORM_NAMES,
+    convert_batchnorm,
+    convert_sync_batchnorm,
+    norm_options_from_config,
+    set_ema_momentum,
+)
 
 __all__ = ["build_model"]
 
@@ -51,7 +60,10 @@ def build_model(cfg) -> nn.Module:
         name = cfg.MODEL[key].NORM
         for module in _modules_of_key(model, cfg, key):
             convert_batchnorm(module, name, **options)
-    return convert_sync_batchnorm(model, cfg.BN.SYNC_GROUP_SIZE)
+    model = convert_sync_batchnorm(model, cfg.BN.SYNC_GROUP_SIZE)
+    if cfg.BN.MOMENTUM > 0:
+        set_ema_momentum(model, cfg.BN.MOMENTUM)
+    return model
 
 
 def _config_for_detectron2(cfg):
