@@ -58,7 +58,7 @@ from d2_batchnorm.engine.cluster import CLUSTERS
 
 __all__ = [
     "RunResult", "CorruptFile", "copypaste_blocks", "read_run", "read_dir", "run_config",
-    "run_all", "parse_seeds", "paired_differences", "write_tables", "write_seed_tables",
+    "run_all", "parse_seeds", "mean_sd", "paired_differences", "write_tables", "write_seed_tables",
     "plot", "main",
 ]
 
@@ -480,13 +480,19 @@ def _values(group: List[RunResult], key: str) -> List[float]:
             if r.status == "ok" and key in r.metrics and not math.isnan(r.metrics[key])]
 
 
-def _mean_sd(values: List[float]) -> str:
-    """``mean ± sd`` (sample standard deviation; just the value for one run); '' for none."""
+def mean_sd(values, digits: int = 1, signed: bool = False, show_n: bool = False, empty: str = "") -> str:
+    """
+    ``mean ± sd`` over ``values`` (sample standard deviation; the value alone for one),
+    None and NaN left out; ``empty`` for none. ``signed``: the mean with its sign (a
+    difference); ``show_n``: followed by the number of values, "(n)". The one formatter of
+    spread over seeds, for this tool and the studies.
+    """
+    values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
-        return ""
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return empty
+    mean = f"{statistics.mean(values):{'+' if signed else ''}.{digits}f}"
+    text = mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
+    return f"{text} ({len(values)})" if show_n else text
 
 
 def _by_label(runs: List[RunResult]) -> Dict[str, List[RunResult]]:
@@ -528,10 +534,10 @@ def write_seed_tables(runs: List[RunResult], out_dir: str, baseline: Optional[st
         ok = [r for r in group if r.status == "ok"]
         first = next((r for r in group if r.mitigation or r.statistics), group[0])
         row = [label, first.mitigation, first.statistics, f"{len(ok)}/{len(group)}"]
-        row += [_mean_sd(_values(group, k)) for k, _ in columns]
+        row += [mean_sd(_values(group, k)) for k, _ in columns]
         row.append(", ".join(f"{r.seed}: {_fmt(r.metrics.get(columns[0][0]))}" for r in ok))
         if baseline:
-            row.append("(baseline)" if label == baseline else _mean_sd(diffs.get(label, [])))
+            row.append("(baseline)" if label == baseline else mean_sd(diffs.get(label, [])))
         row.append("; ".join(f"seed {r.seed} {_status_text(r)}" for r in group if r.status != "ok"))
         lines.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
     markdown = "\n".join(lines) + "\n"

@@ -16,14 +16,13 @@ a run that failed or is unfinished is shown as such.
 import argparse
 import csv
 import json
-import math
 import os
 import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
-from compare import read_dir  # noqa: E402
+from compare import mean_sd, read_dir  # noqa: E402
 
 TASKS = (("bbox/AP", "bbox AP"), ("segm/AP", "segm AP"))
 
@@ -36,12 +35,7 @@ def _fmt(value, signed=False, digits=1):
 
 def _mean_sd(values, signed=False, digits=1):
     """``mean ± sd (n)`` over seeds (sample sd); the value alone for one seed; — for none."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return _fmt(values[0], signed, digits) + " (1)"
-    return f"{_fmt(statistics.mean(values), signed, digits)} ± {statistics.stdev(values):.{digits}f} ({len(values)})"
+    return mean_sd(values, digits=digits, signed=signed, show_n=True, empty="—")
 
 
 PROBE = (("loss_cls", "loss_cls", 3), ("fast_rcnn/fg_cls_accuracy", "fg accuracy", 3))
