@@ -19,8 +19,8 @@
 #   bash projects/LeakageStudy/run_study.sh [OUTPUT_DIR]      (default: output/leakage_study)
 #
 # Environment: D2BN_PYTHON (default: .venv/bin/python); D2BN_STUDY_SETTINGS (default
-# "1img:1:2000:bn,shuffle,syncbn,gn 2img:2:1000:bn,shuffle,syncbn", each
-# NAME:IMAGES_PER_WORKER:ITERATIONS:VARIANTS, variants among bn, syncbn, shuffle, gn);
+# "1img:1:2000:bn,shuffle,syncbn,gn,nonorm 2img:2:1000:bn,shuffle,syncbn", each
+# NAME:IMAGES_PER_WORKER:ITERATIONS:VARIANTS, variants among bn, syncbn, shuffle, gn, nonorm);
 # D2BN_STUDY_DATASET (default toy_coco_relative; its _train and _val splits are used);
 # D2BN_STUDY_SEEDS (default "1 2 3": every run once per SEED, into <run>/seed<S>; seeds
 # outermost, so an interrupted study has whole seeds); D2BN_STUDY_REUSE=1 keeps finished
@@ -31,7 +31,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 PY="${D2BN_PYTHON:-$ROOT/.venv/bin/python}"
 OUT="${1:-$ROOT/output/leakage_study}"
-SETTINGS="${D2BN_STUDY_SETTINGS:-1img:1:2000:bn,shuffle,syncbn,gn 2img:2:1000:bn,shuffle,syncbn}"
+SETTINGS="${D2BN_STUDY_SETTINGS:-1img:1:2000:bn,shuffle,syncbn,gn,nonorm 2img:2:1000:bn,shuffle,syncbn}"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 cd "$ROOT"
 mkdir -p "$OUT"
@@ -58,7 +58,7 @@ for setting in $SETTINGS; do
   for variant in ${variants//,/ }; do
     config="configs/Toy/mask_rcnn_R18_FPN_${variant}_head.yaml"
     if [[ ! -f "$config" ]]; then
-      echo "error: unknown variant '$variant' (no $config); known: bn syncbn shuffle gn" >&2
+      echo "error: unknown variant '$variant' (no $config); known: bn syncbn shuffle gn nonorm" >&2
       exit 2
     fi
     run="$OUT/$name/${variant}_head/seed$seed"
