@@ -224,6 +224,7 @@ def test_seeds_reuse_finished_runs_and_rerun_the_rest(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [(r["seed"], r["status"]) for r in rows] == [("1", "ok"), ("2", "failed")]
     assert rows[0]["seconds"] == "12.0"
+    assert float(rows[1]["seconds"]) > 0.5  # the time the local launcher took to run it
 
 
 @pytest.mark.parametrize("seeds, expected", [("3", [1, 2, 3]), ("7,0,11", [7, 0, 11]), ("", [])])

@@ -367,11 +367,11 @@ def run_all(tasks: List[Tuple[str, str, str, Optional[int]]], launcher, opts: Li
         name = label if seed is None else f"{label} seed {seed}"
         run_opts = list(opts) + ([] if seed is None else ["SEED", str(seed)])
         request = {"config": os.path.abspath(config), "opts": run_opts, "workers": launcher.workers}
-        run, handle = reusable_run(label, output_dir, request, name), None
+        run, handle, start = reusable_run(label, output_dir, request, name), None, time.perf_counter()
         if run is None:
             print(f"[compare] running {name}: {config} -> {output_dir}", flush=True)
-            handle = launcher.start(config, output_dir, run_opts)
-        started.append((label, output_dir, seed, name, request, run, handle, time.perf_counter()))
+            handle = launcher.start(config, output_dir, run_opts)  # the local launcher runs it now
+        started.append((label, output_dir, seed, name, request, run, handle, start))
     runs = []
     for label, output_dir, seed, name, request, run, handle, start in started:
         if run is None:
