@@ -1,10 +1,10 @@
 """projects/LeakageStudy/summarize.py over seeds: mean ± sd and gaps paired per seed."""
 import csv
-import importlib.util
 import json
 import os
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import load_script
+
 COPYPASTE = """[d2.evaluation.testing]: copypaste: Task: bbox
 [d2.evaluation.testing]: copypaste: AP,AP50
 [d2.evaluation.testing]: copypaste: {bbox},60.0
@@ -15,11 +15,7 @@ COPYPASTE = """[d2.evaluation.testing]: copypaste: Task: bbox
 
 
 def _summarize_module():
-    spec = importlib.util.spec_from_file_location(
-        "summarize", os.path.join(REPO, "projects", "LeakageStudy", "summarize.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("projects/LeakageStudy/summarize.py")
 
 
 def test_heads_over_seeds(tmp_path):
