@@ -24,7 +24,8 @@
 # D2BN_STUDY_DATASET (default toy_coco_relative; its _train and _val splits are used);
 # D2BN_STUDY_SEEDS (default "1 2 3": every run once per SEED, into <run>/seed<S>; seeds
 # outermost, so an interrupted study has whole seeds); D2BN_STUDY_REUSE=1 keeps finished
-# runs of OUTPUT_DIR instead of retraining them.
+# runs of OUTPUT_DIR instead of retraining them; D2BN_STUDY_RESULTS (default
+# projects/LeakageStudy/results) is where summarize.py writes the tables and the plot.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -93,4 +94,4 @@ for setting in $SETTINGS; do
   done
 done
 done
-"$PY" "$HERE/summarize.py" --out "$HERE/results" --dataset "${DATASET}_val" "${RUN_DIRS[@]}"
+"$PY" "$HERE/summarize.py" --out "${D2BN_STUDY_RESULTS:-$HERE/results}" --dataset "${DATASET}_val" "${RUN_DIRS[@]}"
