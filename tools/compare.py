@@ -57,7 +57,7 @@ from d2_batchnorm.checks import check_int
 from d2_batchnorm.engine.cluster import CLUSTERS
 
 __all__ = [
-    "RunResult", "CorruptFile", "copypaste_blocks", "read_run", "read_dir", "run_config",
+    "RunResult", "CorruptFile", "box_ap", "copypaste_blocks", "read_run", "read_dir", "run_config",
     "run_all", "parse_seeds", "mean_sd", "paired_differences", "write_tables", "write_seed_tables",
     "plot", "main",
 ]
@@ -121,6 +121,16 @@ def _last_values(metrics_json: str) -> Dict[str, float]:
             if isinstance(value, (int, float)):
                 values[key] = float(value)
     return values
+
+
+def box_ap(results: Dict) -> float:
+    """
+    The bbox AP of a detectron2 results dict (``{"bbox": {"AP": ...}, ...}``; nested by
+    dataset when there are several: the first dataset's).
+    """
+    if "bbox" in results:
+        return float(results["bbox"]["AP"])
+    return box_ap(next(iter(results.values())))
 
 
 def copypaste_blocks(log_txt: str) -> List[Dict[str, float]]:

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from compare import LocalLauncher, copypaste_blocks, mean_sd, parse_seeds, read_run as read_compare_run  # noqa: E402
+from compare import LocalLauncher, box_ap, copypaste_blocks, mean_sd, parse_seeds, read_run as read_compare_run  # noqa: E402
 from compare import run_all  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs/Toy/retinanet_R18_FPN_bn_head.yaml")
@@ -121,10 +121,6 @@ def read_new_domain(path: str) -> Optional[Dict[str, float]]:
         return None
     with open(summary) as f:
         data = json.load(f)
-
-    def box_ap(results):  # detectron2 nests the results by dataset when there are several
-        return results["bbox"]["AP"] if "bbox" in results else box_ap(next(iter(results.values())))
-
     return {"before": box_ap(data["before"]), "after": box_ap(data["after"])}
 
 
