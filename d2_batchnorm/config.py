@@ -17,6 +17,8 @@ default and allowed values.
 ``validate_batchnorm_config(cfg)`` checks values before any model, data loader or process
 group is built, and raises ``ValueError`` naming the key, the bad value and what is allowed.
 """
+from collections.abc import Sequence
+
 from detectron2.config import CfgNode as CN
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY
 
@@ -27,12 +29,52 @@ from .layers import NORM_NAMES
 from .modeling.retinanet import BNRetinaNetHead
 from .modeling.roi_heads import leakage_args_from_config
 
-__all__ = ["add_batchnorm_config", "validate_batchnorm_config", "images_per_worker"]
+__all__ = [
+    "add_batchnorm_config", "validate_batchnorm_config", "images_per_worker", "split_batch",
+    "check_frozen_last_iters", "config_value", "TRAIN_SETTINGS",
+]
 
 # Keys naming a norm (d2_batchnorm.layers.get_norm's names), and those whose norm sees a
 # batch of images (the ones GhostBN splits into BN.GHOST_BATCH_SIZE images).
 NORM_KEYS = ("RESNETS", "FPN", "RETINANET", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
 IMAGE_BATCH_NORM_KEYS = ("RESNETS", "FPN", "RETINANET")
+
+
+def _check_dataset_list(name: str, value) -> None:
+    if isinstance(value, str) or not isinstance(value, Sequence):  # a list, tuple or ListConfig
+        raise ValueError(
+            f"{name} = {value!r} is not allowed; it must be a list of registered dataset names"
+        )
+
+
+def _at_least(minimum: int):
+    return lambda name, value: check_int(name, value, minimum)
+
+
+#: The training settings both kinds of config have, each once: (yacs key, path in a
+#: LazyConfig's ``train`` section, LazyConfig default, check(name, value)). A default of
+#: None marks detectron2's own settings (detectron2's ``configs/common/train.py`` has them;
+#: it lacks ``seed``, which detectron2's ``default_setup`` reads). yacs defaults are set by
+#: ``_add_keys`` (or detectron2's ``get_cfg``).
+TRAIN_SETTINGS = (
+    ("SOLVER.MAX_ITER", "max_iter", None, _at_least(1)),
+    ("SOLVER.CHECKPOINT_PERIOD", "checkpointer.period", None, _at_least(1)),
+    ("TEST.EVAL_PERIOD", "eval_period", None, _at_least(0)),
+    ("TEST.PRECISE_BN.ENABLED", "precise_bn.enabled", False, None),  # yacs: typed by its default
+    ("TEST.PRECISE_BN.NUM_ITER", "precise_bn.num_iter", 200, _at_least(1)),
+    ("TEST.PRECISE_BN.NUM_SAMPLES", "precise_bn.num_samples", 0, _at_least(0)),
+    ("TEST.PRECISE_BN.PERIOD", "precise_bn.period", 0, _at_least(0)),
+    ("TEST.PRECISE_BN.IMS_PER_BATCH", "precise_bn.ims_per_batch", 0, _at_least(0)),
+    ("TEST.PRECISE_BN.EVAL_EMA", "precise_bn.eval_ema", True, check_bool),
+    ("TEST.PRECISE_BN.DATASETS", "precise_bn.datasets", [], _check_dataset_list),
+    ("TEST.BN_STATS", "bn_stats", "population", lambda name, value: check_choice(name, value, TEST_BN_STATS)),
+    ("BN.FROZEN_LAST_ITERS", "frozen_bn_last_iters", 0, _at_least(0)),
+    ("BN.MOMENTUM", "bn_momentum", 0.0, lambda name, value: check_float(name, value, 0.0, 1.0)),
+    ("SEED", "seed", -1, None),
+    ("OUTPUT_DIR", "output_dir", None, None),
+    ("MODEL.WEIGHTS", "init_checkpoint", None, None),
+    ("MODEL.DEVICE", "device", None, None),
+)
 
 
 def add_batchnorm_config(cfg: CN) -> CN:
@@ -119,30 +161,14 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
     """
     if "BN" not in cfg:
         raise ValueError("the config lacks d2_batchnorm's keys: call add_batchnorm_config(cfg)")
-    _check_schedule(cfg, world_size)
-    pbn = cfg.TEST.PRECISE_BN
-    check_int("TEST.PRECISE_BN.NUM_ITER", pbn.NUM_ITER, 1)
-    check_int("TEST.PRECISE_BN.NUM_SAMPLES", pbn.NUM_SAMPLES, 0)
-    check_int("TEST.PRECISE_BN.PERIOD", pbn.PERIOD, 0)
-    check_int("TEST.PRECISE_BN.IMS_PER_BATCH", pbn.IMS_PER_BATCH, 0)
-    check_bool("TEST.PRECISE_BN.EVAL_EMA", pbn.EVAL_EMA)
-    if not isinstance(pbn.DATASETS, (list, tuple)):
-        raise ValueError(
-            f"TEST.PRECISE_BN.DATASETS = {pbn.DATASETS!r} is not allowed; "
-            "it must be a list of registered dataset names"
-        )
-    check_choice("TEST.BN_STATS", cfg.TEST.BN_STATS, TEST_BN_STATS)
+    for key, _, _, check in TRAIN_SETTINGS:  # the schedule first: other checks use it
+        if check is not None:
+            check(key, config_value(cfg, key))
+    images_per_worker(cfg, world_size)
     check_int("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH, 1)
-
-    check_int("BN.FROZEN_LAST_ITERS", cfg.BN.FROZEN_LAST_ITERS, 0)
-    if cfg.BN.FROZEN_LAST_ITERS > cfg.SOLVER.MAX_ITER:
-        raise ValueError(
-            f"BN.FROZEN_LAST_ITERS = {cfg.BN.FROZEN_LAST_ITERS} is not allowed; it must be "
-            f"<= SOLVER.MAX_ITER ({cfg.SOLVER.MAX_ITER})"
-        )
+    check_frozen_last_iters(cfg.BN.FROZEN_LAST_ITERS, cfg.SOLVER.MAX_ITER)
     check_sync_group_size(cfg.BN.SYNC_GROUP_SIZE, world_size, name="BN.SYNC_GROUP_SIZE")
     check_int("BN.GHOST_BATCH_SIZE", cfg.BN.GHOST_BATCH_SIZE, 0)
-    check_float("BN.MOMENTUM", cfg.BN.MOMENTUM, 0.0, 1.0)
 
     BNRetinaNetHead.check_config(cfg)  # NORM_STATS, POPULATION_STATS
     check_bool("MODEL.RETINANET.NORM_SHARE_AFFINE", cfg.MODEL.RETINANET.NORM_SHARE_AFFINE)
@@ -160,12 +186,20 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
             )
 
 
-def _check_schedule(cfg: CN, world_size: int) -> None:
-    """detectron2's solver keys that the workers would otherwise fail on."""
-    check_int("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, 1)
-    check_int("SOLVER.CHECKPOINT_PERIOD", cfg.SOLVER.CHECKPOINT_PERIOD, 1)
-    check_int("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, 0)
-    images_per_worker(cfg, world_size)
+def config_value(cfg: CN, key: str):
+    """The value of ``key`` (e.g. "TEST.PRECISE_BN.NUM_ITER") in ``cfg``."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def check_frozen_last_iters(frozen: int, max_iter: int,
+                            names=("BN.FROZEN_LAST_ITERS", "SOLVER.MAX_ITER")) -> None:
+    """Raises ``ValueError`` when FrozenBN would start before the first iteration."""
+    if frozen > max_iter:
+        raise ValueError(
+            f"{names[0]} = {frozen} is not allowed; it must be <= {names[1]} ({max_iter})"
+        )
 
 
 def images_per_worker(cfg: CN, world_size: int) -> int:
@@ -175,17 +209,26 @@ def images_per_worker(cfg: CN, world_size: int) -> int:
     SOLVER.REFERENCE_WORLD_SIZE`` of itself when that key is > 0 (``auto_scale_workers``).
     Raises ``ValueError`` naming the key when the batch cannot be split evenly.
     """
-    batch, reference = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.REFERENCE_WORLD_SIZE
-    check_int("SOLVER.IMS_PER_BATCH", batch, 1)
-    check_int("SOLVER.REFERENCE_WORLD_SIZE", reference, 0)
+    return split_batch(cfg.SOLVER.IMS_PER_BATCH, world_size, cfg.SOLVER.REFERENCE_WORLD_SIZE)
+
+
+def split_batch(batch: int, world_size: int, reference: int = 0,
+                names=("SOLVER.IMS_PER_BATCH", "SOLVER.REFERENCE_WORLD_SIZE")) -> int:
+    """
+    ``batch`` (a total batch) per worker of ``world_size`` (or of ``reference`` workers when
+    > 0); ``ValueError`` naming ``names[0]`` (``names[1]``: the reference) when it does not
+    split evenly. A LazyConfig's ``dataloader.train.total_batch_size`` is checked here too.
+    """
+    check_int(names[0], batch, 1)
+    check_int(names[1], reference, 0)
     workers = reference or world_size
     if batch % workers != 0:
         lower = batch // workers * workers
         nearest = " or ".join(str(v) for v in (lower, lower + workers) if v > 0)
-        what = (f"SOLVER.REFERENCE_WORLD_SIZE = {reference} (detectron2 scales the batch by "
+        what = (f"{names[1]} = {reference} (detectron2 scales the batch by "
                 f"workers / REFERENCE_WORLD_SIZE)" if reference else f"{world_size} workers")
         raise ValueError(
-            f"SOLVER.IMS_PER_BATCH = {batch} is not allowed with {what}: it is the total batch, "
+            f"{names[0]} = {batch} is not allowed with {what}: it is the total batch, "
             f"split evenly over the workers; allowed values: multiples of {workers} "
             f"(e.g. {nearest})"
         )
