@@ -10,23 +10,13 @@ On a machine without CUDA, ``--num-gpus N`` starts N CPU processes over gloo. Al
 under ``torchrun --nproc-per-node N tools/train_net.py ...``. The config, the datasets and
 ``--num-gpus`` and ``MODEL.WEIGHTS`` are checked before any worker starts.
 """
-import os
 import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser
 
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.data import prepare_datasets
-from d2_batchnorm.engine import (
-    BNTrainer,
-    check_launch_args,
-    check_weights,
-    launch,
-    launched_by_torchrun,
-    load_config,
-    setup,
-)
+from d2_batchnorm.engine import BNTrainer, check_weights, launch_cli, load_config, setup
 
 
 def main(args):
@@ -42,16 +32,11 @@ def main(args):
     return trainer.train()
 
 
-def check_before_launch(args) -> None:
+def check_before_launch(args, world_size: int) -> None:
     """
     Fails fast, in the launching process, on a bad config, a missing dataset or a file that
     is not a checkpoint (nothing is written into OUTPUT_DIR).
     """
-    if launched_by_torchrun():  # the environment gives the workers
-        world_size = int(os.environ["WORLD_SIZE"])
-    else:
-        check_launch_args(args.num_gpus, args.num_machines)
-        world_size = args.num_gpus * args.num_machines
     cfg = load_config(args.config_file, args.opts, world_size)
     check_weights(cfg, resume=args.resume)
     prepare_datasets(
@@ -60,20 +45,7 @@ def check_before_launch(args) -> None:
 
 
 def cli(argv=None) -> int:
-    parser = default_argument_parser()
-    args = parser.parse_args(argv)
-    if args.dist_url == parser.get_default("dist_url") and args.num_machines == 1:
-        # detectron2's default is one fixed port per user: two jobs at once would collide
-        args.dist_url = "auto"
-    print("Command Line Args:", args)
-    try:  # under torchrun every process checks; dataset generation is safe to race
-        check_before_launch(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
-    return 0
+    return launch_cli(main, check_before_launch, argv)
 
 
 if __name__ == "__main__":

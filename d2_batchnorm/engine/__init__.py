@@ -1,8 +1,18 @@
-"""Training: BNTrainer, launching, config set-up, BatchNorm hooks."""
+"""Training: BNTrainer and the LazyConfig trainer, launching, config set-up, BatchNorm hooks."""
 from . import hooks
-from .defaults import check_checkpoint, check_weights, get_bn_cfg, load_config, resolve_device, setup
-from .hooks import FrozenBNLate, PreciseBN
-from .launch import check_launch_args, launch, launched_by_torchrun, run_on_local_workers
+from .defaults import (
+    check_checkpoint,
+    check_weights,
+    get_bn_cfg,
+    load_config,
+    load_lazy_config,
+    resolve_device,
+    setup,
+    setup_lazy,
+)
+from .hooks import FrozenBNLate, PreciseBN, build_batchnorm_hooks
+from .launch import check_launch_args, launch, launch_cli, launched_by_torchrun, run_on_local_workers
+from .lazy import build_lazy_model, build_lazy_trainer, lazy_test
 from .trainer import BNTrainer, create_ddp_model
 
 __all__ = [k for k in globals() if not k.startswith("_")]

@@ -1,4 +1,4 @@
-"""Config set-up shared by tools/train_net.py and the other tools."""
+"""Config set-up shared by tools/train_net.py, tools/lazyconfig_train_net.py and the other tools."""
 import logging
 import os
 import zipfile
@@ -10,8 +10,17 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_batchnorm_config, validate_batchnorm_config
+from ..lazy_config import (
+    add_batchnorm_train_config,
+    is_lazy_config,
+    set_setting,
+    setting,
+    setting_name,
+    validate_lazy_config,
+)
 
-__all__ = ["get_bn_cfg", "load_config", "resolve_device", "check_checkpoint", "check_weights", "setup"]
+__all__ = ["get_bn_cfg", "load_config", "load_lazy_config", "resolve_device", "check_checkpoint",
+           "check_weights", "setup", "setup_lazy"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +60,58 @@ def load_config(config_file: str, opts=(), world_size: int = 1):
     return cfg
 
 
+#: what a LazyConfig for tools/lazyconfig_train_net.py defines (detectron2's convention)
+LAZY_CONFIG_PARTS = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+
+
+def load_lazy_config(config_file: str, overrides=(), world_size: int = 1):
+    """
+    :func:`load_config` for a LazyConfig (a detectron2 Python config): reads
+    ``config_file``, applies ``overrides`` (``key=value``), adds d2_batchnorm's settings to
+    ``train`` (:func:`~d2_batchnorm.lazy_config.add_batchnorm_train_config`), picks the
+    device (:func:`resolve_device`) and validates for ``world_size`` workers.
+
+    Raises:
+        ValueError: a missing file, a config that fails to load or lacks one of
+        :data:`LAZY_CONFIG_PARTS`, a bad override or a bad value — the message names it.
+    """
+    from detectron2.config import LazyConfig
+
+    if not os.path.isfile(config_file):
+        raise ValueError(f"--config-file {config_file!r} does not exist")
+    try:
+        cfg = LazyConfig.load(config_file)
+    except Exception as e:  # the config is Python: any error is the config's
+        raise ValueError(f"{config_file}: {type(e).__name__}: {e}") from None
+    missing = [part for part in LAZY_CONFIG_PARTS if part not in cfg]
+    if missing:
+        raise ValueError(f"{config_file} does not define {missing}; it must define {list(LAZY_CONFIG_PARTS)}")
+    try:
+        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+    except Exception as e:
+        raise ValueError(f"command-line overrides: {type(e).__name__}: {e}") from None
+    add_batchnorm_train_config(cfg.train)
+    cfg = resolve_device(cfg)
+    validate_lazy_config(cfg, world_size)
+    return cfg
+
+
 def resolve_device(cfg):
     """
-    ``cfg`` itself when ``MODEL.DEVICE`` can be used here; on a machine without CUDA, a
-    copy whose ``MODEL.DEVICE`` is "cpu" instead of a CUDA device (logged), so a config
-    written for GPUs runs as is. The one place where the device is chosen:
-    :func:`load_config` and :class:`~d2_batchnorm.engine.BNTrainer` both call it.
+    ``cfg`` itself when its device (``MODEL.DEVICE``; a LazyConfig's ``train.device``) can
+    be used here; on a machine without CUDA, a config whose device is "cpu" instead of a
+    CUDA device (logged), so a config written for GPUs runs as is: a copy of a yacs config,
+    a LazyConfig changed in place. The one place where the device is chosen:
+    :func:`load_config`, :func:`load_lazy_config` and
+    :class:`~d2_batchnorm.engine.BNTrainer` call it.
     """
-    if torch.cuda.is_available() or not str(cfg.MODEL.DEVICE).startswith("cuda"):
+    device = setting(cfg, "MODEL.DEVICE")
+    if torch.cuda.is_available() or not str(device).startswith("cuda"):
         return cfg
-    logger.info("MODEL.DEVICE = %r but CUDA is not available: using 'cpu'", cfg.MODEL.DEVICE)
+    logger.info("%s = %r but CUDA is not available: using 'cpu'", setting_name(cfg, "MODEL.DEVICE"), device)
+    if is_lazy_config(cfg):
+        set_setting(cfg, "MODEL.DEVICE", "cpu")
+        return cfg
     frozen = cfg.is_frozen()
     cfg = cfg.clone()
     cfg.defrost()
@@ -105,15 +156,17 @@ def check_weights(cfg, resume: bool = False) -> None:
     """
     :func:`check_checkpoint` on what ``DetectionCheckpointer.resume_or_load(cfg.MODEL.WEIGHTS,
     resume=resume)`` will load: with ``resume`` and an ``OUTPUT_DIR/last_checkpoint``, the
-    checkpoint it names, otherwise ``MODEL.WEIGHTS``.
+    checkpoint it names, otherwise ``MODEL.WEIGHTS`` (a LazyConfig: ``train.output_dir``,
+    ``train.init_checkpoint``).
     """
-    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    output_dir = setting(cfg, "OUTPUT_DIR")
+    last = os.path.join(output_dir, "last_checkpoint")
     if resume and os.path.isfile(last):
         with open(last) as f:
             name = f.read().strip()
-        check_checkpoint(os.path.join(cfg.OUTPUT_DIR, name), f"the checkpoint named by {last}")
+        check_checkpoint(os.path.join(output_dir, name), f"the checkpoint named by {last}")
     else:
-        check_checkpoint(cfg.MODEL.WEIGHTS)
+        check_checkpoint(setting(cfg, "MODEL.WEIGHTS"), setting_name(cfg, "MODEL.WEIGHTS"))
 
 
 def setup(args):
@@ -121,7 +174,15 @@ def setup(args):
     ``load_config`` from detectron2's command-line ``args`` plus ``default_setup``, and a
     logger for d2_batchnorm's own messages (to the console and OUTPUT_DIR/log.txt).
     """
-    cfg = load_config(args.config_file, args.opts, comm.get_world_size())
-    default_setup(cfg, args)
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_batchnorm")
+    return _setup(load_config(args.config_file, args.opts, comm.get_world_size()), args)
+
+
+def setup_lazy(args):
+    """:func:`setup` for a LazyConfig: :func:`load_lazy_config` with ``args.opts`` as overrides."""
+    return _setup(load_lazy_config(args.config_file, args.opts, comm.get_world_size()), args)
+
+
+def _setup(cfg, args):
+    default_setup(cfg, args)  # writes config.yaml, seeds, logs (either kind of config)
+    setup_logger(setting(cfg, "OUTPUT_DIR"), distributed_rank=comm.get_rank(), name="d2_batchnorm")
     return cfg

@@ -8,13 +8,15 @@ Training hooks for BatchNorm train/test consistency:
 * :class:`FrozenBNLate` — FrozenBN for the last N iterations: every BN normalizes with its
   population statistics in the training forward; gamma/beta are still learned.
 
-Both can be built from a config (``PreciseBN(cfg, model)``, as detectron2's
-``@configurable`` classes); :class:`d2_batchnorm.engine.BNTrainer` registers them, a custom
-trainer can too. The contexts that choose which statistics BN uses are in
+PreciseBN can be built from a yacs config or a LazyConfig (``PreciseBN(cfg, model)``, as
+detectron2's ``@configurable`` classes) or from keyword arguments;
+:func:`build_batchnorm_hooks` builds both hooks from either kind of config, for
+:class:`d2_batchnorm.engine.BNTrainer`, the LazyConfig trainer and custom trainers. The contexts that choose which statistics BN uses are in
 :mod:`d2_batchnorm.bn_modes`.
 """
+import copy
 import logging
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -27,10 +29,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..bn_modes import force_bn_mode
 from ..checks import check_int
+from ..lazy_config import is_lazy_config, setting
 from ..precise_bn import PreciseBNResult, get_bn_modules, update_bn_stats
 from ..rng import RandomStream, derive_seed
 
-__all__ = ["PreciseBN", "FrozenBNLate", "bn_statistics_distance", "snapshot_bn_statistics"]
+__all__ = ["PreciseBN", "FrozenBNLate", "build_batchnorm_hooks", "bn_statistics_distance", "snapshot_bn_statistics"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,26 +146,35 @@ class PreciseBN(HookBase):
     @classmethod
     def from_config(cls, cfg, model: nn.Module, ema_eval_function: Optional[Callable[[], Dict]] = None):
         """
-        The hook of ``TEST.PRECISE_BN``: every ``PERIOD`` (0: ``TEST.EVAL_PERIOD``)
-        iterations, ``NUM_SAMPLES`` images over all workers (0: ``NUM_ITER`` batches per
-        worker) drawn from detectron2's training loader (training augmentations, 0 loader
-        workers) over ``DATASETS`` (empty: ``DATASETS.TRAIN``) with ``IMS_PER_BATCH`` images
-        per worker (0: the training batch per worker), built at the first run. The EMA
-        evaluation (``ema_eval_function``) is kept when ``EVAL_EMA`` is on, inference uses
-        population statistics and ``DATASETS.TEST`` is not empty. The random stream is
-        seeded from ``SEED`` and the rank.
+        The hook of ``TEST.PRECISE_BN`` (a LazyConfig: ``train.precise_bn``, see
+        :data:`d2_batchnorm.config.TRAIN_SETTINGS`): every ``PERIOD`` (0: the evaluation
+        period) iterations, ``NUM_SAMPLES`` images over all workers (0: ``NUM_ITER``
+        batches per worker) drawn from the training loader (training augmentations, 0
+        loader workers) over ``DATASETS`` (empty: the training datasets) with
+        ``IMS_PER_BATCH`` images per worker (0: the training batch per worker), built at
+        the first run. The EMA evaluation (``ema_eval_function``) is kept when ``EVAL_EMA``
+        is on, inference uses population statistics and there is a test set. The random
+        stream is seeded from the config's seed and the rank.
         """
-        pbn = cfg.TEST.PRECISE_BN
-        evaluates_ema = pbn.EVAL_EMA and cfg.TEST.BN_STATS == "population" and len(cfg.DATASETS.TEST)
+        def value(key):
+            return setting(cfg, key)
+
+        if is_lazy_config(cfg):
+            has_test_set = "evaluator" in cfg.dataloader
+            build_loader = _build_lazy_loader
+        else:
+            has_test_set = len(cfg.DATASETS.TEST) > 0
+            build_loader = _build_loader
+        evaluates_ema = value("TEST.PRECISE_BN.EVAL_EMA") and value("TEST.BN_STATS") == "population" and has_test_set
         return {
-            "period": pbn.PERIOD or cfg.TEST.EVAL_PERIOD,
+            "period": value("TEST.PRECISE_BN.PERIOD") or value("TEST.EVAL_PERIOD"),
             "model": model,
-            "data_loader": lambda: _build_loader(cfg),
-            "num_iter": pbn.NUM_ITER,
-            "num_samples": pbn.NUM_SAMPLES or None,
+            "data_loader": lambda: build_loader(cfg),
+            "num_iter": value("TEST.PRECISE_BN.NUM_ITER"),
+            "num_samples": value("TEST.PRECISE_BN.NUM_SAMPLES") or None,
             "ema_eval_function": ema_eval_function if evaluates_ema else None,
-            "ema_eval_period": cfg.TEST.EVAL_PERIOD,
-            "seed": derive_seed("PreciseBN", cfg.SEED, comm.get_rank()),
+            "ema_eval_period": value("TEST.EVAL_PERIOD"),
+            "seed": derive_seed("PreciseBN", value("SEED"), comm.get_rank()),
         }
 
     def disable(self, reason: str) -> None:
@@ -284,6 +296,43 @@ class FrozenBNLate(HookBase):
         if self._context is not None:
             self._context.__exit__(None, None, None)
             self._context = None
+
+
+def build_batchnorm_hooks(cfg, model: nn.Module, evaluate: Optional[Callable[[], Dict]] = None) -> List[HookBase]:
+    """
+    d2_batchnorm's hooks of a yacs config or a LazyConfig, in the order to register them,
+    before the checkpointer (so checkpoints hold precise statistics): :class:`PreciseBN`
+    (when enabled and ``model`` has BN modules in training mode; ``evaluate`` is its EMA
+    evaluation), then :class:`FrozenBNLate` (when the last iterations to freeze are > 0),
+    which computes precise statistics right before freezing.
+    """
+    hooks: List[HookBase] = []
+    precise = None
+    if setting(cfg, "TEST.PRECISE_BN.ENABLED") and get_bn_modules(model):
+        precise = PreciseBN(cfg, model, ema_eval_function=evaluate)
+        hooks.append(precise)
+    frozen = setting(cfg, "BN.FROZEN_LAST_ITERS")
+    if frozen > 0:
+        hooks.append(FrozenBNLate(model, setting(cfg, "SOLVER.MAX_ITER") - frozen, precise))
+    return hooks
+
+
+def _build_lazy_loader(cfg):
+    """
+    :func:`_build_loader` for a LazyConfig: ``dataloader.train`` with 0 loader workers, over
+    ``train.precise_bn.datasets`` (empty: its own datasets), ``train.precise_bn.ims_per_batch``
+    images per worker (0: the training batch per worker).
+    """
+    from detectron2.config import instantiate
+
+    pbn = cfg.train.precise_bn
+    loader = copy.deepcopy(cfg.dataloader.train)
+    loader.num_workers = 0
+    if len(pbn.datasets):
+        loader.dataset.names = list(pbn.datasets)
+    if pbn.ims_per_batch > 0:
+        loader.total_batch_size = pbn.ims_per_batch * comm.get_world_size()
+    return instantiate(loader)
 
 
 def _build_loader(cfg):

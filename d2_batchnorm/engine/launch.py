@@ -4,12 +4,16 @@ Starting worker processes through torch.distributed, the way detectron2 does.
 * :func:`launch` — detectron2's ``launch`` (N processes per machine: NCCL on GPUs, gloo
   on CPU) that also runs under ``torchrun`` (``env://``) and refuses ``--num-gpus``
   larger than the GPUs present before any worker starts.
+* :func:`launch_cli` — the command line of tools/train_net.py and
+  tools/lazyconfig_train_net.py: detectron2's arguments, checks before any worker starts
+  (one ``error:`` line), then :func:`launch`.
 * :func:`run_on_local_workers` — runs a function in N local gloo processes and returns
   each rank's result; used by the tests and the benchmarks.
 """
 import io
 import ipaddress
 import os
+import sys
 import traceback
 from datetime import timedelta
 from typing import Optional
@@ -22,7 +26,7 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
 
-__all__ = ["check_launch_args", "launch", "launched_by_torchrun", "run_on_local_workers"]
+__all__ = ["check_launch_args", "launch", "launch_cli", "launched_by_torchrun", "run_on_local_workers"]
 
 
 def launched_by_torchrun() -> bool:
@@ -113,6 +117,38 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
         main_func = _cpu_worker
     return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
                      machine_rank=machine_rank, dist_url=dist_url, args=args)
+
+
+def launch_cli(main_func, check_before_launch, argv=None) -> int:
+    """
+    Parses detectron2's training arguments (``default_argument_parser``) from ``argv``,
+    calls ``check_before_launch(args, world_size)`` in this process — a ``ValueError`` ends
+    the run with one ``error: ...`` line on stderr and exit status 2, before any worker
+    starts — then runs ``main_func(args)`` in every worker (:func:`launch`). The world size
+    is ``--num-gpus × --num-machines`` (checked), or torchrun's ``WORLD_SIZE``. detectron2's
+    default ``--dist-url`` (one fixed port per user) becomes "auto" on one machine, so two
+    jobs at once do not collide. Returns the exit status.
+    """
+    from detectron2.engine import default_argument_parser
+
+    parser = default_argument_parser()
+    args = parser.parse_args(argv)
+    if args.dist_url == parser.get_default("dist_url") and args.num_machines == 1:
+        args.dist_url = "auto"
+    print("Command Line Args:", args)
+    try:  # under torchrun every process checks; dataset generation is safe to race
+        if launched_by_torchrun():  # the environment gives the workers
+            world_size = int(os.environ["WORLD_SIZE"])
+        else:
+            check_launch_args(args.num_gpus, args.num_machines)
+            world_size = args.num_gpus * args.num_machines
+        check_before_launch(args, world_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    launch(main_func, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+    return 0
 
 
 def _local_worker(rank, world_size, port, fn, args, queue):

@@ -99,13 +99,7 @@ class BNTrainer(DefaultTrainer):
 
         cfg = self.cfg
         ret = [d2_hooks.IterationTimer(), d2_hooks.LRScheduler()]
-        precise = None
-        if cfg.TEST.PRECISE_BN.ENABLED and bn_hooks.get_bn_modules(self.model):
-            ema_eval = lambda: self.test(self.cfg, self.model)  # noqa: E731
-            precise = bn_hooks.PreciseBN(cfg, self.model, ema_eval_function=ema_eval)
-            ret.append(precise)
-        if cfg.BN.FROZEN_LAST_ITERS > 0:
-            ret.append(bn_hooks.FrozenBNLate(self.model, self.max_iter - cfg.BN.FROZEN_LAST_ITERS, precise))
+        ret += bn_hooks.build_batchnorm_hooks(cfg, self.model, lambda: self.test(self.cfg, self.model))
         if comm.is_main_process():
             ret.append(d2_hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
 
