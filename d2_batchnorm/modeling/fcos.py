@@ -1,0 +1,53 @@
+"""
+FCOS's head with the level statistics of :class:`~d2_batchnorm.modeling.BNRetinaNetHead`.
+
+detectron2's ``FCOS`` (``detectron2.modeling.meta_arch.fcos``) is built by LazyConfig only;
+``L(FCOS)(head=L(BNFCOSHead)(norm="SyncBN", norm_stats="shared", ...), ...)`` gives it this
+head (``configs/common/models/fcos.py``).
+"""
+from typing import List, Tuple
+
+import torch
+from detectron2.layers import ShapeSpec
+from torch import nn
+
+from .retinanet import BNRetinaNetHead
+
+__all__ = ["BNFCOSHead"]
+
+
+class BNFCOSHead(BNRetinaNetHead):
+    """
+    detectron2's ``FCOSHead`` — the RetinaNet head with one "anchor" per location and a
+    centerness branch on the box subnet's features (same layers, names and initialization)
+    — over :class:`BNRetinaNetHead`, so its norms have the same statistics modes:
+    ``norm`` "BN" or "SyncBN" with ``norm_stats`` "per_level" / "shared" (one
+    :class:`~d2_batchnorm.layers.LevelBatchNorm` per conv, called with all levels) or
+    "naive" (one plain BN applied per level), and ``population_stats`` / ``share_affine``.
+    """
+
+    def __init__(self, *, input_shape: List[ShapeSpec], conv_dims: List[int], **kwargs):
+        """
+        Args:
+            input_shape, conv_dims, kwargs: as :class:`BNRetinaNetHead`, without
+                ``num_anchors`` (FCOS predicts one box per location).
+        """
+        super().__init__(input_shape=input_shape, conv_dims=conv_dims, num_anchors=1, **kwargs)
+        self.ctrness = nn.Conv2d(conv_dims[-1], 1, kernel_size=3, stride=1, padding=1)
+        nn.init.normal_(self.ctrness.weight, std=0.01)
+        nn.init.constant_(self.ctrness.bias, 0)
+
+    def forward(
+        self, features: List[torch.Tensor]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+        """
+        Args:
+            features: L tensors (N, C, H_i, W_i), FPN levels from high to low resolution.
+        Returns:
+            logits (N, K, H_i, W_i), bbox_reg (N, 4, H_i, W_i), ctrness (N, 1, H_i, W_i) per level.
+        """
+        if len(features) != self._num_features:
+            raise ValueError(f"expected {self._num_features} FPN levels, got {len(features)}")
+        box_features = self.bbox_subnet(features)
+        logits = [self.cls_score(x) for x in self.cls_subnet(features)]
+        return logits, [self.bbox_pred(x) for x in box_features], [self.ctrness(x) for x in box_features]
