@@ -1,0 +1,7 @@
+# SyncBN head, training statistics per_level, population statistics shared (INCONSISTENT).
+from .fcos_R_50_FPN_1x_bn_head import dataloader, lr_multiplier, model, optimizer, train
+
+model.head.norm = "SyncBN"
+model.head.norm_stats = "per_level"
+model.head.population_stats = "shared"
+train.output_dir = "output/coco/lazy/fcos_R_50_FPN_1x_syncbn_head_train_per_level_pop_shared"

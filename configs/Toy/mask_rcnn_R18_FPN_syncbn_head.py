@@ -1,0 +1,5 @@
+# Heads whose BatchNorms are synchronized over all workers (leakage mitigation "syncbn").
+from .mask_rcnn_R18_FPN_bn_head import dataloader, lr_multiplier, model, optimizer, train
+
+model.roi_heads.box_head.leakage_mitigation = model.roi_heads.mask_head.leakage_mitigation = "syncbn"
+train.output_dir = "output/toy/lazy/mask_rcnn_R18_FPN_syncbn_head"
