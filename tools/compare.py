@@ -3,16 +3,19 @@
 Compares detection runs: a Markdown and a CSV table of bbox/segm AP and a PNG bar chart.
 
     python tools/compare.py [--num-gpus 2] [--out DIR] [--seeds K [--baseline LABEL]] \
-        RUN [RUN ...] [-- KEY VALUE ...]
+        RUN [RUN ...] [-- KEY VALUE ... key=value ...]
 
 Each RUN is ``[LABEL=]PATH``:
 
-* a config file (``.yaml``): it is trained and evaluated by ``tools/train_net.py`` with
-  ``--num-gpus N`` into ``DIR/runs/<LABEL>`` (the ``KEY VALUE`` options after ``--`` are
-  passed to every such run), then read like a directory;
+* a config file: a yacs ``.yaml`` is trained and evaluated by ``tools/train_net.py``, a
+  LazyConfig ``.py`` by ``tools/lazyconfig_train_net.py``, with ``--num-gpus N`` into
+  ``DIR/runs/<LABEL>``, then read like a directory. The options after ``--`` go to every
+  such run: yacs ``KEY VALUE`` pairs (to a LazyConfig run as their ``train.*`` names, for
+  the keys of ``d2_batchnorm.config.TRAIN_SETTINGS``, e.g. ``SOLVER.MAX_ITER`` is
+  ``train.max_iter``) and LazyConfig ``key=value`` overrides (to LazyConfig runs only);
 * a finished (or failed, or unfinished) output directory: read as it is.
 
-From a directory it reads ``config.yaml`` (written by train_net) for what the run is —
+From a directory it reads ``config.yaml`` (written by either tool) for what the run is —
 the heads' leakage mitigation and which statistics inference used — and its results:
 the last ``bbox/AP`` / ``segm/AP`` of ``metrics.json`` (with PreciseBN, the AP with
 precise statistics, and ``ema/bbox/AP`` / ``ema/segm/AP``, the AP with the EMA statistics
@@ -204,24 +207,53 @@ def _describe(config_yaml: str) -> Tuple[str, str]:
         raise CorruptFile(config_yaml, reason) from None
     if not isinstance(cfg, dict):
         raise CorruptFile(config_yaml, "not a YAML mapping")
-    model, test = cfg.get("MODEL", {}), cfg.get("TEST", {})
-    box, mask = model.get("ROI_BOX_HEAD", {}), model.get("ROI_MASK_HEAD", {})
-    norm = box.get("NORM", "")
-    mitigation = box.get("LEAKAGE_MITIGATION", "none")
-    mask_mitigation = mask.get("LEAKAGE_MITIGATION", "none") if model.get("MASK_ON") else mitigation
+    run = _lazy_config_facts(cfg) if "model" in cfg else _yacs_config_facts(cfg)
+    mitigation, mask_mitigation = run["mitigation"], run["mask_mitigation"] or run["mitigation"]
     mitigation = mitigation if mask_mitigation == mitigation else f"{mitigation}/{mask_mitigation}"
-    arch = model.get("META_ARCHITECTURE", "GeneralizedRCNN")
+    arch = run["arch"]
     if "RCNN" not in arch:
         mitigation = f"n/a ({arch}: no R-CNN heads)"
     elif mitigation == "none":
-        mitigation = f"none ({norm or 'no norm'} head)"
-    if test.get("BN_STATS") == "mini_batch":
-        statistics = f"mini-batch ({test.get('IMS_PER_BATCH')} img/worker)"
-    elif test.get("PRECISE_BN", {}).get("ENABLED"):
+        mitigation = f"none ({run['norm'] or 'no norm'} head)"
+    if run["bn_stats"] == "mini_batch":
+        statistics = f"mini-batch ({run['test_batch']} img/worker)"
+    elif run["precise_bn"]:
         statistics = "population (precise)"
     else:
         statistics = "population (EMA)"
     return mitigation, statistics
+
+
+def _yacs_config_facts(cfg: dict) -> dict:
+    """What :func:`_describe` reports, from a yacs run's config.yaml."""
+    model, test = cfg.get("MODEL", {}), cfg.get("TEST", {})
+    box, mask = model.get("ROI_BOX_HEAD", {}), model.get("ROI_MASK_HEAD", {})
+    return {
+        "arch": model.get("META_ARCHITECTURE", "GeneralizedRCNN"),
+        "norm": box.get("NORM", ""),
+        "mitigation": box.get("LEAKAGE_MITIGATION", "none"),
+        "mask_mitigation": mask.get("LEAKAGE_MITIGATION", "none") if model.get("MASK_ON") else None,
+        "bn_stats": test.get("BN_STATS"),
+        "test_batch": test.get("IMS_PER_BATCH"),
+        "precise_bn": test.get("PRECISE_BN", {}).get("ENABLED"),
+    }
+
+
+def _lazy_config_facts(cfg: dict) -> dict:
+    """What :func:`_describe` reports, from a LazyConfig run's config.yaml (lowercase sections)."""
+    model, train = cfg.get("model") or {}, cfg.get("train") or {}
+    roi_heads = model.get("roi_heads") or {}
+    box, mask = roi_heads.get("box_head") or {}, roi_heads.get("mask_head")
+    test = (cfg.get("dataloader") or {}).get("test") or {}
+    return {
+        "arch": str(model.get("_target_", "")).rsplit(".", 1)[-1],
+        "norm": box.get("conv_norm", ""),
+        "mitigation": box.get("leakage_mitigation", "none"),
+        "mask_mitigation": mask.get("leakage_mitigation", "none") if isinstance(mask, dict) else None,
+        "bn_stats": train.get("bn_stats"),
+        "test_batch": test.get("batch_size", 1),
+        "precise_bn": (train.get("precise_bn") or {}).get("enabled"),
+    }
 
 
 def read_run(path: str, label: Optional[str] = None, returncode: Optional[int] = None) -> RunResult:
@@ -260,15 +292,57 @@ def read_run(path: str, label: Optional[str] = None, returncode: Optional[int] =
 
 
 TRAIN_NET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_net.py")
+LAZY_TRAIN_NET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lazyconfig_train_net.py")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".py")
+
+
+def split_opts(opts: List[str]) -> Tuple[List[str], List[str]]:
+    """
+    The options after ``--``: (yacs ``KEY VALUE`` pairs, LazyConfig ``key=value`` overrides);
+    a token with "=" where a KEY is expected is an override. ``ValueError`` for a KEY
+    without its VALUE.
+    """
+    pairs, overrides, i = [], [], 0
+    while i < len(opts):
+        if "=" in opts[i]:
+            overrides.append(opts[i])
+            i += 1
+            continue
+        if i + 1 >= len(opts):
+            raise ValueError(f"the options after -- must be KEY VALUE pairs or key=value overrides; "
+                             f"{opts[i]!r} has no value")
+        pairs += opts[i:i + 2]
+        i += 2
+    return pairs, overrides
+
+
+def train_command(config: str, output_dir: str, opts: List[str]) -> Tuple[str, List[str]]:
+    """
+    (script, arguments) that train and evaluate ``config`` into ``output_dir``: a ``.yaml``
+    with tools/train_net.py and the yacs pairs of ``opts``; a LazyConfig ``.py`` with
+    tools/lazyconfig_train_net.py, the overrides of ``opts`` and its yacs pairs under their
+    LazyConfig names (``SEED`` is ``train.seed``: d2_batchnorm.config.TRAIN_SETTINGS).
+    ``ValueError`` for a yacs key a LazyConfig does not have.
+    """
+    pairs, overrides = split_opts(opts)
+    if not config.endswith(".py"):
+        return TRAIN_NET, ["--config-file", config, *pairs, "OUTPUT_DIR", output_dir]
+    from d2_batchnorm.config import TRAIN_SETTINGS
+
+    paths = {key: path for key, path, _, _ in TRAIN_SETTINGS}
+    for key, value in zip(pairs[::2], pairs[1::2]):
+        if key not in paths:
+            raise ValueError(f"{key} has no LazyConfig name for {config}; allowed yacs keys: "
+                             f"{sorted(paths)}, or give key=value overrides")
+        overrides.append(f"train.{paths[key]}={value}")
+    return LAZY_TRAIN_NET, ["--config-file", config, *overrides, f"train.output_dir={output_dir}"]
 
 
 def run_config(config: str, output_dir: str, num_gpus: int, opts: List[str], timeout: float) -> int:
-    """Trains and evaluates ``config`` with tools/train_net.py; returns its exit status."""
+    """Trains and evaluates ``config`` (:func:`train_command`); returns its exit status."""
     os.makedirs(output_dir, exist_ok=True)
-    cmd = [
-        sys.executable, TRAIN_NET, "--num-gpus", str(num_gpus), "--dist-url", "auto",
-        "--config-file", config, *opts, "OUTPUT_DIR", output_dir,
-    ]
+    script, args = train_command(config, output_dir, opts)
+    cmd = [sys.executable, script, "--num-gpus", str(num_gpus), "--dist-url", "auto", *args]
     with open(os.path.join(output_dir, "train_net.log"), "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
@@ -316,8 +390,8 @@ class SubmititLauncher:
 
         os.makedirs(output_dir, exist_ok=True)
         executor = make_executor(os.path.join(output_dir, "submitit"), self.cluster, **self.options)
-        args = ["--config-file", config, *opts, "OUTPUT_DIR", os.path.abspath(output_dir)]
-        job = executor.submit(TrainNetJob(TRAIN_NET, args))
+        script, args = train_command(config, os.path.abspath(output_dir), opts)
+        job = executor.submit(TrainNetJob(script, args))
         self._record(output_dir, job)
         print(f"[compare] submitted job {job.job_id} ({self.cluster}) for {output_dir}", flush=True)
         return output_dir, job
@@ -633,9 +707,6 @@ def main(argv=None) -> int:
     cluster.add_argument("--timeout-min", type=int, default=0, help="job time limit; default --timeout")
     cluster.add_argument("--cpus-per-task", type=int, default=0, help="SLURM --cpus-per-task")
     args = parser.parse_args(argv)
-    if len(opts) % 2:
-        print(f"error: the options after -- must be KEY VALUE pairs; got {opts}", file=sys.stderr)
-        return 2
     try:
         for flag, value, minimum in (("--num-gpus", args.num_gpus, 1), ("--nodes", args.nodes, 1),
                                      ("--gpus-per-node", args.gpus_per_node, 0),
@@ -643,6 +714,10 @@ def main(argv=None) -> int:
                                      ("--cpus-per-task", args.cpus_per_task, 0)):
             check_int(flag, value, minimum)
         seeds = parse_seeds(args.seeds)
+        split_opts(opts)
+        for _, path in [_parse_run(spec) for spec in args.runs]:
+            if path.endswith(CONFIG_SUFFIXES):  # options a run cannot take, before any run
+                train_command(path, args.out, opts + (["SEED", "1"] if seeds else []))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -660,7 +735,7 @@ def main(argv=None) -> int:
         print(f"error: run labels must be unique; got {labels} (name them LABEL=PATH)", file=sys.stderr)
         return 2
     for label, path in specs:
-        if path.endswith((".yaml", ".yml")) and not os.path.isfile(path):
+        if path.endswith(CONFIG_SUFFIXES) and not os.path.isfile(path):
             print(f"error: config file {path!r} (run {label!r}) does not exist", file=sys.stderr)
             return 2
     if args.baseline and args.baseline not in labels:
@@ -677,14 +752,14 @@ def main(argv=None) -> int:
         launcher = LocalLauncher(args.num_gpus, args.timeout)
     tasks = []
     for label, path in specs:
-        if path.endswith((".yaml", ".yml")):
+        if path.endswith(CONFIG_SUFFIXES):
             runs_dir = os.path.join(args.out, "runs", label)
             tasks += ([(label, path, runs_dir, None)] if not seeds else
                       [(label, path, os.path.join(runs_dir, f"seed{s}"), s) for s in seeds])
     by_dir = {t[2]: r for t, r in zip(tasks, run_all(tasks, launcher, opts))}
     runs = []
     for label, path in specs:
-        if not path.endswith((".yaml", ".yml")):
+        if not path.endswith(CONFIG_SUFFIXES):
             runs += read_dir(path, label)
         else:
             runs += [by_dir[t[2]] for t in tasks if t[0] == label]
