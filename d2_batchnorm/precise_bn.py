@@ -10,10 +10,10 @@ appendix).
 
 The math. A call of a BN module with input ``x`` of shape (N, C, *) contributes, per
 channel, ``n = N * prod(*)`` samples summarized as float64 moments (count, mean, sum of
-squared deviations ``M2``), which merge exactly with Chan et al.'s formulas
-(:class:`d2_batchnorm.layers.batch_stats.ChannelMoments`). At the end every rank's moments
-are placed in its own row of a (world_size, K) zero tensor, ONE all-reduce (sum) gathers
-the rows on every rank, and every rank merges the rows in rank order — the same float64
+squared deviations ``M2``), which pool exactly (Chan et al.; the batched form
+:meth:`d2_batchnorm.layers.batch_stats.ChannelMoments.pooled`). At the end every rank's
+moments are placed in its own row of a (world_size, K) zero tensor, ONE all-reduce (sum)
+gathers the rows on every rank, and every rank pools the rows — the same float64
 operations on the same numbers, so all ranks end with bitwise-identical buffers::
 
     running_mean = mean        running_var = M2 / n     (population / biased variance)
@@ -33,6 +33,7 @@ tensor i pools into row i (per-level statistics of a head shared across L featur
 """
 import logging
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -130,20 +131,32 @@ def _reads_own_statistics(m: _BatchNorm) -> bool:
 class _StatisticsRecorder:
     """
     Within its ``with`` block, records the statistics of every call's input of the
-    statistics modules: one float64 :class:`ChannelMoments` per module, with one row per
-    row of its buffers (tensor i of a list input pools into row i of (L, C) buffers). Modules of
-    :func:`_reads_own_statistics` run with momentum 1.0 (restored by :func:`saved_bn_state`)
-    and :meth:`read_batch_statistics` reads each call's statistics from their buffers;
-    the others are measured from their input by :meth:`measure_input` (the rounded batch
-    mean as shift: :meth:`ChannelMoments.of` with all samples).
+    statistics modules: one float64 :class:`ChannelMoments` per module (:meth:`moments`),
+    with one row per row of its buffers (tensor i of a list input pools into row i of
+    (L, C) buffers). Modules of :func:`_reads_own_statistics` run with momentum 1.0
+    (restored by :func:`saved_bn_state`) and :meth:`read_batch_statistics` reads each call's
+    statistics from their buffers; the others are measured from their input by
+    :meth:`measure_input` (the rounded batch mean as shift: :meth:`ChannelMoments.of` with
+    all samples).
+
+    A hook does only what cannot wait: it copies a torch BN's buffers (one (2C,) float32
+    copy; the next call overwrites them) or measures a custom norm's input. The float64
+    pooling of a module's calls, :meth:`ChannelMoments.pooled`, runs once per
+    ``POOL_EVERY`` calls and at the end, a fixed number of operations per module instead
+    of a sequential merge per call.
     """
+
+    POOL_EVERY = 64  # calls of one module kept before they are pooled (bounds the memory)
 
     def __init__(self, modules: Sequence[_BatchNorm], device: torch.device):
         self.modules = modules
-        self.moments: Dict[int, ChannelMoments] = {  # rows: L for (L, C) buffers, 1 for (C,)
+        self._pooled: Dict[int, ChannelMoments] = {  # rows: L for (L, C) buffers, 1 for (C,)
             id(m): ChannelMoments.zeros(m.running_mean.shape[:-1] or (1,), m.running_mean.shape[-1], device)
             for m in modules
         }
+        # per module, the calls not pooled yet: (n, cat(mean, unbiased var)) of a torch BN,
+        # the ChannelMoments of a measured input otherwise
+        self._pending: Dict[int, List[Any]] = {id(m): [] for m in modules}
         self._handles = []
 
     def __enter__(self) -> "_StatisticsRecorder":
@@ -159,27 +172,54 @@ class _StatisticsRecorder:
         for h in self._handles:
             h.remove()
 
+    def moments(self) -> List[ChannelMoments]:
+        """The moments of every call so far, one per module in ``modules`` order."""
+        for m in self.modules:
+            self._pool(m)
+        return [self._pooled[id(m)] for m in self.modules]
+
+    def _add(self, module: _BatchNorm, call: Any) -> None:
+        pending = self._pending[id(module)]
+        pending.append(call)
+        if len(pending) >= self.POOL_EVERY:
+            self._pool(module)
+
+    def _pool(self, module: _BatchNorm) -> None:
+        """Pools the pending calls of ``module`` into its moments (float64, batched)."""
+        pending, pooled = self._pending[id(module)], self._pooled[id(module)]
+        if not pending:
+            return
+        if isinstance(pending[0], ChannelMoments):
+            calls = ChannelMoments(*(torch.stack(field) for field in zip(*pending)))
+        else:  # torch BN: unbiased variance, so M2 = var * (n - 1)
+            count = torch.tensor([n for n, _ in pending], dtype=torch.float64, device=pooled.count.device)
+            mean, var = torch.stack([s for _, s in pending]).double().unsqueeze(1).chunk(2, dim=-1)
+            calls = ChannelMoments(count.unsqueeze(1), mean, var * (count - 1).view(-1, 1, 1))
+        pending.clear()
+        self._pooled[id(module)] = ChannelMoments(
+            *(torch.cat([a.unsqueeze(0), b]) for a, b in zip(pooled, calls))
+        ).pooled()
+
     def measure_input(self, module: _BatchNorm, args: Tuple[Any, ...]) -> None:
-        """Forward pre-hook: merges the moments of the call's input (its first argument)."""
+        """Forward pre-hook: measures the moments of the call's input (its first argument)."""
         if not args:
             raise ValueError(
                 f"{type(module).__name__} was called without a positional input; PreciseBN "
                 "reads the batch from the first positional argument"
             )
-        x, moments = args[0], self.moments[id(module)]
+        x = args[0]
         if module.running_mean.dim() == 2:
-            rows = moments.count.shape[0]
+            rows = module.running_mean.shape[0]
             if not isinstance(x, (list, tuple)) or len(x) != rows:
                 raise ValueError(
                     f"a BN module with per-slot statistics of shape "
                     f"{tuple(module.running_mean.shape)} must be called with a list of "
                     f"{rows} tensors; got {type(x).__name__}"
                 )
-            moments = moments.merge(_measure(module, *x))
+            self._add(module, _measure(module, *x))
         else:
             for t in x if isinstance(x, (list, tuple)) else [x]:
-                moments = moments.merge(_measure(module, t))
-        self.moments[id(module)] = moments
+                self._add(module, _measure(module, t))
 
     def read_batch_statistics(self, module: _BatchNorm, args: Tuple[Any, ...], output) -> None:
         """
@@ -191,12 +231,8 @@ class _StatisticsRecorder:
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{type(module).__name__} must be called with a Tensor; got {type(x).__name__}")
         n = x.numel() // module.num_features
-        if n == 0:
-            return
-        mean = module.running_mean.detach().to(torch.float64)
-        m2 = module.running_var.detach().to(torch.float64) * (n - 1)
-        batch = ChannelMoments(mean.new_full((), float(n)), mean, m2)
-        self.moments[id(module)] = self.moments[id(module)].merge(batch)
+        if n > 0:
+            self._add(module, (n, torch.cat([module.running_mean, module.running_var])))
 
 
 def _measure(module: _BatchNorm, *xs: torch.Tensor) -> ChannelMoments:
@@ -215,56 +251,109 @@ class _StopForward(Exception):
     """Raised by a forward hook once the last BN call of a forward has completed."""
 
 
+class _StopPlan(NamedTuple):
+    """Where the forwards of a model stop (learned by :class:`_EarlyExit`)."""
+
+    modules: Tuple[nn.Module, ...]  # the statistics modules it was learned for, in order
+    calls: Tuple[nn.Module, ...]  # the statistics modules in the order they are called
+    stop_module: nn.Module  # the forward stops at the stop_count-th end of stop_module
+    stop_count: int
+
+
+# The plan of each model seen (keyed by the unwrapped model, forgotten with it), so that
+# later calls of update_bn_stats on the same model (e.g. PreciseBN's periodic runs in a
+# training) need no full forward.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, _StopPlan]" = weakref.WeakKeyDictionary()
+
+
+def forget_stop_plans() -> None:
+    """Forgets every model's stop plan: the next :func:`update_bn_stats` learns it anew."""
+    _PLANS.clear()
+
+
 class _EarlyExit:
     """
-    Runs forwards that stop after the last call of a statistics module (within its
-    ``with`` block, which removes its hook at the end).
+    Runs forwards of ``net`` that stop after the last call of a statistics module (within
+    its ``with`` block, which removes its hooks at the end).
 
-    The first forward runs the whole model while :meth:`_learn` logs the start ("pre") and
-    end ("post") of every module's forward. The stop point is the end of the last BN call,
-    extended over the ends of its callers that return right after it with no other module
-    starting in between (e.g. ``CycleBatchNormList``, which advances its position after its
-    BN returns). Later forwards raise :class:`_StopForward` at that point — the k-th end of
-    the stop module — so the layers and losses after the last BN are not computed, and the
-    modules that wrap it finish their bookkeeping. This assumes every batch calls the BN
-    modules in the same order (true for the detection models of detectron2); a forward that
-    never reaches the stop point simply runs to the end.
+    A forward with no plan runs the whole model while :meth:`_learn` logs the start ("pre")
+    and end ("post") of every module's forward. The stop point is the end of the last BN
+    call, extended over the ends of its callers that return right after it with no other
+    module starting in between (e.g. ``CycleBatchNormList``, which advances its position
+    after its BN returns). Later forwards raise :class:`_StopForward` at that point — the
+    k-th end of the stop module — so the layers and losses after the last BN are not
+    computed, and the modules that wrap it finish their bookkeeping.
+
+    The plan is kept per model across calls (:data:`_PLANS`) and used again when the
+    statistics modules are the same objects in the same order. It is never trusted
+    blindly: a forward stops only if the statistics modules were called exactly in the
+    planned order up to the stop point; otherwise, or if it never reaches the stop point,
+    the forward runs to its end (every call recorded, statistics exact) and the next
+    forward learns the plan anew. What no check before the stop point can see is a batch
+    that would call statistics modules *after* it that the learned batch did not; the
+    detection models of detectron2 call the same BN modules in the same order for every
+    batch.
     """
 
-    def __init__(self, modules: Sequence[nn.Module]):
+    def __init__(self, net: nn.Module, modules: Sequence[nn.Module]):
+        self._net = net
+        self._modules = tuple(modules)
         self._watched = {id(m) for m in modules}
-        self.stop_module: Optional[nn.Module] = None
-        self.stop_count = 0
+        plan = _PLANS.get(net)
+        same = plan is not None and len(plan.modules) == len(self._modules) and all(
+            a is b for a, b in zip(plan.modules, self._modules)
+        )
+        self.plan: Optional[_StopPlan] = plan if same else None
+        self._calls: List[nn.Module] = []  # statistics modules called in this forward
         self._ends = 0
-        self._handle = None
+        self._handles = []
+        self._stop_handle = None
 
     def __enter__(self) -> "_EarlyExit":
+        log = self._calls.append
+        for m in self._modules:
+            self._handles.append(m.register_forward_pre_hook(lambda mod, args: log(mod)))
+        if self.plan is not None:
+            self._set_plan(self.plan)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
+        for h in self._handles:
+            h.remove()
+        self._set_plan(None)
 
-    def run(self, net: nn.Module, batch: Any) -> None:
-        """``net(batch)``, stopping at the stop point once it is learned."""
-        if self.stop_module is None:
-            self._learn(net, batch)
+    def _set_plan(self, plan: Optional[_StopPlan]) -> None:
+        if self._stop_handle is not None:
+            self._stop_handle.remove()
+            self._stop_handle = None
+        self.plan = plan
+        if plan is not None:
+            self._stop_handle = plan.stop_module.register_forward_hook(self._maybe_stop)
+
+    def run(self, batch: Any) -> None:
+        """``net(batch)``, stopping at the plan's stop point (learning the plan if needed)."""
+        self._calls.clear()
+        if self.plan is None:
+            self._learn(batch)
             return
         self._ends = 0
         try:
-            net(batch)
+            self._net(batch)
         except _StopForward:
-            pass
+            return
+        logger.info("update_bn_stats: a forward did not stop where planned; learning the plan again")
+        _PLANS.pop(self._net, None)
+        self._set_plan(None)
 
-    def _learn(self, net: nn.Module, batch: Any) -> None:
-        """Runs the whole ``net(batch)`` and sets the stop point from the order of calls."""
+    def _learn(self, batch: Any) -> None:
+        """Runs the whole ``net(batch)`` and sets the plan from the order of calls."""
         events: List[Tuple[bool, nn.Module]] = []  # (is_start, module)
         handles = []
-        for m in net.modules():
+        for m in self._net.modules():
             handles.append(m.register_forward_pre_hook(lambda mod, a: events.append((True, mod))))
             handles.append(m.register_forward_hook(lambda mod, a, o: events.append((False, mod))))
         try:
-            net(batch)
+            self._net(batch)
         finally:
             for h in handles:
                 h.remove()
@@ -283,13 +372,20 @@ class _EarlyExit:
         while stop + 1 < len(events) and not events[stop + 1][0]:
             stop += 1
         module = events[stop][1]
-        self.stop_module = module
-        self.stop_count = sum(1 for is_start, m in events[: stop + 1] if not is_start and m is module)
-        self._handle = module.register_forward_hook(self._maybe_stop)
+        plan = _StopPlan(
+            modules=self._modules,
+            calls=tuple(m for is_start, m in events[: stop + 1] if is_start and id(m) in self._watched),
+            stop_module=module,
+            stop_count=sum(1 for is_start, m in events[: stop + 1] if not is_start and m is module),
+        )
+        _PLANS[self._net] = plan
+        self._set_plan(plan)
 
     def _maybe_stop(self, module, args, output) -> None:
         self._ends += 1
-        if self._ends == self.stop_count:
+        if self._ends == self.plan.stop_count and len(self._calls) == len(self.plan.calls) and all(
+            a is b for a, b in zip(self._calls, self.plan.calls)
+        ):
             raise _StopForward()
 
 
@@ -355,9 +451,12 @@ def update_bn_stats(
     Every call of a BN module is a batch of its own (a BN reused within one forward counts
     once per call). Ranks agree on each batch with a small all-reduce of
     [this rank has no batch, images in it]: when any rank's loader ends, all stop, and the
-    statistics of the batches used so far are kept (with a warning). The first batch runs
-    the whole model and learns where the last BN call (and the modules wrapping it) ends;
-    later forwards stop there, so the layers and losses after it are not computed.
+    statistics of the batches used so far are kept (with a warning). The first batch ever
+    seen by a model runs the whole model and learns where the last BN call (and the
+    modules wrapping it) ends; later forwards stop there, so the layers and losses after
+    it are not computed. The plan is kept for later calls on the same model while its BN
+    modules in training mode stay the same, and each forward checks the order of BN calls
+    against it before stopping (:class:`_EarlyExit`).
     Torch's own BN modules run with momentum 1.0 and their batch statistics are read from
     their buffers after each call (no second pass over the input); the buffers, momenta
     and modes are restored at the end, and also if anything raises (then the error
@@ -385,15 +484,15 @@ def update_bn_stats(
     device = modules[0].running_mean.device
 
     with saved_bn_state(net, modules) as restore_buffers:
-        with _StatisticsRecorder(modules, device) as recorder, _EarlyExit(modules) as early_exit:
-            iters, seen = _run_batches(net, data_loader, early_exit, device, num_iters, num_samples, progress)
+        with _StatisticsRecorder(modules, device) as recorder, _EarlyExit(net, modules) as early_exit:
+            iters, seen = _run_batches(data_loader, early_exit, device, num_iters, num_samples, progress)
         if iters == 0:
             logger.warning(
                 "update_bn_stats: the data loader yielded no batch on at least one worker; "
                 "BN statistics are unchanged"
             )
             return PreciseBNResult(0, 0, 0, time.perf_counter() - start, ())
-        pooled = _reduce_moments([recorder.moments[id(m)] for m in modules])
+        pooled = _reduce_moments(recorder.moments())
         # the forwards moved the EMA buffers (and num_batches_tracked): undo, then write
         restore_buffers()
         updated, uncalled = 0, []
@@ -420,7 +519,7 @@ def update_bn_stats(
     return PreciseBNResult(iters, seen, updated, seconds, tuple(uncalled))
 
 
-def _run_batches(net, data_loader, early_exit: _EarlyExit, device, num_iters, num_samples, progress):
+def _run_batches(data_loader, early_exit: _EarlyExit, device, num_iters, num_samples, progress):
     """
     Runs ``net(batch)`` until ``num_iters`` batches (or ``num_samples`` global images) are
     used or some rank runs out of batches. Returns (batches used, global images used).
@@ -451,7 +550,7 @@ def _run_batches(net, data_loader, early_exit: _EarlyExit, device, num_iters, nu
                         f"{num_samples} images" if by_samples else f"{num_iters} iterations",
                     )
                 break
-            early_exit.run(net, batch)
+            early_exit.run(batch)
             iters += 1
             seen += int(agreed[1])
             if bar is not None:
@@ -466,8 +565,9 @@ def _reduce_moments(local: List[ChannelMoments]) -> List[ChannelMoments]:
     """
     Pools every module's moments over all ranks with ONE all-reduce: rank r writes its
     moments, flattened, into row r of a (world_size, K) zero tensor; the sum of those
-    tensors is every rank's row (adding zeros is exact), and every rank merges the rows in
-    rank order, so all ranks compute bitwise-identical results.
+    tensors is every rank's row (adding zeros is exact), and every rank pools the same rows
+    with the same operations (:meth:`ChannelMoments.pooled`), so all ranks compute
+    bitwise-identical results.
     """
     world, rank = dist_utils.group_size(), dist_utils.group_rank()
     if world == 1:
@@ -482,8 +582,5 @@ def _reduce_moments(local: List[ChannelMoments]) -> List[ChannelMoments]:
         for t in moments:
             per_rank.append(rows[:, offset : offset + t.numel()].unflatten(1, t.shape))
             offset += t.numel()
-        out = ChannelMoments.zeros(moments.count.shape, moments.mean.shape[-1], rows.device)
-        for r in range(world):
-            out = out.merge(ChannelMoments(*(t[r] for t in per_rank)))
-        pooled.append(out)
+        pooled.append(ChannelMoments(*per_rank).pooled())
     return pooled

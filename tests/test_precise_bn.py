@@ -193,6 +193,53 @@ def test_uncalled_bn_kept_with_warning_and_forward_stops_after_last_bn(caplog):
     assert model.tail_calls == 1  # only the first forward (which learns the call order) runs to the end
 
 
+def test_stop_plan_kept_across_calls_and_relearned_when_the_bn_set_changes():
+    model = _Branchy()
+    update_bn_stats(model, _batches(6, 3, (4, 3)), 3)
+    update_bn_stats(model, _batches(7, 3, (4, 3)), 3)
+    assert model.tail_calls == 1  # the second call stops from its first batch
+    model.a.eval()  # the set of BN modules in training mode changes: the plan is learned anew
+    data = _batches(8, 3, (4, 3))
+    update_bn_stats(model, data, 3)
+    assert model.tail_calls == 2
+    _assert_stats(model.c, torch.cat([model.frozen(model.a(x)) for x in data]))
+
+
+class _Ordered(nn.Module):
+    """BN ``a`` then ``b``, or ``b`` then ``a`` when ``swap``; counts the tail's runs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.BatchNorm1d(3), nn.BatchNorm1d(3), nn.Linear(3, 1)
+        nn.init.uniform_(self.a.weight, 0.5, 2.0)
+        nn.init.uniform_(self.b.bias, -1.0, 1.0)
+        self.swap, self.tail_calls = False, 0
+        self.head.register_forward_hook(lambda *_: setattr(self, "tail_calls", self.tail_calls + 1))
+
+    def forward(self, x):
+        first, second = (self.b, self.a) if self.swap else (self.a, self.b)
+        return self.head(second(first(x)))
+
+
+def test_stop_plan_not_trusted_when_the_call_order_changes():
+    from fvcore.nn.precise_bn import update_bn_stats as fvcore_update
+
+    model = _Ordered()
+    update_bn_stats(model, _batches(9, 2, (4, 3)), 2)
+    assert model.tail_calls == 1
+    model.swap = True
+    ref = copy.deepcopy(model)
+    data = _batches(10, 4, (4, 3))
+    update_bn_stats(model, data, 4)
+    # batch 1 does not match the plan and runs to its end, batch 2 learns the new order
+    assert model.tail_calls == 3
+    fvcore_update(ref, data, 4)
+    for bn, bn_ref in ((model.a, ref.a), (model.b, ref.b)):
+        torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var, bn_ref.running_var, rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_bn_untouched():
     from detectron2.layers import FrozenBatchNorm2d
 

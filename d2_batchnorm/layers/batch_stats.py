@@ -23,6 +23,11 @@ Per-channel batch statistics, written once: for d2_batchnorm's norms and for Pre
       n = n_a + n_b,   delta = m_b - m_a,   m = m_a + delta n_b / n,
       M2 = M2_a + M2_b + delta^2 n_a n_b / n
 
+* Pooled at once (the same result; what PreciseBN does with the k calls of a module it
+  has collected, and with the ranks' rows), for k sets stacked along a leading dim::
+
+      n = sum_i n_i,   m = sum_i n_i m_i / n,   M2 = sum_i M2_i + sum_i n_i (m_i - m)^2
+
 * Carried as *power sums* ``[n, S, Q] = [n, n m, M2 + n m^2]`` (a (..., 2C+1) float64
   tensor; :meth:`~ChannelMoments.power_sums`, :meth:`~ChannelMoments.from_power_sums`)
   where parts are added by one all-reduce: power sums of disjoint batches add. The
@@ -129,6 +134,19 @@ class ChannelMoments(NamedTuple):
         delta = other.mean - self.mean
         mean = self.mean + delta * (n_b / denom)
         return ChannelMoments(total, mean, self.m2 + (other.m2 + delta.square() * (n_a * n_b / denom)))
+
+    def pooled(self) -> "ChannelMoments":
+        """
+        The moments of all k sets of a leading dim (count (k, ...), mean and m2 (k, ..., C))
+        together: count (...), mean and m2 (..., C). The batched form of :meth:`merge`
+        (module docstring), a fixed number of float64 operations for any k; empty sets
+        add nothing.
+        """
+        n_i = self.count.unsqueeze(-1)
+        count = self.count.sum(0)
+        mean = (n_i * self.mean).sum(0) / count.clamp(min=1).unsqueeze(-1)
+        m2 = self.m2.sum(0) + (n_i * (self.mean - mean).square()).sum(0)
+        return ChannelMoments(count, mean, m2)
 
     @property
     def var(self) -> torch.Tensor:
