@@ -16,6 +16,12 @@ a ``leakage_mitigation`` (``MODEL.ROI_{BOX,MASK}_HEAD.LEAKAGE_MITIGATION``):
   layer that mixes RoIs (the last norm) or later, where a RoI's tensor is smaller
   (:func:`run_layers`), so every worker normalizes a random sample of the global batch.
   Losses always see each worker's own RoIs, in their original order. Inference is unchanged.
+
+At inference both heads compute exactly what detectron2's heads compute: the RoI shuffle is
+a training-only method marked ``@torch.jit.unused``, so the heads compile with
+``torch.jit.script`` and trace like detectron2's (the norms themselves become standard
+modules with :func:`d2_batchnorm.layers.convert_for_inference`; SyncBN in eval mode never
+communicates).
 """
 from typing import Callable, Iterable, List, Optional, Union
 
@@ -113,8 +119,31 @@ def run_layers(
     return x if state is None else unshuffle_rois(x, state)
 
 
+class _RoILayers:
+    """
+    ``layers(x)`` for a head that is an ``nn.Sequential`` of layers over (R, ...) RoI
+    features (detectron2's mask head calls it from its forward; the box head's forward is
+    it): the layers in order, as in detectron2's heads; in training with
+    ``leakage_mitigation`` "shuffle", over RoIs shuffled across workers
+    (:func:`run_layers` up to ``unshuffle_at``). That branch is ``@torch.jit.unused``:
+    TorchScript compiles only detectron2's inference graph.
+    """
+
+    def layers(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, ...) features -> (R, ...) outputs, in this worker's RoI order."""
+        if self.training and self.leakage_mitigation == "shuffle":
+            return self._shuffled_layers(x)
+        for layer in self:
+            x = layer(x)
+        return x
+
+    @torch.jit.unused
+    def _shuffled_layers(self, x: torch.Tensor) -> torch.Tensor:
+        return run_layers(self, x, True, self.unshuffle_at)
+
+
 @ROI_BOX_HEAD_REGISTRY.register()
-class BNConvFCHead(FastRCNNConvFCHead):
+class BNConvFCHead(_RoILayers, FastRCNNConvFCHead):
     """
     detectron2's conv+fc box head (convs with norm and ReLU, then flatten and fcs with
     ReLU) with d2_batchnorm's norms and leakage mitigation. Input (R, C, H, W) pooled RoI
@@ -128,7 +157,7 @@ class BNConvFCHead(FastRCNNConvFCHead):
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, conv_dims: List[int], fc_dims: List[int],
-                 conv_norm: str = "BN", leakage_mitigation: str = "none", sync_group_size: int = 0,
+                 conv_norm: str = "", leakage_mitigation: str = "none", sync_group_size: int = 0,
                  ghost_batch_size: int = 0):
         """
         Args:
@@ -136,7 +165,11 @@ class BNConvFCHead(FastRCNNConvFCHead):
             conv_dims, fc_dims: output dimensions of the conv layers and of the fc layers
                 (the paper's 4conv1fc: ``[256] * 4`` and ``[1024]``).
             conv_norm, leakage_mitigation, sync_group_size, ghost_batch_size: the norm of
-                the convs and its leakage mitigation (:func:`head_norm`).
+                the convs and its leakage mitigation (:func:`head_norm`). ``conv_norm``
+                defaults to "" (no norm) as in detectron2's head, on purpose: the same
+                arguments build the same module as detectron2's, so this head can replace
+                it anywhere; configs choose the norm with ``MODEL.ROI_BOX_HEAD.NORM``, and
+                "syncbn" / "shuffle" refuse a head without BatchNorm.
         """
         norm = head_norm(conv_norm, leakage_mitigation, sync_group_size, ghost_batch_size)
         super().__init__(input_shape, conv_dims=conv_dims, fc_dims=fc_dims, conv_norm=norm)
@@ -150,11 +183,11 @@ class BNConvFCHead(FastRCNNConvFCHead):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, H, W) -> (R, FC_DIM); shuffled across workers in training if configured."""
-        return run_layers(self, x, self.training and self.leakage_mitigation == "shuffle", self.unshuffle_at)
+        return self.layers(x)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class BNMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
+class BNMaskRCNNConvUpsampleHead(_RoILayers, MaskRCNNConvUpsampleHead):
     """
     detectron2's mask head (convs with norm and ReLU, 2x deconv, 1x1 predictor) with
     d2_batchnorm's norms and leakage mitigation. Input (R, C, M, M) pooled features of the
@@ -169,7 +202,7 @@ class BNMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, num_classes: int, conv_dims: List[int],
-                 conv_norm: str = "BN", leakage_mitigation: str = "none", sync_group_size: int = 0,
+                 conv_norm: str = "", leakage_mitigation: str = "none", sync_group_size: int = 0,
                  ghost_batch_size: int = 0, **kwargs):
         """
         Args:
@@ -177,7 +210,7 @@ class BNMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
             num_classes: K, mask classes (1 when class-agnostic).
             conv_dims: output dimensions of the convs and (last entry) of the deconv.
             conv_norm, leakage_mitigation, sync_group_size, ghost_batch_size: as
-                :class:`BNConvFCHead`.
+                :class:`BNConvFCHead` (``conv_norm`` "" by default, as in detectron2's head).
             kwargs: ``loss_weight``, ``vis_period`` of detectron2's ``BaseMaskRCNNHead``.
         """
         norm = head_norm(conv_norm, leakage_mitigation, sync_group_size, ghost_batch_size)
@@ -189,7 +222,3 @@ class BNMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         return {**super().from_config(cfg, input_shape), **leakage_args_from_config(cfg, "ROI_MASK_HEAD")}
-
-    def layers(self, x: torch.Tensor) -> torch.Tensor:
-        """(R, C, M, M) features -> (R, K, 2M, 2M) mask logits, in this worker's RoI order."""
-        return run_layers(self, x, self.training and self.leakage_mitigation == "shuffle", self.unshuffle_at)
