@@ -6,6 +6,8 @@ registries. Public API:
 
 * :func:`add_batchnorm_config`, :func:`validate_batchnorm_config` — config keys;
 * :mod:`d2_batchnorm.engine` — ``BNTrainer``, ``launch``, hooks;
+* :func:`convert_for_inference` — standard norms for export; :mod:`d2_batchnorm.export`
+  scripts or traces a trained model (``tools/export_model.py``);
 * :mod:`d2_batchnorm.layers`, :mod:`d2_batchnorm.modeling`, :mod:`d2_batchnorm.data`.
 """
 try:
@@ -23,7 +25,8 @@ except ImportError as e:  # pragma: no cover - exercised only without detectron2
 from . import data  # noqa: F401  (registers the toy datasets)
 from . import modeling  # noqa: F401  (registers our models)
 from .config import add_batchnorm_config, validate_batchnorm_config
+from .layers import convert_for_inference
 from .precise_bn import update_bn_stats
 
 __version__ = "0.1.0"
-__all__ = ["add_batchnorm_config", "validate_batchnorm_config", "update_bn_stats"]
+__all__ = ["add_batchnorm_config", "validate_batchnorm_config", "update_bn_stats", "convert_for_inference"]

@@ -1,13 +1,16 @@
 """
 d2_batchnorm's normalization layers: :func:`get_norm` (detectron2's names plus ours) and
-the converters of a built model's norms, :class:`SyncBatchNorm`, :class:`GhostBatchNorm`,
+the converters of a built model's norms (:func:`convert_for_inference`: standard modules
+for export), :class:`SyncBatchNorm`, :class:`GhostBatchNorm`,
 :class:`LevelBatchNorm` (per-level or shared statistics for heads shared across FPN
 levels), the RoI shuffle, and the per-channel statistics they share (:mod:`.batch_stats`).
 """
 from .batch_norm import (
     D2BN_NORM_NAMES,
+    INFERENCE_CONVERTED_NORMS,
     NORM_NAMES,
     convert_batchnorm,
+    convert_for_inference,
     convert_sync_batchnorm,
     get_norm,
     norm_options_from_config,
@@ -15,7 +18,7 @@ from .batch_norm import (
 )
 from .batch_stats import ChannelMoments, batch_norm_over_parts, update_running_stats_
 from .ghost_batch_norm import GhostBatchNorm
-from .level_norm import LEVEL_STATS, LevelBatchNorm
+from .level_norm import LEVEL_STATS, LevelBatchNorm, PerLevelNorms
 from .roi_shuffle import RoIShuffleState, shuffle_rois, unshuffle_rois
 from .sync_batch_norm import SyncBatchNorm
 
@@ -26,11 +29,14 @@ __all__ = [
     "norm_options_from_config",
     "convert_batchnorm",
     "convert_sync_batchnorm",
+    "convert_for_inference",
+    "INFERENCE_CONVERTED_NORMS",
     "set_ema_momentum",
     "SyncBatchNorm",
     "GhostBatchNorm",
     "LEVEL_STATS",
     "LevelBatchNorm",
+    "PerLevelNorms",
     "ChannelMoments",
     "batch_norm_over_parts",
     "update_running_stats_",

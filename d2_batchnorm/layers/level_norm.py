@@ -12,7 +12,7 @@ from ..checks import check_choice, check_int
 from ..distributed import active_sync_group, check_sync_group_size
 from .batch_stats import ChannelMoments, batch_norm_over_parts, row_of, update_running_stats_, upcast
 
-__all__ = ["LevelBatchNorm", "LEVEL_STATS"]
+__all__ = ["LevelBatchNorm", "PerLevelNorms", "LEVEL_STATS"]
 
 #: allowed statistics modes of :class:`LevelBatchNorm` (training and population)
 LEVEL_STATS = ("per_level", "shared")
@@ -120,3 +120,33 @@ class LevelBatchNorm(nn.BatchNorm2d):
             moments = ChannelMoments.from_power_sums(rows)
         update_running_stats_(self, moments)
         return [y.to(f.dtype) for y, f in zip(ys, features)]
+
+
+class PerLevelNorms(nn.ModuleList):
+    """
+    L norm modules for L FPN levels, called like :class:`LevelBatchNorm` with the list of
+    the L level tensors ``[x_1, ..., x_L]``: ``y_i = norm_i(x_i)``. What
+    :func:`d2_batchnorm.layers.convert_for_inference` makes of a ``LevelBatchNorm`` with
+    per-level population statistics or affine: L ``nn.BatchNorm2d``, the one of level i
+    holding row i of the (L, C) buffers and parameters. Unlike ``LevelBatchNorm`` it
+    compiles with ``torch.jit.script``. ``num_levels`` marks, as on ``LevelBatchNorm``, a
+    norm that takes all levels at once.
+    """
+
+    def __init__(self, norms: Sequence[nn.Module]):
+        super().__init__(norms)
+        self.num_levels = len(norms)
+
+    def forward(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
+        """
+        Args:
+            features: list of L tensors (N, C, H_i, W_i).
+        Returns:
+            list of L normalized tensors, level i by norm i.
+        """
+        if len(features) != self.num_levels:
+            raise ValueError(f"PerLevelNorms expects a list of {self.num_levels} tensors (one per FPN level)")
+        outputs: List[torch.Tensor] = []
+        for i, norm in enumerate(self):
+            outputs.append(norm(features[i]))
+        return outputs

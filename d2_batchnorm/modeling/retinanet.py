@@ -5,7 +5,7 @@ the meta-architecture ``"BNRetinaNet"``.
 """
 import logging
 import math
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -20,12 +20,32 @@ from torch import nn
 from ..checks import check_choice
 from ..layers import LEVEL_STATS, LevelBatchNorm, get_norm, norm_options_from_config
 
-__all__ = ["BNRetinaNet", "BNRetinaNetHead", "LEVEL_STATS_NORMS"]
+__all__ = ["BNRetinaNet", "BNRetinaNetHead", "LevelSequential", "LEVEL_STATS_NORMS"]
 
 logger = logging.getLogger(__name__)
 
 #: head norms that get level statistics (the others are one module applied to each level)
 LEVEL_STATS_NORMS = ("BN", "SyncBN")
+
+
+class LevelSequential(nn.Sequential):
+    """
+    A subnet of layers shared by the L FPN levels, called with the list of the L level
+    tensors (N, C, H_i, W_i) and returning the list of their outputs. A norm that takes
+    all levels at once (one with ``num_levels``: :class:`LevelBatchNorm`, or the
+    :class:`PerLevelNorms` that :func:`d2_batchnorm.layers.convert_for_inference` makes of
+    it) gets the list; every other layer is applied to each level in turn. Compiles with
+    ``torch.jit.script`` once its norms are standard (``LevelBatchNorm`` itself is not
+    scriptable; in eval mode it traces).
+    """
+
+    def forward(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
+        for layer in self:
+            if hasattr(layer, "num_levels"):
+                features = layer(features)
+            else:
+                features = [layer(x) for x in features]
+        return features
 
 
 class BNRetinaNetHead(nn.Module):
@@ -115,14 +135,14 @@ class BNRetinaNetHead(nn.Module):
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
 
     @staticmethod
-    def _subnet(in_dims: Sequence[int], make_norm) -> nn.Sequential:
+    def _subnet(in_dims: Sequence[int], make_norm) -> LevelSequential:
         layers = []
         for c_in, c_out in zip(in_dims[:-1], in_dims[1:]):
             layers.append(nn.Conv2d(c_in, c_out, 3, padding=1))
             if make_norm is not None:
                 layers.append(make_norm(c_out))
             layers.append(nn.ReLU())
-        return nn.Sequential(*layers)
+        return LevelSequential(*layers)
 
     @classmethod
     def check_stats(cls, norm_stats, population_stats, names=("norm_stats", "population_stats")) -> None:
@@ -165,16 +185,7 @@ class BNRetinaNetHead(nn.Module):
             **norm_options_from_config(cfg),
         }
 
-    @staticmethod
-    def _run(subnet: nn.Sequential, features: List[torch.Tensor]) -> List[torch.Tensor]:
-        for layer in subnet:
-            if isinstance(layer, LevelBatchNorm):
-                features = layer(features)
-            else:
-                features = [layer(x) for x in features]
-        return features
-
-    def forward(self, features: List[torch.Tensor]):
+    def forward(self, features: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """
         Args:
             features: L tensors (N, C, H_i, W_i), FPN levels from high to low resolution.
@@ -183,8 +194,8 @@ class BNRetinaNetHead(nn.Module):
         """
         if len(features) != self._num_features:
             raise ValueError(f"expected {self._num_features} FPN levels, got {len(features)}")
-        logits = [self.cls_score(x) for x in self._run(self.cls_subnet, features)]
-        bbox_reg = [self.bbox_pred(x) for x in self._run(self.bbox_subnet, features)]
+        logits = [self.cls_score(x) for x in self.cls_subnet(features)]
+        bbox_reg = [self.bbox_pred(x) for x in self.bbox_subnet(features)]
         return logits, bbox_reg
 
 
