@@ -51,3 +51,12 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} = {value!r} is not allowed; allowed values: [True, False]")
     return value
+
+
+def check_batchnorm_keys(cfg) -> None:
+    """
+    Raises ``ValueError`` unless the yacs config ``cfg`` has d2_batchnorm's keys (its
+    ``BN`` node), i.e. was extended by ``d2_batchnorm.add_batchnorm_config``.
+    """
+    if "BN" not in cfg:
+        raise ValueError("the config lacks d2_batchnorm's keys: call add_batchnorm_config(cfg)")

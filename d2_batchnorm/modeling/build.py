@@ -35,6 +35,7 @@ from typing import Dict, List
 from detectron2.modeling import build_model as d2_build_model
 from torch import nn
 
+from ..checks import check_batchnorm_keys
 from ..layers import (
     D2BN_NORM_NAMES,
     convert_batchnorm,
@@ -52,7 +53,9 @@ def build_model(cfg) -> nn.Module:
     """
     Builds ``cfg.MODEL.META_ARCHITECTURE`` on ``cfg.MODEL.DEVICE`` (no weights loaded),
     with d2_batchnorm's norms resolved as described in this module's docstring.
+    ``ValueError`` before building if ``cfg`` lacks d2_batchnorm's keys.
     """
+    check_batchnorm_keys(cfg)
     d2_cfg, converted_keys = _config_for_detectron2(cfg)
     model = d2_build_model(d2_cfg)
     options = norm_options_from_config(cfg)
