@@ -1,0 +1,127 @@
+"""
+Export of a model trained with d2_batchnorm to TorchScript, through ``detectron2.export``,
+so that it serves like a detectron2 model and needs nothing from this package:
+
+1. :func:`d2_batchnorm.layers.convert_for_inference` turns every norm of ours (and
+   detectron2's synchronized ones) into ``nn.BatchNorm2d`` with the same eval-mode
+   outputs; the heads run exactly detectron2's inference graph (the RoI shuffle and the
+   synchronized statistics exist only in training);
+2. :func:`export_scripting` compiles the model with ``scripting_with_instances``;
+   :func:`export_tracing` traces it through ``TracingAdapter``.
+
+Both exported models return the detections of :func:`detections`: those of the resized
+input image, before detectron2's final ``detector_postprocess`` (the rescale to the
+original image size), as detectron2's own export tool does. Works on CPU without
+detectron2's compiled ``_C`` extension (RoIAlign and NMS come from torchvision).
+"""
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.export import TracingAdapter, scripting_with_instances
+from detectron2.modeling import GeneralizedRCNN
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import Boxes, Instances
+from torch import Tensor, nn
+
+from .layers import convert_for_inference
+
+__all__ = ["EXPORT_METHODS", "INSTANCES_FIELDS", "detections", "export_scripting", "export_tracing"]
+
+#: the ways a model can be exported: ``torch.jit.script`` or ``torch.jit.trace``
+EXPORT_METHODS = ("scripting", "tracing")
+
+#: every field of ``Instances`` that detectron2's R-CNN and dense detectors use at
+#: inference, with its type, as ``scripting_with_instances`` needs them declared
+INSTANCES_FIELDS = {
+    "proposal_boxes": Boxes,
+    "objectness_logits": Tensor,
+    "pred_boxes": Boxes,
+    "scores": Tensor,
+    "pred_classes": Tensor,
+    "pred_masks": Tensor,
+    "pred_keypoints": Tensor,
+    "pred_keypoint_heatmaps": Tensor,
+}
+
+
+def detections(model: nn.Module, inputs: List[Dict[str, Tensor]]) -> List[Instances]:
+    """
+    The eager model's detections that an exported model returns: one ``Instances`` per
+    input image, in the coordinates of the (resized) input image, before
+    ``detector_postprocess``. ``model``: a ``GeneralizedRCNN`` or a dense detector
+    (RetinaNet, ``BNRetinaNet``, ...) in eval mode; ``inputs``: dicts with "image" (3, H, W).
+    """
+    _check_exportable(model)
+    if isinstance(model, GeneralizedRCNN):
+        return model.inference(inputs, do_postprocess=False)
+    images = model.preprocess_image(inputs)
+    features = model.backbone(images.tensor)
+    features = [features[f] for f in model.head_in_features]
+    return model.forward_inference(images, features, model.head(features))
+
+
+class _ScriptableRCNN(nn.Module):
+    """A ``GeneralizedRCNN`` returning its detections as dicts of tensors (scriptable output)."""
+
+    def __init__(self, model: GeneralizedRCNN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Tuple[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
+        return [i.get_fields() for i in self.model.inference(inputs, do_postprocess=False)]
+
+
+class _ScriptableDenseDetector(nn.Module):
+    """A dense detector returning its detections as dicts of tensors (scripted, it skips postprocess)."""
+
+    def __init__(self, model: DenseDetector):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Tuple[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
+        return [i.get_fields() for i in self.model(inputs)]
+
+
+def export_scripting(model: nn.Module) -> torch.jit.ScriptModule:
+    """
+    Converts ``model``'s norms in place (:func:`convert_for_inference`), puts it in eval
+    mode and compiles it with detectron2's ``scripting_with_instances``.
+
+    Returns:
+        a ScriptModule: ``(inputs,)`` -> ``outputs``, ``inputs`` a tuple of dicts with
+        "image" (3, H, W) float tensors, ``outputs`` one dict per image with the fields of
+        :func:`detections` as tensors: "pred_boxes" (R, 4), "scores" (R,),
+        "pred_classes" (R,) and, for Mask R-CNN, "pred_masks" (R, 1, M, M) mask
+        probabilities.
+    """
+    _check_exportable(model)
+    model = convert_for_inference(model).eval()
+    adapter = _ScriptableRCNN if isinstance(model, GeneralizedRCNN) else _ScriptableDenseDetector
+    return scripting_with_instances(adapter(model).eval(), INSTANCES_FIELDS)
+
+
+def export_tracing(model: nn.Module, image: Tensor) -> Tuple[torch.jit.ScriptModule, TracingAdapter]:
+    """
+    Converts ``model``'s norms in place (:func:`convert_for_inference`), puts it in eval
+    mode and traces :func:`detections` on the (3, H, W) ``image`` through detectron2's
+    ``TracingAdapter``.
+
+    Returns:
+        the traced module, ``image`` -> a flat tuple of tensors, and the adapter whose
+        ``outputs_schema`` turns that tuple back into ``[Instances]``. Shapes are not
+        frozen: other image sizes and numbers of detections work.
+    """
+    model = convert_for_inference(model).eval()
+    adapter = TracingAdapter(model, [{"image": image}], detections)
+    with torch.no_grad():
+        traced = torch.jit.trace(adapter, (image,))
+    return traced, adapter
+
+
+def _check_exportable(model: nn.Module) -> None:
+    if not isinstance(model, (GeneralizedRCNN, DenseDetector)):
+        raise ValueError(
+            f"model = {type(model).__name__} is not allowed; allowed: a GeneralizedRCNN or a "
+            "DenseDetector (RetinaNet, BNRetinaNet, ...), the meta-architectures with a known "
+            "inference output"
+        )
