@@ -3,6 +3,8 @@ import csv
 import json
 import os
 
+import torch
+
 from scripts import load_script
 
 
@@ -16,56 +18,59 @@ def _copypaste(ap: float) -> str:
             f"[d2.evaluation.testing]: copypaste: {ap},60.0\n")
 
 
-def _write_run(path, aps, distances=None):
-    """aps: [(EMA AP, precise AP)] per evaluation point, in order (log.txt prints EMA first)."""
+def _write_run(path, aps, weights=None):
+    """aps: the box AP of each evaluation point, in order; weights: a final checkpoint's model."""
     os.makedirs(path)
     with open(os.path.join(path, "log.txt"), "w") as f:
-        f.write("".join(_copypaste(ema) + _copypaste(precise) for ema, precise in aps))
-    with open(os.path.join(path, "metrics.json"), "w") as f:
-        for done, (mean, var) in (distances or {}).items():
-            f.write(json.dumps({"iteration": done - 1, "precise_bn/ema_mean_rel_dist": mean,
-                                "precise_bn/ema_var_rel_dist": var}) + "\n")
+        f.write("".join(_copypaste(ap) for ap in aps))
+    if weights is not None:
+        torch.save({"model": weights}, os.path.join(path, "model_final.pth"))
 
 
-def test_gain_is_paired_per_seed_and_precise_ap_is_checked_across_momenta(tmp_path):
+def test_ema_runs_are_paired_per_seed_with_the_precise_run(tmp_path):
     study = _study_module()
-    points = study.evaluation_points()
-    assert points == [20, 40, 60, 80]
+    assert study.evaluation_points() == [20, 40, 60, 80]
     precise = {1: [1.0, 8.0, 17.0, 21.0], 2: [2.0, 10.0, 19.0, 22.0]}
-    ema = {("m0.1", 1): [0.0, 2.0, 16.0, 21.0], ("m0.1", 2): [0.0, 6.0, 17.0, 22.5],
-           ("m0.01", 1): [0.0, 0.0, 1.0, 3.0], ("m0.01", 2): [0.0, 0.0, 2.0, 5.0]}
-    for (name, seed), values in ema.items():
-        _write_run(study.run_dir(str(tmp_path), name, seed), list(zip(values, precise[seed])),
-                   distances={40: (0.2, 0.3)} if seed == 1 else {40: (0.4, 0.5)})
-    _write_run(study.run_dir(str(tmp_path), "m0.3", 1), [(0.5, 1.0), (7.0, 8.0)])  # stopped after 40
+    ema = {("ema_m0.1", 1): [0.0, 2.0, 16.0, 21.0], ("ema_m0.1", 2): [0.0, 6.0, 17.0, 22.5],
+           ("ema_m0.01", 1): [0.0, 0.0, 1.0, 3.0], ("ema_m0.01", 2): [0.0, 0.0, 2.0, 5.0],
+           ("ema_m0.3", 1): [0.5, 7.0]}  # stopped after 40 iterations
+    same = {"conv.weight": torch.ones(2), "bn.running_mean": torch.zeros(2)}
+    for seed, aps in precise.items():
+        _write_run(study.run_dir(str(tmp_path), "precise", seed), aps, weights=same if seed == 1 else None)
+    for (name, seed), aps in ema.items():
+        _write_run(study.run_dir(str(tmp_path), name, seed), aps,
+                   weights={**same, "bn.running_mean": torch.ones(2)} if seed == 1 else None)
 
-    runs = study.collect(str(tmp_path), ["m0.1", "m0.01", "m0.3"], [1, 2])
-    table = study.report(runs)
-    # m0.1 at 40 iterations: EMA 2, 6; precise 8, 10; gains +6, +4 (paired per seed)
-    assert "| 0.1 | 40 | 640 | 2 | 4.00 ± 2.83 | 9.00 ± 1.41 | +5.00 ± 1.41 | 2/2 | 0.300 ± 0.141 / 0.400 ± 0.141 |" in table
-    assert "| 0.01 | 80 | 1280 | 2 | 4.00 ± 1.41 | 21.50 ± 0.71 | +17.50 ± 0.71 | 2/2 | – / – |" in table
-    assert "| 0.3 | 40 | 640 | 1 |" in table and "| 0.3 | 60 |" not in table
-    assert "within a seed and point: 0.0000" in table
+    runs = study.collect(str(tmp_path), [1, 2])
+    diffs = {seed: study.weight_difference(str(tmp_path), seed) for seed in (1, 2)}
+    assert diffs == {1: 0.0, 2: None}  # BN statistics differ, weights do not; seed 2 has no checkpoints
+    table = study.report(runs, diffs)
+    # m = 0.1 at 40 iterations: EMA 2, 6; precise 8, 10; gains +6, +4 (paired per seed)
+    assert "| 0.1 | 40 | 640 | 2 | 4.00 ± 2.83 | 9.00 ± 1.41 | +5.00 ± 1.41 | 2/2 |" in table
+    assert "| 0.01 | 80 | 1280 | 2 | 4.00 ± 1.41 | 21.50 ± 0.71 | +17.50 ± 0.71 | 2/2 |" in table
+    assert "| 0.3 | 40 | 640 | 1 | 7.00 | 8.00 | +1.00 | 1/1 |" in table and "| 0.3 | 60 |" not in table
+    assert "(seeds [1]): largest |difference| 0 " in table
 
-    _write_run(study.run_dir(str(tmp_path / "b"), "m0.1", 1), [(0.0, 1.0)])
-    _write_run(study.run_dir(str(tmp_path / "b"), "m0.01", 1), [(0.0, 1.5)])  # other weights?
-    spread = study.precise_ap_spread_within_seeds(study.collect(str(tmp_path / "b"), ["m0.1", "m0.01"], [1]))
-    assert spread == 0.5
+    other = tmp_path / "other"
+    for name in study.RUNS:
+        weights = {"conv.weight": torch.ones(2) * (1.5 if name == "ema_m0.01" else 1.0)}
+        _write_run(study.run_dir(str(other), name, 1), [1.0], weights=weights)
+    assert study.weight_difference(str(other), 1) == 0.5
 
     study.write_csv(runs, str(tmp_path / "results.csv"))
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 * 4 + 2
-    assert {(r["run"], r["seed"], r["iteration"], r["gain"]) for r in rows} >= {("m0.1", "2", "40", "4.0")}
+    assert ("0.1", "2", "40", "4.0") in {(r["ema_momentum"], r["seed"], r["iteration"], r["gain"]) for r in rows}
     study.plot(runs, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 1000
 
 
 def test_consistency_tools_report_paired_differences(tmp_path):
     study = _study_module()
-    runs = {"m0.1": {}}
+    runs = {"precise": {}}
     for seed, (pop, mini, before, after) in {1: (20.0, 18.0, 0.1, 12.0), 2: (22.0, 21.0, 0.3, 14.0)}.items():
-        runs["m0.1"][seed] = {80: {"ema": pop, "precise": pop}}
+        runs["precise"][seed] = {80: pop}
         dirs = study.consistency_dirs(str(tmp_path), seed)
         os.makedirs(dirs["mini_batch"])
         with open(os.path.join(dirs["mini_batch"], "log.txt"), "w") as f:
