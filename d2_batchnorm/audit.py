@@ -339,8 +339,7 @@ def _leaky_head(ctx: _Context) -> List[Finding]:
             f"batch statistic in training, with no leakage mitigation",
             "the RoIs of one or two images share batch statistics that carry per-image information "
             "the head learns to exploit; population statistics at inference cannot supply it "
-            "(paper, Sec. 6; projects/LeakageStudy: per-worker BN head 71.6 ± 9.9 bbox AP vs "
-            "89.3 ± 0.7 with RoI shuffle, 1 image per worker)",
+            "(paper, Sec. 6; measured on toy data in projects/LeakageStudy)",
             fix,
         ))
     return out
