@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import NORM_KEYS, images_per_worker
 from .layers import GhostBatchNorm, LevelBatchNorm
-from .modeling.build import _modules_of_key
+from .modeling.build import modules_of_norm_key
 
 __all__ = ["NormGroup", "Finding", "Audit", "RULES", "audit_config", "audit_model",
            "LEAK_MAX_IMAGES", "SMALL_BATCH_IMAGES", "EMA_STALE_WEIGHT", "PRECISE_MIN_SAMPLES"]
@@ -243,7 +243,7 @@ def collect_groups(cfg, model: nn.Module, world_size: int) -> Tuple[List[NormGro
     names = {id(m): n for n, m in model.named_modules()}
     for key in NORM_KEYS:
         found = []
-        for root in _modules_of_key(model, cfg, key):
+        for root in modules_of_norm_key(model, key):
             for m in root.modules():
                 if _is_norm(m) and id(m) in names:
                     found.append((names[id(m)], m))

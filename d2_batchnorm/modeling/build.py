@@ -44,7 +44,7 @@ from ..layers import (
     set_ema_momentum,
 )
 
-__all__ = ["build_model"]
+__all__ = ["build_model", "modules_of_norm_key"]
 
 _D2_META_ARCHS_WITH_HEAD_NORM = ("RetinaNet",)
 
@@ -61,7 +61,7 @@ def build_model(cfg) -> nn.Module:
     options = norm_options_from_config(cfg)
     for key in converted_keys:
         name = cfg.MODEL[key].NORM
-        for module in _modules_of_key(model, cfg, key):
+        for module in modules_of_norm_key(model, key):
             convert_batchnorm(module, name, **options)
     model = convert_sync_batchnorm(model, cfg.BN.SYNC_GROUP_SIZE)
     if cfg.BN.MOMENTUM > 0:
@@ -89,7 +89,14 @@ def _config_for_detectron2(cfg):
     return d2_cfg, converted
 
 
-def _modules_of_key(model: nn.Module, cfg, key: str) -> List[nn.Module]:
+def modules_of_norm_key(model: nn.Module, key: str) -> List[nn.Module]:
+    """
+    The modules of ``model`` whose norms ``MODEL.<key>.NORM`` configures (``key`` one of
+    ``config.NORM_KEYS``; the table of this module's docstring): for RESNETS the backbone's
+    ``bottom_up`` (the whole backbone without one) and ``roi_heads.res5``, for FPN the
+    backbone's other children, for RETINANET ``head`` (also FCOS's), for the R-CNN heads
+    ``roi_heads.box_head`` / ``mask_head``. Modules the model lacks are left out.
+    """
     backbone = getattr(model, "backbone", None)
     roi_heads = getattr(model, "roi_heads", None)
     found: Dict[str, List[nn.Module]] = {
