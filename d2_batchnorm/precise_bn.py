@@ -392,18 +392,21 @@ class _EarlyExit:
 @contextmanager
 def saved_bn_state(model: nn.Module, modules: Optional[Sequence[_BatchNorm]] = None):
     """
-    Saves the train/eval mode of every module of ``model`` and the momentum and buffers
-    (running statistics, ``num_batches_tracked``) of each BN module in ``modules``
-    (default: every ``_BatchNorm`` of ``model``). Yields ``restore_buffers()``, a function
-    that copies the saved buffers back (in place; callable any number of times). If the
-    block raises, the buffers are restored and the error propagates; modes and momenta are
-    restored whenever the block ends. Used by :func:`update_bn_stats` and by
-    ``engine.hooks.mini_batch_statistics`` (which calls ``restore_buffers`` in a finally).
+    Saves the buffers (running statistics, ``num_batches_tracked``) of each BN module in
+    ``modules`` (default: every ``_BatchNorm`` of ``model``) and the plain Python scalars of
+    every module of ``model`` (:func:`_module_scalars`: its train/eval mode, a BN's momentum,
+    and state a forward updates outside buffers, such as the ``loss_normalizer`` EMA that
+    detectron2's RetinaNet and FCOS update in every training forward). Yields
+    ``restore_buffers()``, a function that copies the saved buffers back (in place; callable
+    any number of times). If the block raises, the buffers are restored and the error
+    propagates; the scalars are restored whenever the block ends (and scalars the block
+    created are removed), so forwards inside it leave no trace in later training. Used by
+    :func:`update_bn_stats` and by ``bn_modes.mini_batch_statistics`` (which calls
+    ``restore_buffers`` in a finally).
     """
     if modules is None:
         modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in modules]
+    scalars = [(m, _module_scalars(m)) for m in model.modules()]
     saved = [(m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for m in modules]
 
     def restore_buffers():
@@ -417,10 +420,16 @@ def saved_bn_state(model: nn.Module, modules: Optional[Sequence[_BatchNorm]] = N
         restore_buffers()
         raise
     finally:
-        for m, training in modes:
-            m.training = training
-        for m, momentum in momenta:
-            m.momentum = momentum
+        for m, before in scalars:
+            for name in set(_module_scalars(m)) - set(before):
+                delattr(m, name)
+            for name, value in before.items():
+                setattr(m, name, value)
+
+
+def _module_scalars(module: nn.Module) -> Dict[str, Any]:
+    """The attributes of ``module`` itself that are plain Python scalars (None, bool, int, float)."""
+    return {k: v for k, v in vars(module).items() if v is None or type(v) in (bool, int, float)}
 
 
 @torch.no_grad()

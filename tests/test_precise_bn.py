@@ -86,6 +86,55 @@ def test_weights_untouched_modes_and_momenta_restored_no_autograd():
     assert grads and not any(grads)
 
 
+class _CountingNet(nn.Module):
+    """A BN, then python state a training forward updates (like detectron2's loss_normalizer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.forwards = 0
+
+    def forward(self, x):
+        self.forwards += 1
+        self.loss_normalizer = getattr(self, "loss_normalizer", 100.0) * 0.9 + 0.1 * float(x.shape[0])
+        return self.bn(x)
+
+
+def test_python_state_of_forwards_is_restored():
+    model = _CountingNet()
+    update_bn_stats(model, _batches(2, 3, (2, 3, 4, 4)), 3)
+    assert model.forwards == 0 and not hasattr(model, "loss_normalizer")
+    model(torch.zeros(2, 3, 4, 4))
+    update_bn_stats(model, _batches(2, 3, (2, 3, 4, 4)), 3)
+    assert model.forwards == 1 and model.loss_normalizer == 90.2
+
+
+def test_detectron2_retinanet_loss_normalizer_untouched():
+    """RetinaNet's training forwards update its loss_normalizer EMA, which PreciseBN must not."""
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    from d2_batchnorm.engine import load_config
+    from d2_batchnorm.modeling import build_model
+
+    cfg = load_config("configs/Base-RetinaNet-Toy.yaml", ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64"])
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(0)
+
+    def image():
+        instances = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]])),
+                              gt_classes=torch.tensor([1]))
+        return {"image": torch.rand(3, 64, 64, generator=g) * 255, "instances": instances}
+
+    with EventStorage():  # detectron2 models log scalars in training mode
+        update_bn_stats(model, [[image(), image()] for _ in range(2)], 2)
+        assert not hasattr(model, "loss_normalizer")  # still detectron2's initial value on first use
+        model([image(), image()])
+        before = model.loss_normalizer
+        update_bn_stats(model, [[image(), image()] for _ in range(2)], 2)
+    assert model.loss_normalizer == before
+
+
 class _Reuse(nn.Module):
     """One BN called on two different inputs per forward (e.g. shared across levels)."""
 
@@ -174,8 +223,8 @@ class _Branchy(nn.Module):
         self.a, self.b, self.c = nn.BatchNorm1d(3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)
         self.frozen = nn.BatchNorm1d(3).eval()
         self.head = nn.Linear(3, 1)
-        self.tail_calls = 0
-        self.head.register_forward_hook(lambda *_: setattr(self, "tail_calls", self.tail_calls + 1))
+        self.tail_calls = []  # a list: update_bn_stats restores python scalars a forward changes
+        self.head.register_forward_hook(lambda *_: self.tail_calls.append(1))
 
     def forward(self, x):
         return self.head(self.c(self.frozen(self.a(x))))
@@ -190,18 +239,18 @@ def test_uncalled_bn_kept_with_warning_and_forward_stops_after_last_bn(caplog):
     assert res.uncalled == ("b",) and "b" in caplog.text
     assert torch.equal(model.b.running_var, before_b)
     assert torch.equal(model.frozen.running_mean, before_frozen)
-    assert model.tail_calls == 1  # only the first forward (which learns the call order) runs to the end
+    assert len(model.tail_calls) == 1  # only the first forward (which learns the call order) runs to the end
 
 
 def test_stop_plan_kept_across_calls_and_relearned_when_the_bn_set_changes():
     model = _Branchy()
     update_bn_stats(model, _batches(6, 3, (4, 3)), 3)
     update_bn_stats(model, _batches(7, 3, (4, 3)), 3)
-    assert model.tail_calls == 1  # the second call stops from its first batch
+    assert len(model.tail_calls) == 1  # the second call stops from its first batch
     model.a.eval()  # the set of BN modules in training mode changes: the plan is learned anew
     data = _batches(8, 3, (4, 3))
     update_bn_stats(model, data, 3)
-    assert model.tail_calls == 2
+    assert len(model.tail_calls) == 2
     _assert_stats(model.c, torch.cat([model.frozen(model.a(x)) for x in data]))
 
 
@@ -214,8 +263,8 @@ class _Ordered(nn.Module):
         self.a, self.b, self.head = nn.BatchNorm1d(3), nn.BatchNorm1d(3), nn.Linear(3, 1)
         nn.init.uniform_(self.a.weight, 0.5, 2.0)
         nn.init.uniform_(self.b.bias, -1.0, 1.0)
-        self.swap, self.tail_calls = False, 0
-        self.head.register_forward_hook(lambda *_: setattr(self, "tail_calls", self.tail_calls + 1))
+        self.swap, self.tail_calls = False, []
+        self.head.register_forward_hook(lambda *_: self.tail_calls.append(1))
 
     def forward(self, x):
         first, second = (self.b, self.a) if self.swap else (self.a, self.b)
@@ -227,13 +276,13 @@ def test_stop_plan_not_trusted_when_the_call_order_changes():
 
     model = _Ordered()
     update_bn_stats(model, _batches(9, 2, (4, 3)), 2)
-    assert model.tail_calls == 1
+    assert len(model.tail_calls) == 1
     model.swap = True
     ref = copy.deepcopy(model)
     data = _batches(10, 4, (4, 3))
     update_bn_stats(model, data, 4)
     # batch 1 does not match the plan and runs to its end, batch 2 learns the new order
-    assert model.tail_calls == 3
+    assert len(model.tail_calls) == 3
     fvcore_update(ref, data, 4)
     for bn, bn_ref in ((model.a, ref.a), (model.b, ref.b)):
         torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, rtol=1e-5, atol=1e-6)
