@@ -239,7 +239,8 @@ def test_unconverted_level_norm_head_traces():
 def _toy_model(config, *opts):
     """
     The toy model with random weights, and norms as after a little training: running
-    statistics those of one random image (forced batch statistics, momentum 1), affine random.
+    statistics those of one random image (forced batch statistics, momentum 1; 256 px so
+    that the 1/128 level has more than one value per channel), affine random.
     """
     cfg = load_config(config, ["MODEL.DEVICE", "cpu", *opts])
     torch.manual_seed(0)
@@ -247,7 +248,7 @@ def _toy_model(config, *opts):
     with force_bn_mode(model, training=True) as norms, torch.no_grad():
         for norm in norms:
             norm.momentum = 1.0
-        detections(model, [{"image": torch.rand(3, 128, 128) * 255}])
+        detections(model, [{"image": torch.rand(3, 256, 256) * 255}])
         for norm in norms:
             norm.momentum = 0.1
     if hasattr(model, "head"):  # RetinaNet: scores around 0.5, above the test threshold
