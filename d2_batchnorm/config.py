@@ -23,7 +23,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY
 
 from .bn_modes import TEST_BN_STATS
-from .checks import check_bool, check_choice, check_float, check_int
+from .checks import check_batchnorm_keys, check_bool, check_choice, check_float, check_int
 from .distributed import check_sync_group_size
 from .layers import NORM_NAMES
 from .modeling.retinanet import BNRetinaNetHead
@@ -159,8 +159,7 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
         cfg: a config extended by :func:`add_batchnorm_config`.
         world_size: the number of training processes, for keys that must divide it.
     """
-    if "BN" not in cfg:
-        raise ValueError("the config lacks d2_batchnorm's keys: call add_batchnorm_config(cfg)")
+    check_batchnorm_keys(cfg)
     for key, _, _, check in TRAIN_SETTINGS:  # the schedule first: other checks use it
         if check is not None:
             check(key, config_value(cfg, key))
