@@ -30,7 +30,7 @@ Per-channel batch statistics, written once: for d2_batchnorm's norms and for Pre
 
 * Carried as *power sums* ``[n, S, Q] = [n, n m, M2 + n m^2]`` (a (..., 2C+1) float64
   tensor; :meth:`~ChannelMoments.power_sums`, :meth:`~ChannelMoments.from_power_sums`)
-  where parts are added by one all-reduce: power sums of disjoint batches add. The
+  where parts are added by one collective: power sums of disjoint batches add. The
   cancellation ``Q - S^2 / n`` then happens in float64 and loses nothing measurable
   unless |mean| / std > 1e6.
 
@@ -87,6 +87,29 @@ def _channel_dims(x: torch.Tensor) -> List[int]:
     return [0] + list(range(2, x.dim()))
 
 
+def _shifted_sums(xs: Sequence[torch.Tensor], shift_samples: Optional[int]):
+    """
+    Per x (N, C, *): the count n, the shift K (the mean of its first ``shift_samples``
+    samples; None: all) and ``sum d``, ``sum d^2`` of ``d = x - K``, summed in x's
+    precision (>= float32), returned in float64: count (L,), K, s1, s2 (L, C).
+    """
+    counts, sums = [], []  # per x: n, and (3, C) float64 [shift, sum d, sum d^2]
+    for x in xs:
+        x = upcast(x.detach())
+        channels = x.shape[1]
+        counts.append(x.numel() // channels if channels > 0 else 0)
+        if counts[-1] == 0:
+            sums.append(x.new_zeros(3, channels, dtype=torch.float64))
+            continue
+        dims = _channel_dims(x)
+        head = x if shift_samples is None else x[:shift_samples]
+        shift = head.sum(dims) / (head.numel() // channels)
+        d = x - channel_view(shift, x)
+        sums.append(torch.stack([shift, d.sum(dims), (d * d).sum(dims)]).double())
+    k, s1, s2 = (torch.stack(sums) if len(sums) > 1 else sums[0].unsqueeze(0)).unbind(1)
+    return k.new_tensor(counts), k, s1, s2
+
+
 class ChannelMoments(NamedTuple):
     """``count`` (...,), ``mean`` and ``m2`` (..., C): float64 moments (module docstring)."""
 
@@ -108,23 +131,21 @@ class ChannelMoments(NamedTuple):
         (L,), mean and m2 (L, C). The shift is the mean of the first ``shift_samples``
         samples of x (None: all of them), the shift rule of the module docstring.
         """
-        counts, sums = [], []  # per x: n, and (3, C) float64 [shift, sum d, sum d^2]
-        for x in xs:
-            x = upcast(x.detach())
-            channels = x.shape[1]
-            counts.append(x.numel() // channels if channels > 0 else 0)
-            if counts[-1] == 0:
-                sums.append(x.new_zeros(3, channels, dtype=torch.float64))
-                continue
-            dims = _channel_dims(x)
-            head = x if shift_samples is None else x[:shift_samples]
-            shift = head.sum(dims) / (head.numel() // channels)
-            d = x - channel_view(shift, x)
-            sums.append(torch.stack([shift, d.sum(dims), (d * d).sum(dims)]).double())
-        k, s1, s2 = (torch.stack(sums) if len(sums) > 1 else sums[0].unsqueeze(0)).unbind(1)
-        count = k.new_tensor(counts)
+        count, k, s1, s2 = _shifted_sums(xs, shift_samples)
         n = count.clamp(min=1).unsqueeze(-1)
         return cls(count, k + s1 / n, (s2 - s1.square() / n).clamp_(min=0))
+
+    @staticmethod
+    def power_sums_of(*xs: torch.Tensor, shift_samples: Optional[int] = 1) -> torch.Tensor:
+        """
+        ``ChannelMoments.of(*xs, shift_samples=...).power_sums()`` in fewer operations, from
+        the same shifted sums: (L, 2C + 1) ``[n, S, Q]`` with, per channel,
+        ``S = n K + sum d`` and ``Q = sum d^2 + K (sum d + S)`` (= sum x^2), in float64.
+        """
+        count, k, s1, s2 = _shifted_sums(xs, shift_samples)
+        n = count.unsqueeze(-1)
+        s = torch.addcmul(s1, n, k)
+        return torch.cat([n, s, torch.addcmul(s2, k, s1 + s)], -1)
 
     def merge(self, other: "ChannelMoments") -> "ChannelMoments":
         """The moments of both sets of samples (Chan's merge), row by row; empty rows add nothing."""
@@ -154,7 +175,7 @@ class ChannelMoments(NamedTuple):
         return self.m2 / self.count.clamp(min=1).unsqueeze(-1)
 
     def power_sums(self) -> torch.Tensor:
-        """(..., 2C + 1) ``[n, S, Q]``: these add over disjoint batches (one all-reduce)."""
+        """(..., 2C + 1) ``[n, S, Q]``: these add over disjoint batches (one collective)."""
         count = self.count.unsqueeze(-1)
         s = count * self.mean
         return torch.cat([count, s, torch.addcmul(self.m2, s, self.mean)], -1)
@@ -239,7 +260,9 @@ def batch_norm_over_parts(
     summed over workers, and the :class:`ChannelMoments` (R rows, R = 1 if ``joint`` else
     L) the parts were normalized with; these carry no gradient.
 
-    One all-reduce of (L, 2C + 1) float64 in forward, one of (L or 1, 2C) in backward;
+    One all-gather of the (L, 2C + 1) float64 power sums in forward (each rank adds the
+    rows in rank order: one round of latency where an all-reduce takes two, as torch's
+    SyncBatchNorm gathers its statistics), one all-reduce of (L or 1, 2C) in backward;
     autograd saves only the inputs and per-channel vectors. The backward pass, with the
     sums ``Sdy = sum dy`` and ``Sdyx = sum dy (x - mean)`` over the values sharing the
     statistics (mean, invstd, count n)::
@@ -247,35 +270,36 @@ def batch_norm_over_parts(
         dx = w * invstd * (dy - Sdy / n - (x - mean) * invstd^2 * Sdyx / n)
         dw = sum_local dy (x - mean) * invstd,   db = sum_local dy
     """
-    out = _BatchNormOverParts.apply(weight, bias, eps, group, joint, *xs)
-    return list(out[: len(xs)]), out[len(xs)], ChannelMoments(*out[len(xs) + 1 :])
+    with torch.no_grad():  # the statistics: no autograd (the backward pass is analytic)
+        sums = ChannelMoments.power_sums_of(*xs)  # (L, 2C+1)
+        if group is not False:
+            sums = d2bn_dist.all_gather_sum(sums, group)
+        pooled = ChannelMoments.from_power_sums(sums.sum(0, keepdim=True) if joint else sums)
+        invstd = torch.rsqrt(pooled.var + eps)
+    ys = _BatchNormOverParts.apply(weight, bias, group, joint, pooled.count, pooled.mean, invstd, *xs)
+    return list(ys), sums, pooled
 
 
 class _BatchNormOverParts(torch.autograd.Function):
+    """``y_i = (x_i - mean) * invstd * w + b`` with the statistics given (R rows, float64)."""
+
     @staticmethod
-    def forward(ctx, weight, bias, eps, group, joint, *xs):
-        with torch.no_grad():
-            sums = ChannelMoments.of(*xs).power_sums()  # (L, 2C+1)
-            if group is not False:
-                d2bn_dist.all_reduce_sum_(sums, group)
-        pooled = ChannelMoments.from_power_sums(sums.sum(0, keepdim=True) if joint else sums)
-        invstd64 = torch.rsqrt(pooled.var + eps)
+    def forward(ctx, weight, bias, group, joint, count, mean64, invstd64, *xs):
         ys, means, invstds = [], [], []
         for i, x in enumerate(xs):
             r = 0 if joint else i
-            mean, invstd = pooled.mean[r].to(x.dtype), invstd64[r].to(x.dtype)
+            mean, invstd = mean64[r].to(x.dtype), invstd64[r].to(x.dtype)
             w, b = row_of(weight, i), row_of(bias, i)
             scale = invstd if w is None else w.to(x.dtype) * invstd
             shift = -mean * scale if b is None else b.to(x.dtype) - mean * scale
             ys.append(torch.addcmul(channel_view(shift, x), x, channel_view(scale, x)))
             means.append(mean)
             invstds.append(invstd)
-        ctx.save_for_backward(weight, pooled.count, *xs, *means, *invstds)
+        ctx.save_for_backward(weight, count, *xs, *means, *invstds)
         ctx.group, ctx.joint, ctx.num_parts, ctx.channels = group, joint, len(xs), xs[0].shape[1]
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.bias_per_part = bias is not None and bias.dim() == 2
-        ctx.mark_non_differentiable(sums, *pooled)
-        return (*ys, sums, *pooled)
+        return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -283,11 +307,14 @@ class _BatchNormOverParts(torch.autograd.Function):
         weight, count, *rest = ctx.saved_tensors
         xs, means, invstds = rest[:num], rest[num : 2 * num], rest[2 * num :]
         dys = grads[:num]  # the gradients of the statistics outputs are ignored
-        local = []
+        local, xmus = [], []
         for x, dy, mean in zip(xs, dys, means):
             dims = _channel_dims(x)
-            xmu = x - channel_view(mean, x)  # recomputed below rather than kept: lower peak memory
+            xmu = x - channel_view(mean, x)
             local.append(torch.cat([dy.sum(dims), (dy * xmu).sum(dims)]))
+            # one part: keep x - mean for dx (the same peak); several: recomputed below,
+            # one part at a time, rather than all kept (lower peak memory)
+            xmus.append(xmu if num == 1 else None)
             del xmu
         local = torch.stack(local)  # (L, 2C): [sum dy, sum dy (x - mean)] per part
         rows = local.double().sum(0, keepdim=True) if ctx.joint else local.double()
@@ -296,18 +323,21 @@ class _BatchNormOverParts(torch.autograd.Function):
         rows = rows / count.clamp(min=1).unsqueeze(1)
         dxs, dws, dbs = [], [], []
         for i, (x, dy, mean, invstd) in enumerate(zip(xs, dys, means, invstds)):
-            xmu = x - channel_view(mean, x)
+            xmu = xmus[i] if xmus[i] is not None else x - channel_view(mean, x)
+            xmus[i] = None
             mean_dy, mean_dy_xmu = rows[0 if ctx.joint else i].to(x.dtype).split(channels)
             w = row_of(weight, i)
             scale = invstd if w is None else w.to(x.dtype) * invstd
-            coef = channel_view(mean_dy_xmu * invstd * invstd, x)
-            dxs.append((dy - channel_view(mean_dy, x)).sub_(xmu.mul_(coef)).mul_(channel_view(scale, x)))
+            # dx = scale dy - scale mean_dy - scale invstd^2 mean_dy_xmu (x - mean): two passes
+            dx = torch.addcmul(channel_view(-mean_dy * scale, x), dy, channel_view(scale, x))
+            dxs.append(dx.addcmul_(xmu, channel_view(mean_dy_xmu * invstd * invstd * scale, x), value=-1))
+            del xmu
             dws.append(local[i, channels:] * invstd)
             dbs.append(local[i, :channels])
         dw = db = None
         if ctx.has_weight:
-            dw = torch.stack(dws) if weight.dim() == 2 else sum(dws)
+            dw = torch.stack(dws) if weight.dim() == 2 else sum(dws[1:], dws[0])
             dw = dw.to(weight.dtype)
         if ctx.has_bias:
-            db = torch.stack(dbs) if ctx.bias_per_part else sum(dbs)
-        return (dw, db, None, None, None, *dxs)
+            db = torch.stack(dbs) if ctx.bias_per_part else sum(dbs[1:], dbs[0])
+        return (dw, db, None, None, None, None, None, *dxs)

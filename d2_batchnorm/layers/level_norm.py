@@ -46,7 +46,7 @@ class LevelBatchNorm(nn.BatchNorm2d):
     (C,) pair shared by all levels (``share_affine=True``) or one (L, C) row per level.
 
     With ``sync_group_size`` not None the statistics are synchronized across the workers
-    of a sync group (one all-reduce of (L, 2C+1) float64 power sums per call, count
+    of a sync group (one all-gather of (L, 2C+1) float64 power sums per call, count
     weighted, empty workers allowed), like :class:`SyncBatchNorm`. ``sync_stats``, the flag
     of every synchronized norm, is True iff built with a ``sync_group_size``; setting it to
     False gives per-worker statistics. ``running_var`` receives the unbiased batch

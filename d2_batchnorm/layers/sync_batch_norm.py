@@ -24,15 +24,16 @@ class SyncBatchNorm(BatchNormNd):
         y = (x - mean) / sqrt(var + eps) * weight + bias
 
     The power sums ``[n_r, S_r, Q_r]`` come from shifted float32 sums turned into
-    float64 and are summed with ONE all-reduce of 2C + 1 float64 values; the backward
-    pass all-reduces ``[sum dy, sum dy (x - mean)]`` once
+    float64; ONE all-gather of the 2C + 1 float64 values brings every worker's, and each
+    worker adds them in rank order (one round of latency; all workers get bitwise-equal
+    sums); the backward pass all-reduces ``[sum dy, sum dy (x - mean)]`` once
     (:func:`.batch_stats.batch_norm_over_parts`), so the
     input and weight gradients are those of BatchNorm over the concatenated batch (the
     weight/bias gradient of each worker is its share; their sum, as DDP forms it, is the
     full gradient).
 
     * A worker with no samples still takes part: its output is empty, it contributes
-      zeros to the all-reduce, and its weight/bias still get (zero) gradients, so DDP does
+      zeros to the collectives, and its weight/bias still get (zero) gradients, so DDP does
       not hang. If the whole group has no samples the running statistics are not updated.
     * ``running_var`` keeps torch's convention, the *unbiased* variance ``var * n/(n-1)``
       of the global batch, so on one worker this module is exactly ``nn.BatchNorm2d``
