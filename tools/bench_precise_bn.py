@@ -16,12 +16,16 @@ a), their ratios, and the largest relative error
 against the exact statistics of all samples (float64 two-pass: mean first, then squared
 deviations, over the same batches). With ``--world-size 2`` it also runs both in 2 gloo
 processes on different data and reports the largest |buffer difference| between ranks.
-For case a it also times ours against the backbone floor alone over ``--floor-iters``
-batches: our first forward runs the whole model once (to learn where the last BN ends),
-a fixed cost that fades over detectron2's default of 200 PreciseBN iterations.
+In the main table "ours" is a *first* call on the model (stop plans forgotten before each
+run): its first forward runs the whole model once to learn where the last BN ends. A
+second table times the same methods over ``--short-iters`` batches (default 4), ours both
+as a first call and as a call on a model already seen (the plan kept from an earlier call,
+as in PreciseBN's periodic runs during training). For case a it also times ours against
+the backbone floor alone over ``--floor-iters`` batches. Last, the hidden cost of the
+PreciseBN hook in a toy training (tools/bench_training.py; ``--no-training`` skips it).
 
-    python tools/bench_precise_bn.py [--iters 20] [--ims 2] [--size 128] [--repeats 2] \
-        [--world-size 2] [--floor-iters 100]
+    python tools/bench_precise_bn.py [--iters 20] [--short-iters 4] [--ims 2] [--size 128] \
+        [--repeats 2] [--world-size 2] [--floor-iters 100]
 
 Times are the minimum over ``--repeats`` interleaved runs (the machine may be shared).
 """
@@ -32,6 +36,7 @@ from typing import Dict, List
 
 import torch
 from torch import nn
+import bench_training  # tools/bench_training.py
 from bench_report import machine_description, write_readme_section  # tools/bench_report.py
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -165,6 +170,16 @@ def relative_errors(model, exact) -> Dict[str, float]:
 
 
 def run_ours(model, batches):
+    """A first call: the model's stop plan is forgotten before."""
+    from d2_batchnorm import update_bn_stats
+    from d2_batchnorm.precise_bn import forget_stop_plans
+
+    forget_stop_plans()
+    update_bn_stats(model, seeded(batches), len(batches))
+
+
+def run_ours_seen(model, batches):
+    """A call on a model seen before (its stop plan kept from an earlier call)."""
     from d2_batchnorm import update_bn_stats
 
     update_bn_stats(model, seeded(batches), len(batches))
@@ -212,6 +227,26 @@ def bench_case(case, args) -> Dict:
         set_bn_state(model, errors[name])
         out[f"err_{name}"] = relative_errors(model, exact)
     out.update({f"t_{k}": min(v) for k, v in times.items()})
+    if args.short_iters > 0:
+        # few batches: ours as a first call and on a model seen (plan kept from the run
+        # above), interleaved with fvcore and the floor
+        short = batches[: args.short_iters]
+        short_runners = {"fvcore": run_fvcore, "ours": run_ours, "ours_seen": run_ours_seen,
+                         "backbone": run_backbone}
+        short_times = {k: [] for k in short_runners}
+        for rep in range(args.repeats):
+            order = list(short_runners) if rep % 2 == 0 else list(reversed(short_runners))
+            for name in order:
+                if name == "ours_seen":
+                    set_bn_state(model, initial)
+                    with EventStorage():
+                        run_ours_seen(model, short)  # makes sure the plan exists (untimed)
+                set_bn_state(model, initial)
+                with EventStorage():
+                    t0 = time.perf_counter()
+                    short_runners[name](model, short)
+                    short_times[name].append(time.perf_counter() - t0)
+        out.update({f"s_{k}": min(v) for k, v in short_times.items()})
     if args.floor_iters > args.iters and case == "maskrcnn_a":
         # ours against the floor alone over more batches: the one full forward that learns
         # where to stop is amortized as over detectron2's default of 200 iterations
@@ -259,6 +294,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--iters", type=int, default=20, help="batches per method")
+    p.add_argument("--short-iters", type=int, default=4,
+                   help="batches of the second table (first call and model seen); 0 skips it")
     p.add_argument("--ims", type=int, default=2, help="images per batch")
     p.add_argument("--size", type=int, default=128, help="image side (pixels)")
     p.add_argument("--repeats", type=int, default=2)
@@ -266,14 +303,25 @@ def main(argv=None) -> int:
     p.add_argument("--no-readme", action="store_true", help="do not write the output into README.md")
     p.add_argument("--world-size", type=int, default=2, help="processes for the rank check; 1 skips it")
     p.add_argument("--ranks-iters", type=int, default=3, help="batches per rank in the rank check")
+    p.add_argument("--no-training", action="store_true",
+                   help="skip the hidden-cost-in-training table (tools/bench_training.py)")
+    bench_training.add_arguments(p, prefix="training-")
     p.add_argument("--floor-iters", type=int, default=100,
                    help="batches for an extra ours-vs-backbone timing (case maskrcnn_a only); "
                         "<= --iters skips it")
     args = p.parse_args(argv)
+    if args.short_iters < 0 or args.short_iters > args.iters:
+        print(f"error: --short-iters = {args.short_iters} must be in [0, --iters]", file=sys.stderr)
+        return 2
     for name in ("iters", "ims", "size", "repeats", "threads", "world_size", "ranks_iters"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} = {getattr(args, name)} must be >= 1", file=sys.stderr)
             return 2
+    try:
+        training = None if args.no_training else bench_training.options(args, prefix="training-")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     import logging
 
@@ -285,6 +333,10 @@ def main(argv=None) -> int:
     header = ("| case | BN modules | fvcore s | ours s | backbone fwd s | fvcore/ours | ours/backbone "
               "| rel err mean ours (fvcore) | rel err var ours (fvcore) | max rank diff ours (fvcore) |")
     rows = [header, "|---" * 10 + "|"]
+    short_header = (f"| case | over {args.short_iters} batches: fvcore s | ours first call s | ours model seen s "
+                    "| backbone fwd s | fvcore/ours first | fvcore/ours seen | ours first/backbone "
+                    "| ours seen/backbone |")
+    short_rows = [short_header, "|---" * 9 + "|"]
     longs = []
     for case in args.cases:
         r = bench_case(case, args)
@@ -300,15 +352,26 @@ def main(argv=None) -> int:
             f"| {r['err_ours']['var']:.2g} ({r['err_fvcore']['var']:.2g}) | {diff} |"
         )
         print(rows[-1], flush=True)
+        if "s_ours" in r:
+            short_rows.append(
+                f"| {case} | {r['s_fvcore']:.2f} | {r['s_ours']:.2f} | {r['s_ours_seen']:.2f} "
+                f"| {r['s_backbone']:.2f} | {r['s_fvcore'] / r['s_ours']:.2f}x "
+                f"| {r['s_fvcore'] / r['s_ours_seen']:.2f}x | {r['s_ours'] / r['s_backbone']:.2f}x "
+                f"| {r['s_ours_seen'] / r['s_backbone']:.2f}x |"
+            )
+            print(short_rows[-1], flush=True)
         if "t_ours_long" in r:
             longs.append(f"{case}: over {args.floor_iters} batches, ours {r['t_ours_long']:.2f} s, "
                          f"backbone forward {r['t_backbone_long']:.2f} s, ours/backbone "
                          f"{r['t_ours_long'] / r['t_backbone_long']:.2f}x")
             print(longs[-1], flush=True)
     print()
-    print("\n".join(rows + [""] + longs))
+    tables = rows + ([""] + short_rows if len(short_rows) > 2 else []) + [""] + longs
+    if training is not None:
+        tables += [""] + bench_training.training_table(training)
+    print("\n".join(tables))
     if not args.no_readme:
-        write_readme_section("bench_precise_bn", "\n".join(header_lines + rows + [""] + longs))
+        write_readme_section("bench_precise_bn", "\n".join(header_lines + tables))
     return 0
 
 

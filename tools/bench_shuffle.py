@@ -230,10 +230,56 @@ def formulas() -> str:
         "* shuffle (reference): 3 (W-1) · m · (F + G) + 8 N (randperm broadcast, root) + 4 pickled "
         "count gathers: all-gather of padded rows forward ((W-1) m F and (W-1) m G) and an all-reduce "
         "of the W m rows of gathered gradient backward (2 (W-1) m F and 2 (W-1) m G).\n"
-        "* syncbn: L · 2 (W-1)/W · (4C + 1) · 8 B: per BN layer one all-reduce of float64 [n, sum, "
-        "sum of squares] (2C + 1) forward and one of [sum dy, sum dy (x - mean)] (2C) backward.\n\n"
+        "* syncbn: L · ((W-1) (2C + 1) + 2 (W-1)/W · 2C) · 8 B: per BN layer one all-gather of "
+        "float64 [n, sum, sum of squares] (2C + 1) forward and one all-reduce of [sum dy, "
+        "sum dy (x - mean)] (2C) backward.\n\n"
         "Ratio ours / reference ≈ 2 / (3 W) for equal counts: 1/3 at W = 2, 1/12 at W = 8."
     )
+
+
+def formula_bytes(method: str, world: int, rois: List[int], f_bytes: int, g_bytes: int,
+                  channels: int, num_conv: int) -> float:
+    """Bytes per worker and iteration of :func:`formulas` (mean over workers; reference
+    without its pickled count gathers)."""
+    n, m, w = statistics.mean(rois), max(rois), world
+    if method == "shuffle (ours)":
+        return 2 * (w - 1) / w * n * (f_bytes + g_bytes) + 8 * (w - 1)
+    if method == "shuffle (reference)":
+        return 3 * (w - 1) * m * (f_bytes + g_bytes) + 8 * sum(rois) / w  # the root's broadcast, averaged
+    if method == "syncbn":
+        return num_conv * ((w - 1) * (2 * channels + 1) + 2 * (w - 1) / w * 2 * channels) * 8
+    return 0.0
+
+
+def bytes_table(worlds: List[int], args) -> List[str]:
+    """Measured bytes per worker (one iteration) against the formulas, for each W."""
+    from d2_batchnorm.engine import run_on_local_workers
+
+    f_bytes, g_bytes = args.channels * 49 * 4, args.fc_dim * 4
+    lines = [
+        f"Bytes sent per worker and iteration at W workers ({args.rois[0]} RoIs each; one iteration; "
+        "measured / formula below):",
+        "",
+        "| W | shuffle (ours) | formula | shuffle (reference) | formula (w/o pickles) | ours / reference "
+        "| 2 / (3W) | syncbn | formula |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for w in worlds:
+        rois = [args.rois[0]] * w
+        # W processes on few cores: slow to start, so a generous timeout
+        results = run_on_local_workers(
+            _worker, w, (rois, args.channels, args.fc_dim, args.num_conv, 1, 0), timeout=1800.0
+        )
+        sent = {m: statistics.mean(r["sent"][m] for r in results) for m in METHODS}
+        ref = {m: formula_bytes(m, w, rois, f_bytes, g_bytes, args.channels, args.num_conv) for m in METHODS}
+        ours, theirs = sent["shuffle (ours)"], sent["shuffle (reference)"]
+        lines.append(
+            f"| {w} | {ours / 1e6:.3f} MB | {ref['shuffle (ours)'] / 1e6:.3f} MB | {theirs / 1e6:.3f} MB "
+            f"| {ref['shuffle (reference)'] / 1e6:.3f} MB | 1/{theirs / max(ours, 1):.2f} | 1/{1.5 * w:.0f} "
+            f"| {sent['syncbn'] / 1e3:.1f} kB | {ref['syncbn'] / 1e3:.1f} kB |"
+        )
+        print(lines[-1], flush=True)
+    return lines
 
 
 def main(argv=None) -> int:
@@ -246,9 +292,13 @@ def main(argv=None) -> int:
     parser.add_argument("--num-conv", type=int, default=4, help="conv layers (4conv1fc: 4)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--bytes-workers", type=int, nargs="*", default=[2, 4, 8],
+                        help="W values of the bytes-only table (one iteration each; RoIs: the first --rois)")
     parser.add_argument("--no-readme", action="store_true", help="do not write the output into README.md")
     parser.add_argument("--out", default="", help="also write the table and formulas to this Markdown file")
     args = parser.parse_args(argv)
+    if any(w < 2 for w in args.bytes_workers):
+        parser.error(f"--bytes-workers = {args.bytes_workers} is not allowed; every W must be >= 2")
     if args.workers < 2:
         parser.error(f"--workers = {args.workers} is not allowed; a shuffle needs >= 2 workers")
     if len(args.rois) not in (1, args.workers) or min(args.rois) < 0:
@@ -283,6 +333,8 @@ def main(argv=None) -> int:
             f"| {method} | {t * 1e3:.1f} | {t / base:.2f}x | {'' if c is None else f'{c * 1e3:.1f}'} | "
             f"{sent / 1e6:.3f} MB | {'' if not ours_sent else f'{sent / ours_sent:.3g}x'} |"
         )
+    if args.bytes_workers:
+        lines += [""] + bytes_table(args.bytes_workers, args)
     text = "\n".join(lines) + "\n\n" + formulas() + f"\n\nMachine: {machine}.\n"
     print(text)
     if not args.no_readme:
