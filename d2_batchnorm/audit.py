@@ -38,8 +38,10 @@ from detectron2.layers.batch_norm import LayerNorm as D2LayerNorm
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .config import NORM_KEYS, images_per_worker
+from .config import NORM_KEYS, images_per_worker, split_batch
 from .layers import GhostBatchNorm, LevelBatchNorm
+from .lazy_config import is_lazy_config, setting, setting_name
+from .modeling import BNConvFCHead, BNFCOSHead, BNMaskRCNNConvUpsampleHead, BNRetinaNetHead
 from .modeling.build import modules_of_norm_key
 
 __all__ = ["NormGroup", "Finding", "Audit", "RULES", "audit_config", "audit_model",
@@ -78,7 +80,7 @@ class NormGroup:
 
     name: str  # e.g. "box head"
     key: str  # e.g. "ROI_BOX_HEAD"
-    norm: str  # the config's value of MODEL.<key>.NORM
+    norm: str  # what configures its norms: "`MODEL.<key>.NORM` = 'BN'", or a LazyConfig path
     types: Dict[str, int]  # module class name -> count
     batch_statistics: int  # modules normalizing by batch statistics in training
     workers_per_normalization: int = 1
@@ -135,7 +137,7 @@ class Audit:
             batch = ("— (no batch statistics)" if not g.batch_statistics else
                      f"{_num(g.images_per_normalization)} ({g.workers_per_normalization} worker(s))")
             consistent = "—" if g.consistent is None else ("yes" if g.consistent else f"**no**: {g.inconsistency}")
-            lines.append(f"| {g.name} | `MODEL.{g.key}.NORM` = {g.norm!r} | {types} | {batch} | "
+            lines.append(f"| {g.name} | {g.norm} | {types} | {batch} | "
                          f"{g.values_per_channel or '—'} | {g.population or '—'} | {consistent} |")
         lines += ["", f"## Findings ({len(self.findings)})", ""]
         if not self.findings:
@@ -155,6 +157,91 @@ def _num(x) -> str:
     return str(x)
 
 
+# ------------------------------------------------------------------------ the config
+
+#: where a LazyConfig holds what these yacs keys configure (the model is built by
+#: d2_batchnorm's configs/common models: our heads under these names)
+LAZY_PATHS = {
+    "SOLVER.IMS_PER_BATCH": "dataloader.train.total_batch_size",
+    "MODEL.RESNETS.NORM": "model.backbone.bottom_up.stages.norm",
+    "MODEL.FPN.NORM": "model.backbone.norm",
+    "MODEL.RETINANET.NORM": "model.head.norm",
+    "MODEL.RETINANET.NORM_STATS": "model.head.norm_stats",
+    "MODEL.RETINANET.POPULATION_STATS": "model.head.population_stats",
+    "MODEL.ROI_BOX_HEAD.NORM": "model.roi_heads.box_head.conv_norm",
+    "MODEL.ROI_MASK_HEAD.NORM": "model.roi_heads.mask_head.conv_norm",
+    "MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION": "model.roi_heads.box_head.leakage_mitigation",
+    "MODEL.ROI_MASK_HEAD.LEAKAGE_MITIGATION": "model.roi_heads.mask_head.leakage_mitigation",
+    "MODEL.ROI_BOX_HEAD.NAME": "model.roi_heads.box_head._target_",
+    "MODEL.ROI_MASK_HEAD.NAME": "model.roi_heads.mask_head._target_",
+    "MODEL.META_ARCHITECTURE": "model.head._target_",
+}
+#: yacs names of d2_batchnorm's classes -> their LazyConfig ``_target_``
+LAZY_TARGETS = {
+    "BNConvFCHead": "d2_batchnorm.modeling.BNConvFCHead",
+    "BNMaskRCNNConvUpsampleHead": "d2_batchnorm.modeling.BNMaskRCNNConvUpsampleHead",
+    "BNRetinaNet": "d2_batchnorm.modeling.BNRetinaNetHead",
+}
+
+
+class ConfigView:
+    """
+    What the audit reads from a config, a yacs ``CfgNode`` or a LazyConfig alike: the
+    training settings (``lazy_config.setting``), the training batch, the input size and the
+    learning-rate steps; and how a fix names a key (``KEY VALUE`` for yacs, ``path=value``
+    for LazyConfig overrides).
+    """
+
+    def __init__(self, cfg, world_size: int):
+        self.cfg, self.world_size, self.lazy = cfg, world_size, is_lazy_config(cfg)
+
+    def setting(self, key: str):
+        return setting(self.cfg, key)
+
+    def name(self, key: str) -> str:
+        if not self.lazy:
+            return key
+        return LAZY_PATHS.get(key) or setting_name(self.cfg, key)
+
+    def fix(self, *pairs) -> str:
+        """``fix(("KEY", value), ...)``: the config line that sets them."""
+        if self.lazy:
+            return " ".join(f"{self.name(k)}={LAZY_TARGETS.get(v, v) if v != '' else repr('')}" for k, v in pairs)
+        return " ".join(f"{k} {v if v != '' else repr('')}" for k, v in pairs)
+
+    def images_per_worker(self) -> int:
+        if self.lazy:
+            return split_batch(self.cfg.dataloader.train.total_batch_size, self.world_size, 0,
+                               ("dataloader.train.total_batch_size", "reference_world_size"))
+        return images_per_worker(self.cfg, self.world_size)
+
+    def input_size(self) -> Tuple[int, int]:
+        """(H, W) of a typical training image: the largest short edge, 4:3, capped by the long edge."""
+        if self.lazy:
+            short, longest = 800, 1333  # detectron2's defaults, if no ResizeShortestEdge is found
+            for aug in self.cfg.dataloader.train.mapper.get("augmentations", []):
+                if "short_edge_length" in aug:
+                    edge = aug.short_edge_length
+                    short = edge if isinstance(edge, int) else max(edge)
+                    longest = aug.get("max_size", longest)
+        else:
+            short, longest = max(self.cfg.INPUT.MIN_SIZE_TRAIN), self.cfg.INPUT.MAX_SIZE_TRAIN
+        return short, min(round(short * 4 / 3), longest)
+
+    def lr_steps(self) -> List[int]:
+        if self.lazy:
+            from omegaconf import OmegaConf
+
+            return list(OmegaConf.select(self.cfg, "lr_multiplier.scheduler.milestones", default=[]) or [])
+        return list(self.cfg.SOLVER.STEPS)
+
+    def group_config(self, key: str) -> str:
+        """How the report names what configures a group's norms."""
+        if self.lazy:
+            return f"`{LAZY_PATHS[f'MODEL.{key}.NORM']}`"
+        return f"`MODEL.{key}.NORM` = {self.cfg.MODEL[key].NORM!r}"
+
+
 # ------------------------------------------------------------------------------ groups
 
 def _is_norm(m: nn.Module) -> bool:
@@ -166,10 +253,10 @@ def _has_batch_statistics(m: nn.Module) -> bool:
     return isinstance(m, _BatchNorm) and m.training
 
 
-def _workers(m: nn.Module, world_size: int, sync_group_size: int) -> int:
+def _workers(m: nn.Module, world_size: int) -> int:
     """Workers whose samples one batch statistic of ``m`` pools in training."""
     if getattr(m, "sync_stats", False):  # d2_batchnorm's SyncBatchNorm / synchronized LevelBatchNorm
-        group = getattr(m, "sync_group_size", None) or sync_group_size
+        group = getattr(m, "sync_group_size", None)  # 0: all workers
         return group if group and world_size % group == 0 else world_size
     if isinstance(m, (NaiveSyncBatchNorm, nn.SyncBatchNorm)):
         return world_size
@@ -211,34 +298,30 @@ def _trace_calls(model: nn.Module, names: Sequence[str], input_size: Tuple[int, 
     return calls
 
 
-def training_input_size(cfg) -> Tuple[int, int]:
-    """(H, W) of a typical training image: the largest ``MIN_SIZE_TRAIN``, 4:3, capped."""
-    h = max(cfg.INPUT.MIN_SIZE_TRAIN)
-    w = min(round(h * 4 / 3), cfg.INPUT.MAX_SIZE_TRAIN)
-    return h, w
-
-
-def _roi_values(cfg, key: str) -> Tuple[str, int]:
+def _roi_values(model: nn.Module, key: str) -> Tuple[str, int]:
     """(how many RoIs per image a head's norms see in training, pooled positions per RoI)."""
-    heads = cfg.MODEL.ROI_HEADS
+    heads = model.roi_heads
     if key == "ROI_BOX_HEAD":
-        return f"{heads.BATCH_SIZE_PER_IMAGE} RoIs", cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION ** 2
-    fg = int(heads.BATCH_SIZE_PER_IMAGE * heads.POSITIVE_FRACTION)
-    return f"≤ {fg} foreground RoIs", cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION ** 2
+        return f"{heads.batch_size_per_image} RoIs", math.prod(_pair(heads.box_pooler.output_size))
+    fg = int(heads.batch_size_per_image * heads.positive_fraction)
+    return f"≤ {fg} foreground RoIs", math.prod(_pair(heads.mask_pooler.output_size))
 
 
-def precise_bn_samples(cfg, world_size: int) -> int:
+def _pair(size) -> Tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def precise_bn_samples(view: ConfigView) -> int:
     """Images over all workers per PreciseBN run (``NUM_SAMPLES``, else ``NUM_ITER`` batches)."""
-    pbn = cfg.TEST.PRECISE_BN
-    if pbn.NUM_SAMPLES > 0:
-        return pbn.NUM_SAMPLES
-    return pbn.NUM_ITER * (pbn.IMS_PER_BATCH or images_per_worker(cfg, world_size)) * world_size
+    samples = view.setting("TEST.PRECISE_BN.NUM_SAMPLES")
+    if samples > 0:
+        return samples
+    batch = view.setting("TEST.PRECISE_BN.IMS_PER_BATCH") or view.images_per_worker()
+    return view.setting("TEST.PRECISE_BN.NUM_ITER") * batch * view.world_size
 
 
-def collect_groups(cfg, model: nn.Module, world_size: int) -> Tuple[List[NormGroup], Tuple[int, int]]:
+def collect_groups(view: ConfigView, model: nn.Module) -> List[NormGroup]:
     """The :class:`NormGroup` of every ``MODEL.<key>.NORM`` that configures modules of ``model``."""
-    per_worker = images_per_worker(cfg, world_size)
-    input_size = training_input_size(cfg)
     owned: Dict[str, List[Tuple[str, nn.Module]]] = {}
     names = {id(m): n for n, m in model.named_modules()}
     for key in NORM_KEYS:
@@ -249,49 +332,56 @@ def collect_groups(cfg, model: nn.Module, world_size: int) -> Tuple[List[NormGro
                     found.append((names[id(m)], m))
         if found:
             owned[key] = found
-    calls = _trace_calls(model, [n for found in owned.values() for n, _ in found], input_size)
+    calls = _trace_calls(model, [n for found in owned.values() for n, _ in found], view.input_size())
     groups = []
     for key, found in owned.items():
         modules = [m for _, m in found]
         stat_modules = [(n, m) for n, m in found if _has_batch_statistics(m)]
+        name = "FCOS head" if key == "RETINANET" and "FCOS" in type(model).__name__ else GROUP_NAMES[key]
         group = NormGroup(
-            name=GROUP_NAMES[key], key=key, norm=cfg.MODEL[key].NORM,
+            name=name, key=key, norm=view.group_config(key),
             types=dict(Counter(type(m).__name__ for m in modules)),
             batch_statistics=len(stat_modules), modules=[n for n, _ in found],
         )
         if stat_modules:
-            _describe_batch(group, cfg, world_size, per_worker, stat_modules, calls)
-            _describe_population(group, cfg, world_size, stat_modules, calls)
+            _describe_batch(group, view, model, stat_modules, calls)
+            _describe_population(group, view, stat_modules, calls)
         groups.append(group)
-    return groups, input_size
+    return groups
 
 
-def _describe_batch(group, cfg, world_size, per_worker, stat_modules, calls) -> None:
-    workers = max(_workers(m, world_size, cfg.BN.SYNC_GROUP_SIZE) for _, m in stat_modules)
+def _head_module(model: nn.Module, key: str) -> Optional[nn.Module]:
+    roots = modules_of_norm_key(model, key)
+    return roots[0] if roots else None
+
+
+def _describe_batch(group, view: ConfigView, model, stat_modules, calls) -> None:
+    per_worker = view.images_per_worker()
+    workers = max(_workers(m, view.world_size) for _, m in stat_modules)
     images = float(per_worker * workers)
     ghost = [m.ghost_batch_size for _, m in stat_modules if isinstance(m, GhostBatchNorm) and m.ghost_batch_size]
     if ghost:
         images = float(min(ghost))
-    head = getattr(cfg.MODEL[group.key], "LEAKAGE_MITIGATION", "none") if group.key in ROI_HEAD_KEYS else "none"
-    if head == "shuffle" and workers == 1:  # RoIs of all images of all workers, randomly mixed
-        workers, images = world_size, float(per_worker * world_size)
-    group.workers_per_normalization, group.images_per_normalization = workers, images
     if group.key in ROI_HEAD_KEYS:
-        rois, positions = _roi_values(cfg, group.key)
+        mitigation = getattr(_head_module(model, group.key), "leakage_mitigation", "none")
+        if mitigation == "shuffle" and workers == 1:  # RoIs of all images of all workers, randomly mixed
+            workers, images = view.world_size, float(per_worker * view.world_size)
+        rois, positions = _roi_values(model, group.key)
         group.values_per_channel = f"{_num(images)} images × {rois} × {positions} positions"
     else:
         sizes = sorted({s for n, _ in stat_modules for s in calls.get(n, [])}, reverse=True)
         if sizes:
             span = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]} … {sizes[-1]}"
             group.values_per_channel = f"{_num(images)} images × {span} positions"
+    group.workers_per_normalization, group.images_per_normalization = workers, images
 
 
-def _describe_population(group, cfg, world_size, stat_modules, calls) -> None:
+def _describe_population(group, view: ConfigView, stat_modules, calls) -> None:
     group.momenta = sorted({float(m.momentum) for _, m in stat_modules if m.momentum is not None})
-    if cfg.TEST.PRECISE_BN.ENABLED:
-        period = cfg.TEST.PRECISE_BN.PERIOD or cfg.TEST.EVAL_PERIOD
+    if view.setting("TEST.PRECISE_BN.ENABLED"):
+        period = view.setting("TEST.PRECISE_BN.PERIOD") or view.setting("TEST.EVAL_PERIOD")
         every = f"every {period} iterations and " if period else ""
-        group.population = f"PreciseBN: {precise_bn_samples(cfg, world_size)} images, {every}after the last iteration"
+        group.population = f"PreciseBN: {precise_bn_samples(view)} images, {every}after the last iteration"
     else:
         group.population = ", ".join(f"EMA, momentum {m:g} (≈ the last {1 / m:.0f} iterations)" for m in group.momenta)
     problems = []
@@ -312,9 +402,8 @@ def _describe_population(group, cfg, world_size, stat_modules, calls) -> None:
 
 @dataclass
 class _Context:
-    cfg: object
-    world_size: int
-    images_per_worker: int
+    view: ConfigView
+    model: nn.Module
     groups: List[NormGroup]
 
     def trainable(self) -> List[NormGroup]:
@@ -322,17 +411,17 @@ class _Context:
 
 
 def _leaky_head(ctx: _Context) -> List[Finding]:
-    out = []
+    out, view = [], ctx.view
     for g in ctx.trainable():
         if g.key not in ROI_HEAD_KEYS or g.images_per_normalization > LEAK_MAX_IMAGES:
             continue
-        node = ctx.cfg.MODEL[g.key]
-        if ctx.world_size > 1:
-            name = "" if node.NAME in ("BNConvFCHead", "BNMaskRCNNConvUpsampleHead") else (
-                f"MODEL.{g.key}.NAME {'BNConvFCHead' if g.key == 'ROI_BOX_HEAD' else 'BNMaskRCNNConvUpsampleHead'} ")
-            fix = f"{name}MODEL.{g.key}.LEAKAGE_MITIGATION shuffle   (or syncbn)"
+        if view.world_size > 1:
+            ours = "BNConvFCHead" if g.key == "ROI_BOX_HEAD" else "BNMaskRCNNConvUpsampleHead"
+            head = _head_module(ctx.model, g.key)
+            name = [] if isinstance(head, (BNConvFCHead, BNMaskRCNNConvUpsampleHead)) else [(f"MODEL.{g.key}.NAME", ours)]
+            fix = view.fix(*name, (f"MODEL.{g.key}.LEAKAGE_MITIGATION", "shuffle")) + "   (or syncbn)"
         else:
-            fix = f"SOLVER.IMS_PER_BATCH {2 * LEAK_MAX_IMAGES + 2}   (or MODEL.{g.key}.NORM GN)"
+            fix = view.fix(("SOLVER.IMS_PER_BATCH", 2 * LEAK_MAX_IMAGES + 2)) + f"   (or a GN {g.name})"
         out.append(Finding(
             "leaky_head", g.name,
             f"its BatchNorm normalizes the RoIs of {_num(g.images_per_normalization)} image(s) per "
@@ -346,14 +435,19 @@ def _leaky_head(ctx: _Context) -> List[Finding]:
 
 
 def _level_statistics(ctx: _Context) -> List[Finding]:
-    out = []
+    out, view = [], ctx.view
     for g in ctx.trainable():
         if g.consistent is not False:
             continue
-        if ctx.cfg.MODEL.META_ARCHITECTURE == "BNRetinaNet":
-            fix = "MODEL.RETINANET.NORM_STATS per_level MODEL.RETINANET.POPULATION_STATS ''"
+        stats = [("MODEL.RETINANET.NORM_STATS", "per_level"), ("MODEL.RETINANET.POPULATION_STATS", "")]
+        head = getattr(ctx.model, "head", None)
+        if isinstance(head, BNRetinaNetHead):  # BNFCOSHead too
+            fix = view.fix(*stats)
+        elif view.lazy:
+            ours = "BNFCOSHead" if "FCOS" in type(ctx.model).__name__ else "BNRetinaNetHead"
+            fix = f"model.head._target_=d2_batchnorm.modeling.{ours} " + view.fix(*stats)
         else:
-            fix = "MODEL.META_ARCHITECTURE BNRetinaNet MODEL.RETINANET.NORM_STATS per_level"
+            fix = view.fix(("MODEL.META_ARCHITECTURE", "BNRetinaNet"), *stats)
         out.append(Finding(
             "level_statistics", g.name,
             f"its population statistics are not computed like its training statistics: {g.inconsistency}",
@@ -365,56 +459,57 @@ def _level_statistics(ctx: _Context) -> List[Finding]:
     return out
 
 
-def _last_lr_change(cfg) -> int:
-    steps = [s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER]
-    return max(steps, default=0)
+def _last_lr_change(view: ConfigView) -> int:
+    max_iter = view.setting("SOLVER.MAX_ITER")
+    return max([s for s in view.lr_steps() if s < max_iter], default=0)
 
 
 def _ema_lag(ctx: _Context) -> List[Finding]:
-    cfg = ctx.cfg
-    if cfg.TEST.PRECISE_BN.ENABLED or cfg.TEST.BN_STATS != "population":
+    view = ctx.view
+    if view.setting("TEST.PRECISE_BN.ENABLED") or view.setting("TEST.BN_STATS") != "population":
         return []
-    since = cfg.SOLVER.MAX_ITER - _last_lr_change(cfg)
+    last = _last_lr_change(view)
+    since = view.setting("SOLVER.MAX_ITER") - last
     out = []
     for g in ctx.trainable():
         if not g.momenta:
             continue
         stale = (1 - min(g.momenta)) ** since
         if stale > EMA_STALE_WEIGHT:
-            what = "the last learning-rate step" if _last_lr_change(cfg) else "training (its initial buffers)"
+            what = "the last learning-rate step" if last else "training (its initial buffers)"
             out.append(Finding(
                 "ema_lag", g.name,
                 f"with EMA momentum {min(g.momenta):g} the final statistics give weight {stale:.2f} "
                 f"to statistics from before {what}, {since} iterations earlier",
                 "the EMA averages batch statistics of earlier weights; when the weights changed "
                 "since, the population statistics lag behind them (paper, Sec. 3; projects/PreciseBN)",
-                "TEST.PRECISE_BN.ENABLED True",
+                view.fix(("TEST.PRECISE_BN.ENABLED", True)),
             ))
     return out
 
 
 def _few_precise_samples(ctx: _Context) -> List[Finding]:
-    cfg = ctx.cfg
-    samples = precise_bn_samples(cfg, ctx.world_size)
-    if not cfg.TEST.PRECISE_BN.ENABLED or not ctx.trainable() or samples >= PRECISE_MIN_SAMPLES:
+    view = ctx.view
+    samples = precise_bn_samples(view)
+    if not view.setting("TEST.PRECISE_BN.ENABLED") or not ctx.trainable() or samples >= PRECISE_MIN_SAMPLES:
         return []
     return [Finding(
         "few_precise_samples", "all",
         f"PreciseBN computes population statistics from {samples} images",
-        f"precise statistics need about 10^3 - 10^4 samples (paper, Sec. 3); fewer give noisy estimates",
-        f"TEST.PRECISE_BN.NUM_SAMPLES {PRECISE_MIN_SAMPLES}",
+        "precise statistics need about 10^3 - 10^4 samples (paper, Sec. 3); fewer give noisy estimates",
+        view.fix(("TEST.PRECISE_BN.NUM_SAMPLES", PRECISE_MIN_SAMPLES)),
     )]
 
 
 def _small_batch(ctx: _Context) -> List[Finding]:
-    out = []
+    out, view = [], ctx.view
     for g in ctx.trainable():
         if g.key in ROI_HEAD_KEYS or g.images_per_normalization >= SMALL_BATCH_IMAGES:
             continue
-        if ctx.images_per_worker * ctx.world_size >= SMALL_BATCH_IMAGES:
-            fix = f"MODEL.{g.key}.NORM SyncBN"
+        if view.images_per_worker() * view.world_size >= SMALL_BATCH_IMAGES:
+            fix = view.fix((f"MODEL.{g.key}.NORM", "SyncBN"))
         else:
-            fix = f"MODEL.{g.key}.NORM FrozenBN   (pretrained weights; or GN)"
+            fix = view.fix((f"MODEL.{g.key}.NORM", "FrozenBN")) + "   (pretrained weights; or GN)"
         out.append(Finding(
             "small_batch", g.name,
             f"its batch statistics come from {_num(g.images_per_normalization)} image(s)",
@@ -427,35 +522,36 @@ def _small_batch(ctx: _Context) -> List[Finding]:
 
 
 def _contradictions(ctx: _Context) -> List[Finding]:
-    cfg, out = ctx.cfg, []
-    mini = cfg.TEST.BN_STATS == "mini_batch"
-    if mini and cfg.BN.FROZEN_LAST_ITERS > 0:
+    view, out = ctx.view, []
+    mini = view.setting("TEST.BN_STATS") == "mini_batch"
+    frozen, datasets = view.setting("BN.FROZEN_LAST_ITERS"), list(view.setting("TEST.PRECISE_BN.DATASETS"))
+    if mini and frozen > 0:
         out.append(Finding(
             "frozen_then_mini_batch", "all",
-            f"BN.FROZEN_LAST_ITERS = {cfg.BN.FROZEN_LAST_ITERS} trains the last iterations with "
-            "population statistics, but TEST.BN_STATS = 'mini_batch' evaluates with batch statistics",
+            f"{view.name('BN.FROZEN_LAST_ITERS')} = {frozen} trains the last iterations with population "
+            f"statistics, but {view.name('TEST.BN_STATS')} = 'mini_batch' evaluates with batch statistics",
             "FrozenBN late makes training use the statistics inference will use; mini-batch "
             "inference then uses others, re-creating the inconsistency FrozenBN removed (paper, Sec. 4)",
-            "TEST.BN_STATS population   (or BN.FROZEN_LAST_ITERS 0)",
+            view.fix(("TEST.BN_STATS", "population")) + "   (or " + view.fix(("BN.FROZEN_LAST_ITERS", 0)) + ")",
         ))
-    if cfg.TEST.PRECISE_BN.DATASETS and (mini or not cfg.TEST.PRECISE_BN.ENABLED):
+    if datasets and (mini or not view.setting("TEST.PRECISE_BN.ENABLED")):
         why = "inference uses mini-batch statistics" if mini else "PreciseBN is off"
         out.append(Finding(
             "new_domain_unused", "all",
-            f"TEST.PRECISE_BN.DATASETS = {tuple(cfg.TEST.PRECISE_BN.DATASETS)} asks for statistics of "
+            f"{view.name('TEST.PRECISE_BN.DATASETS')} = {tuple(datasets)} asks for statistics of "
             f"another domain, but {why}: they are never used",
             "recomputing population statistics on the test domain only helps if inference uses them "
             "(paper, Sec. 4)",
-            "TEST.PRECISE_BN.ENABLED True TEST.BN_STATS population",
+            view.fix(("TEST.PRECISE_BN.ENABLED", True), ("TEST.BN_STATS", "population")),
         ))
     if mini and ctx.trainable():
         out.append(Finding(
             "mini_batch_inference", "all",
-            f"TEST.BN_STATS = 'mini_batch': an image's detections depend on the other "
-            f"{cfg.TEST.IMS_PER_BATCH - 1} image(s) of its test batch",
+            f"{view.name('TEST.BN_STATS')} = 'mini_batch': an image's detections depend on the other "
+            "images of its test batch",
             "mini-batch statistics at inference match training but make predictions depend on the "
             "test batch, and cannot serve images one at a time (paper, Sec. 4)",
-            "TEST.BN_STATS population",
+            view.fix(("TEST.BN_STATS", "population")),
         ))
     return out
 
@@ -467,23 +563,31 @@ RULES: Tuple[Callable[[_Context], List[Finding]], ...] = (
 
 
 def audit_model(cfg, model: nn.Module, world_size: int = 1, config_name: str = "") -> Audit:
-    """The :class:`Audit` of a model built from ``cfg`` (validated for ``world_size``)."""
-    groups, input_size = collect_groups(cfg, model, world_size)
-    per_worker = images_per_worker(cfg, world_size)
-    ctx = _Context(cfg, world_size, per_worker, groups)
+    """The :class:`Audit` of a model built from ``cfg`` (yacs or LazyConfig, validated for ``world_size``)."""
+    view = ConfigView(cfg, world_size)
+    groups = collect_groups(view, model)
+    ctx = _Context(view, model, groups)
     findings = [f for rule in RULES for f in rule(ctx)]
-    return Audit(config_name, world_size, per_worker, input_size, groups, findings)
+    return Audit(config_name, world_size, view.images_per_worker(), view.input_size(), groups, findings)
 
 
 def audit_config(config_file: str, opts: Sequence[str] = (), world_size: int = 1) -> Tuple[Audit, object, nn.Module]:
     """
-    Loads and validates ``config_file`` with ``opts`` for ``world_size`` workers (raises
-    ``ValueError`` naming the key or file), builds its model on CPU and audits it. Returns
-    (audit, cfg, model).
+    Loads and validates ``config_file`` — a yacs ``.yaml`` with ``KEY VALUE`` opts, or a
+    LazyConfig ``.py`` with ``key=value`` overrides — for ``world_size`` workers (raises
+    ``ValueError`` naming the key, path or file), builds its model on CPU and audits it.
+    Returns (audit, cfg, model).
     """
-    from .engine.defaults import load_config
-    from .modeling import build_model
+    from .engine.defaults import load_config, load_lazy_config
 
-    cfg = load_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"], world_size)
-    model = build_model(cfg)
+    if config_file.endswith(".py"):
+        from .engine.lazy import build_lazy_model
+
+        cfg = load_lazy_config(config_file, list(opts) + ["train.device=cpu"], world_size)
+        model = build_lazy_model(cfg)
+    else:
+        from .modeling import build_model
+
+        cfg = load_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"], world_size)
+        model = build_model(cfg)
     return audit_model(cfg, model, world_size, config_file), cfg, model

@@ -2,6 +2,7 @@
 d2_batchnorm.audit and tools/bn_audit.py: every finding with and without its problem, the
 shipped configs' findings, the batch arithmetic, and the command line.
 """
+import glob
 import json
 import os
 
@@ -59,8 +60,6 @@ SHIPPED = {
 
 
 def test_every_shipped_yaml_config_is_listed():
-    import glob
-
     found = {os.path.relpath(p, "configs") for p in glob.glob("configs/**/*.yaml", recursive=True)}
     assert found == set(SHIPPED)
 
@@ -70,6 +69,31 @@ def test_shipped_configs_give_exactly_the_findings_that_make_them_baselines(conf
     coco = config.startswith("COCO")
     opts = SMALL_COCO_INPUT if coco else []
     assert _codes(os.path.join("configs", config), opts, world_size=8 if coco else 2) == SHIPPED[config]
+
+
+LAZY_CONFIGS = sorted(
+    os.path.relpath(p, "configs") for d in ("Toy", "COCO-Detection", "COCO-InstanceSegmentation")
+    for p in glob.glob(f"configs/{d}/*.py"))
+
+
+def test_every_lazy_config_has_a_yacs_twin():
+    twins = {c.replace("fcos_", "retinanet_")[:-3] + ".yaml" for c in LAZY_CONFIGS}
+    assert LAZY_CONFIGS and twins <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("config", LAZY_CONFIGS)
+def test_shipped_lazy_configs_give_the_findings_of_their_yacs_twins(config):
+    """Every shipped LazyConfig loads, builds and audits like its yacs twin (FCOS like RetinaNet)."""
+    coco = config.startswith("COCO")
+    opts = ["dataloader.train.mapper.augmentations.0.short_edge_length=[96]",
+            "dataloader.train.mapper.augmentations.0.max_size=128"] if coco else []
+    audit, _, _ = audit_config(os.path.join("configs", config), opts, 8 if coco else 2)
+    twin = SHIPPED[config.replace("fcos_", "retinanet_")[:-3] + ".yaml"]
+    head = "FCOS head" if "fcos" in config else "RetinaNet head"
+    assert sorted((f.code, f.group) for f in audit.findings) == [
+        (code, head if group == "RetinaNet head" else group) for code, group in twin]
+    for finding in audit.findings:  # fixes are LazyConfig overrides
+        assert "=" in finding.fix.split()[0] and not finding.fix.startswith(("MODEL.", "TEST."))
 
 
 def test_leaky_head_with_and_without_mitigation_or_enough_images():
@@ -151,9 +175,13 @@ def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
     assert tool.cli(["--config-file", TOY_RETINA, "MODEL.RETINANET.NORM_STATS", "perlevel"]) == 2
     assert tool.cli(["--config-file", TOY_RETINA, "--eval"]) == 2
     assert tool.cli(["--config-file", TOY_RETINA, "MODEL.WEIGHTS", str(tmp_path / "none.pth")]) == 2
+    lazy = "configs/Toy/fcos_R18_FPN_bn_head.py"
+    assert tool.cli(["--config-file", lazy, "model.head.norm_stats=mine"]) == 2
+    assert tool.cli(["--config-file", lazy, f"train.init_checkpoint={tmp_path / 'x.pth'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert [line.split(":")[0] for line in err] == ["error"] * 4, err
+    assert [line.split(":")[0] for line in err] == ["error"] * 6, err
     assert "MODEL.RETINANET.NORM_STATS = 'perlevel'" in err[1] and "MODEL.WEIGHTS" in err[3]
+    assert "model.head.norm_stats = 'mine'" in err[4] and "yacs" in err[5]
 
 
 def test_cli_writes_the_audit_and_measures_a_checkpoint(tmp_path, capsys):

@@ -4,6 +4,7 @@ Audits a config's BatchNorm before training: where it will bite, why, and the fi
 
     python tools/bn_audit.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_bn_head.yaml \
         --num-gpus 8 [--output DIR] [KEY VALUE ...]
+    python tools/bn_audit.py --config-file configs/Toy/fcos_R18_FPN_syncbn_head_naive.py --num-gpus 2 [key=value ...]
     # with a trained checkpoint: also how far its statistics are from precise ones
     python tools/bn_audit.py --config-file X.yaml --num-gpus 2 MODEL.WEIGHTS model_final.pth \
         [--samples 256] [--eval]
@@ -31,6 +32,7 @@ import sys
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from compare import box_ap  # tools/compare.py
 from d2_batchnorm.audit import audit_config
+from d2_batchnorm.lazy_config import setting
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -42,7 +44,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="", help="folder for bn_audit.{md,json}; default: OUTPUT_DIR")
     p.add_argument("--samples", type=int, default=256, help="images for PreciseBN with MODEL.WEIGHTS")
     p.add_argument("--eval", action="store_true", help="with MODEL.WEIGHTS: AP with EMA, mini-batch and precise statistics")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pth")
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="yacs: KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pth; LazyConfig: key=value overrides")
     return p
 
 
@@ -100,7 +103,12 @@ def cli(argv=None) -> int:
         if args.samples < 1:
             raise ValueError(f"--samples = {args.samples} is not allowed; it must be an integer >= 1")
         audit, cfg, model = audit_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
-        weights_given = "MODEL.WEIGHTS" in args.opts[::2]
+        lazy = args.config_file.endswith(".py")
+        weights_given = any(o.startswith("train.init_checkpoint=") for o in args.opts) if lazy else (
+            "MODEL.WEIGHTS" in args.opts[::2])
+        if weights_given and lazy:
+            raise ValueError("measuring a checkpoint (train.init_checkpoint) needs a yacs config for now; "
+                             "the audit itself works for LazyConfigs")
         if weights_given:
             check_checkpoint(cfg.MODEL.WEIGHTS)
         elif args.eval:
@@ -111,7 +119,7 @@ def cli(argv=None) -> int:
     if weights_given:
         measure(cfg, model, audit, args.samples, args.eval)
     markdown = audit.to_markdown()
-    out = args.output or cfg.OUTPUT_DIR
+    out = args.output or setting(cfg, "OUTPUT_DIR")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bn_audit.md"), "w") as f:
         f.write(markdown)
