@@ -18,10 +18,14 @@ statistics in a training step ("images per normalization"):
   each worker normalizes a random sample of the RoIs of all images of all workers.
 
 The values per channel in one batch are images × (spatial positions per image) for the
-image-level groups, measured by one forward of the backbone (and RetinaNet head) on a dummy
-image of the training size; for the R-CNN heads, images × RoIs per image × pooled positions
-from the config (the mask head sees only foreground RoIs: at most ``POSITIVE_FRACTION`` of
-them).
+image-level groups, measured by one forward of the backbone (and dense head) on a dummy
+image of the training size; for the R-CNN heads, images × RoIs per image × pooled positions,
+read from the built ROI heads (``batch_size_per_image``, the poolers' output size; the mask
+head sees only foreground RoIs: at most ``positive_fraction`` of them).
+
+Everything about the model is read from the built modules, so yacs configs and LazyConfigs
+are audited alike; what only a config says (the training settings, batch, input size, LR
+steps) comes through :class:`ConfigView`.
 
 Population statistics: the EMA (momentum m: an average over roughly the last 1/m
 iterations) or PreciseBN (``TEST.PRECISE_BN``); for a head shared across FPN levels,
@@ -41,7 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .config import NORM_KEYS, images_per_worker, split_batch
 from .layers import GhostBatchNorm, LevelBatchNorm
 from .lazy_config import is_lazy_config, setting, setting_name
-from .modeling import BNConvFCHead, BNFCOSHead, BNMaskRCNNConvUpsampleHead, BNRetinaNetHead
+from .modeling import BNConvFCHead, BNMaskRCNNConvUpsampleHead, BNRetinaNetHead
 from .modeling.build import modules_of_norm_key
 
 __all__ = ["NormGroup", "Finding", "Audit", "RULES", "audit_config", "audit_model",
