@@ -97,11 +97,11 @@ def measure(cfg, model, audit, samples: int, evaluate: bool) -> None:
 def cli(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
+        from d2_batchnorm.checks import check_int
         from d2_batchnorm.engine import check_checkpoint, check_launch_args
 
         check_launch_args(args.num_gpus, args.num_machines)
-        if args.samples < 1:
-            raise ValueError(f"--samples = {args.samples} is not allowed; it must be an integer >= 1")
+        check_int("--samples", args.samples, 1)
         audit, cfg, model = audit_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
         lazy = args.config_file.endswith(".py")
         weights_given = any(o.startswith("train.init_checkpoint=") for o in args.opts) if lazy else (
