@@ -275,69 +275,75 @@ def batch_norm_over_parts(
         if group is not False:
             sums = d2bn_dist.all_gather_sum(sums, group)
         pooled = ChannelMoments.from_power_sums(sums.sum(0, keepdim=True) if joint else sums)
-        invstd = torch.rsqrt(pooled.var + eps)
-    ys = _BatchNormOverParts.apply(weight, bias, group, joint, pooled.count, pooled.mean, invstd, *xs)
+    ys = _BatchNormOverParts.apply(weight, bias, eps, group, joint, pooled.count, pooled.mean, pooled.var, *xs)
     return list(ys), sums, pooled
 
 
 class _BatchNormOverParts(torch.autograd.Function):
-    """``y_i = (x_i - mean) * invstd * w + b`` with the statistics given (R rows, float64)."""
+    """
+    ``y_i = (x_i - mean) / sqrt(var + eps) * w + b`` with the statistics given (R rows,
+    float64), through torch's own fused inference-mode batch-norm kernels: one pass for
+    the forward; in backward one pass gives ``w invstd dy`` with the local ``sum dy`` and
+    ``sum dy (x - mean) invstd``, to which the terms of the statistics' gradient are added
+    once the sums are all-reduced (formula of :func:`batch_norm_over_parts`).
+    """
 
     @staticmethod
-    def forward(ctx, weight, bias, group, joint, count, mean64, invstd64, *xs):
-        ys, means, invstds = [], [], []
+    def forward(ctx, weight, bias, eps, group, joint, count, mean64, var64, *xs):
+        ys, stats = [], []
         for i, x in enumerate(xs):
             r = 0 if joint else i
-            mean, invstd = mean64[r].to(x.dtype), invstd64[r].to(x.dtype)
+            mean, var = mean64[r].to(x.dtype), var64[r].to(x.dtype)
             w, b = row_of(weight, i), row_of(bias, i)
-            scale = invstd if w is None else w.to(x.dtype) * invstd
-            shift = -mean * scale if b is None else b.to(x.dtype) - mean * scale
-            ys.append(torch.addcmul(channel_view(shift, x), x, channel_view(scale, x)))
-            means.append(mean)
-            invstds.append(invstd)
-        ctx.save_for_backward(weight, count, *xs, *means, *invstds)
-        ctx.group, ctx.joint, ctx.num_parts, ctx.channels = group, joint, len(xs), xs[0].shape[1]
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+            w = None if w is None else w.to(x.dtype)
+            b = None if b is None else b.to(x.dtype)
+            if x.numel() == 0:  # no samples (torch's kernel cannot take them)
+                ys.append(x.new_empty(x.shape))
+            else:
+                ys.append(torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0])
+            stats += [mean, var]
+        ctx.save_for_backward(weight, count, *xs, *stats)
+        ctx.eps, ctx.group, ctx.joint, ctx.num_parts = eps, group, joint, len(xs)
+        ctx.channels, ctx.has_bias = xs[0].shape[1], bias is not None
         ctx.bias_per_part = bias is not None and bias.dim() == 2
         return tuple(ys)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, *dys):
         num, channels = ctx.num_parts, ctx.channels
         weight, count, *rest = ctx.saved_tensors
-        xs, means, invstds = rest[:num], rest[num : 2 * num], rest[2 * num :]
-        dys = grads[:num]  # the gradients of the statistics outputs are ignored
-        local, xmus = [], []
-        for x, dy, mean in zip(xs, dys, means):
-            dims = _channel_dims(x)
-            xmu = x - channel_view(mean, x)
-            local.append(torch.cat([dy.sum(dims), (dy * xmu).sum(dims)]))
-            # one part: keep x - mean for dx (the same peak); several: recomputed below,
-            # one part at a time, rather than all kept (lower peak memory)
-            xmus.append(xmu if num == 1 else None)
-            del xmu
-        local = torch.stack(local)  # (L, 2C): [sum dy, sum dy (x - mean)] per part
+        xs, stats = rest[:num], rest[num:]
+        parts = []  # per part: weight row, mean, var, [w invstd dy, sum dy (x - mean) invstd, sum dy]
+        for i, (x, dy) in enumerate(zip(xs, dys)):
+            w = row_of(weight, i)
+            w = None if w is None else w.to(x.dtype)
+            mean, var = stats[2 * i], stats[2 * i + 1]
+            if x.numel() == 0:
+                zero = x.new_zeros(channels)
+                grads = (x.new_empty(x.shape), zero, zero)
+            else:
+                grads = torch.ops.aten.native_batch_norm_backward(
+                    dy.contiguous(), x, w, mean, var, None, None, False, ctx.eps, [True, True, True]
+                )
+            parts.append((w, mean, var, grads))
+        local = torch.stack([torch.cat([g[2], g[1]]) for *_, g in parts])  # (L, 2C)
         rows = local.double().sum(0, keepdim=True) if ctx.joint else local.double()
         if ctx.group is not False:
             d2bn_dist.all_reduce_sum_(rows, ctx.group)
         rows = rows / count.clamp(min=1).unsqueeze(1)
-        dxs, dws, dbs = [], [], []
-        for i, (x, dy, mean, invstd) in enumerate(zip(xs, dys, means, invstds)):
-            xmu = xmus[i] if xmus[i] is not None else x - channel_view(mean, x)
-            xmus[i] = None
-            mean_dy, mean_dy_xmu = rows[0 if ctx.joint else i].to(x.dtype).split(channels)
-            w = row_of(weight, i)
-            scale = invstd if w is None else w.to(x.dtype) * invstd
-            # dx = scale dy - scale mean_dy - scale invstd^2 mean_dy_xmu (x - mean): two passes
-            dx = torch.addcmul(channel_view(-mean_dy * scale, x), dy, channel_view(scale, x))
-            dxs.append(dx.addcmul_(xmu, channel_view(mean_dy_xmu * invstd * invstd * scale, x), value=-1))
-            del xmu
-            dws.append(local[i, channels:] * invstd)
-            dbs.append(local[i, :channels])
+        dxs = []
+        for i, (x, (w, mean, var, (dx, _, _))) in enumerate(zip(xs, parts)):
+            mean_dy, mean_dyx = rows[0 if ctx.joint else i].to(x.dtype).split(channels)
+            invstd = torch.rsqrt(var + ctx.eps)  # as the kernels compute it
+            scale = invstd if w is None else w * invstd
+            # dx = scale dy - scale mean_dy - (x - mean) scale invstd mean_dyx
+            dx.sub_(channel_view(scale * mean_dy, x))
+            dxs.append(dx.addcmul_(x - channel_view(mean, x), channel_view(scale * invstd * mean_dyx, x), value=-1))
         dw = db = None
-        if ctx.has_weight:
-            dw = torch.stack(dws) if weight.dim() == 2 else sum(dws[1:], dws[0])
-            dw = dw.to(weight.dtype)
+        if weight is not None:
+            dws = [g[1] for *_, g in parts]  # sum_local dy (x - mean) invstd
+            dw = (torch.stack(dws) if weight.dim() == 2 else sum(dws[1:], dws[0])).to(weight.dtype)
         if ctx.has_bias:
+            dbs = [g[2] for *_, g in parts]  # sum_local dy
             db = torch.stack(dbs) if ctx.bias_per_part else sum(dbs[1:], dbs[0])
-        return (dw, db, None, None, None, None, None, *dxs)
+        return (dw, db, None, None, None, None, None, None, *dxs)
