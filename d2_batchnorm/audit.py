@@ -583,16 +583,10 @@ def audit_config(config_file: str, opts: Sequence[str] = (), world_size: int = 1
     ``ValueError`` naming the key, path or file), builds its model on CPU and audits it.
     Returns (audit, cfg, model).
     """
-    from .engine.defaults import load_config, load_lazy_config
+    from .engine.defaults import is_lazy_config_file, load_any_config
+    from .engine.lazy import build_any_model
 
-    if config_file.endswith(".py"):
-        from .engine.lazy import build_lazy_model
-
-        cfg = load_lazy_config(config_file, list(opts) + ["train.device=cpu"], world_size)
-        model = build_lazy_model(cfg)
-    else:
-        from .modeling import build_model
-
-        cfg = load_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"], world_size)
-        model = build_model(cfg)
+    cpu = ["train.device=cpu"] if is_lazy_config_file(config_file) else ["MODEL.DEVICE", "cpu"]
+    cfg = load_any_config(config_file, list(opts) + cpu, world_size)
+    model = build_any_model(cfg)
     return audit_model(cfg, model, world_size, config_file), cfg, model

@@ -487,6 +487,35 @@ def test_precise_bn_checkpoint_tool(tmp_path):
     assert tool.cli(["--config-file", "configs/Toy/retinanet_R18_FPN_bn_head.yaml"]) == 2  # no weights
 
 
+def test_precise_bn_checkpoint_tool_with_a_lazy_config(tmp_path):
+    """The same tool on a LazyConfig: key=value overrides, train.init_checkpoint, train.precise_bn.*."""
+    import json
+
+    from d2_batchnorm.engine import build_any_model, load_any_config
+
+    config = "configs/Toy/retinanet_R18_FPN_bn_head.py"
+    overrides = ["model.head.conv_dims=[64]", f"train.output_dir={tmp_path}"]  # a 1-conv head
+    model = build_any_model(load_any_config(config, overrides))
+    torch.save({"model": model.state_dict()}, tmp_path / "in.pth")
+    tool = _checkpoint_tool()
+    rc = tool.cli(["--config-file", config, "--no-eval", f"train.init_checkpoint={tmp_path / 'in.pth'}",
+                   "train.precise_bn.num_samples=4", "train.precise_bn.ims_per_batch=2", *overrides])
+    assert rc == 0
+    summary = json.loads((tmp_path / "model_precise_bn.json").read_text())
+    assert summary["images"] == 4 and summary["datasets"] == ["toy_coco_train"]
+    after = torch.load(tmp_path / "model_precise_bn.pth", weights_only=False)["model"]
+    key = "backbone.bottom_up.stem.conv1.norm.running_var"
+    assert not torch.equal(model.state_dict()[key], after[key])
+
+
+def test_precise_bn_checkpoint_tool_names_the_lazy_checkpoint_key(tmp_path, capsys):
+    rc = _checkpoint_tool().cli(["--config-file", "configs/Toy/retinanet_R18_FPN_bn_head.py",
+                                 f"train.output_dir={tmp_path}"])
+    assert rc == 2
+    assert capsys.readouterr().err == \
+        "error: train.init_checkpoint is empty; pass the checkpoint as train.init_checkpoint=path.pth\n"
+
+
 def test_precise_bn_checkpoint_tool_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     out = tmp_path / "out"

@@ -98,12 +98,12 @@ def cli(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
         from d2_batchnorm.checks import check_int
-        from d2_batchnorm.engine import check_checkpoint, check_launch_args
+        from d2_batchnorm.engine import check_checkpoint, check_launch_args, is_lazy_config_file
 
         check_launch_args(args.num_gpus, args.num_machines)
         check_int("--samples", args.samples, 1)
         audit, cfg, model = audit_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
-        lazy = args.config_file.endswith(".py")
+        lazy = is_lazy_config_file(args.config_file)
         weights_given = any(o.startswith("train.init_checkpoint=") for o in args.opts) if lazy else (
             "MODEL.WEIGHTS" in args.opts[::2])
         if weights_given and lazy:

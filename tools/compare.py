@@ -324,8 +324,10 @@ def train_command(config: str, output_dir: str, opts: List[str]) -> Tuple[str, L
     LazyConfig names (``SEED`` is ``train.seed``: d2_batchnorm.config.TRAIN_SETTINGS).
     ``ValueError`` for a yacs key a LazyConfig does not have.
     """
+    from d2_batchnorm.engine.defaults import is_lazy_config_file
+
     pairs, overrides = split_opts(opts)
-    if not config.endswith(".py"):
+    if not is_lazy_config_file(config):
         return TRAIN_NET, ["--config-file", config, *pairs, "OUTPUT_DIR", output_dir]
     from d2_batchnorm.config import TRAIN_SETTINGS
 

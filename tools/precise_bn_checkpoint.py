@@ -7,9 +7,13 @@ dataset, e.g. a new test domain), evaluates before and after, and saves a new ch
         --num-gpus 2 MODEL.WEIGHTS output/toy/.../model_final.pth \
         [TEST.PRECISE_BN.DATASETS "('toy_coco_shifted_train',)"] [TEST.PRECISE_BN.NUM_SAMPLES 512] \
         [MODEL.RETINANET.POPULATION_STATS shared] [KEY VALUE ...]
+    python tools/precise_bn_checkpoint.py --config-file configs/Toy/retinanet_R18_FPN_bn_head.py \
+        --num-gpus 2 train.init_checkpoint=output/.../model_final.pth \
+        [train.precise_bn.num_samples=512] [model.head.population_stats=shared] [key=value ...]
 
-The trailing ``KEY VALUE`` opts go into the config the model is built from (as with
-tools/train_net.py), so a checkpoint can get the population statistics of another mode.
+The trailing ``KEY VALUE`` opts (a LazyConfig ``.py``: ``key=value`` overrides) go into the
+config the model is built from (as with tools/train_net.py or tools/lazyconfig_train_net.py),
+so a checkpoint can get the population statistics of another mode.
 The statistics are computed exactly as the training hook computes them
 (:class:`d2_batchnorm.engine.PreciseBN` built from the config), on all workers together, from ``TEST.PRECISE_BN.NUM_SAMPLES`` images (or ``NUM_ITER`` batches per worker)
 of ``TEST.PRECISE_BN.DATASETS`` (empty: ``DATASETS.TRAIN``), ``IMS_PER_BATCH`` images per
@@ -28,7 +32,16 @@ from detectron2.utils.logger import setup_logger
 
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.data import prepare_datasets
-from d2_batchnorm.engine import BNTrainer, PreciseBN, check_checkpoint, check_launch_args, launch, load_config
+from d2_batchnorm.engine import (
+    PreciseBN,
+    build_any_model,
+    check_checkpoint,
+    check_launch_args,
+    launch,
+    load_any_config,
+    test_any,
+)
+from d2_batchnorm.lazy_config import dataset_names, is_lazy_config, setting, setting_name
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -44,20 +57,20 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def output_path(cfg, args) -> str:
-    return args.output or os.path.join(cfg.OUTPUT_DIR, "model_precise_bn.pth")
+    return args.output or os.path.join(setting(cfg, "OUTPUT_DIR"), "model_precise_bn.pth")
 
 
 def main(args) -> dict:
-    cfg = load_config(args.config_file, args.opts, comm.get_world_size())
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_batchnorm")
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2")
-    model = BNTrainer.build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    cfg = load_any_config(args.config_file, args.opts, comm.get_world_size())
+    output_dir, weights = setting(cfg, "OUTPUT_DIR"), setting(cfg, "MODEL.WEIGHTS")
+    setup_logger(output_dir, distributed_rank=comm.get_rank(), name="d2_batchnorm")
+    setup_logger(output_dir, distributed_rank=comm.get_rank(), name="detectron2")
+    model = build_any_model(cfg)
+    DetectionCheckpointer(model).load(weights)
 
-    summary = {"weights": cfg.MODEL.WEIGHTS,
-               "datasets": list(cfg.TEST.PRECISE_BN.DATASETS or cfg.DATASETS.TRAIN)}
+    summary = {"weights": weights, "datasets": statistics_datasets(cfg)}
     if not args.no_eval:
-        summary["before"] = BNTrainer.test(cfg, model)
+        summary["before"] = test_any(cfg, model)
     model.train()  # the BN modules PreciseBN updates are those in training mode
     hook = PreciseBN(cfg, model)  # the training hook's statistics, loader and random stream
     result = hook.update_stats()
@@ -67,7 +80,7 @@ def main(args) -> dict:
         seconds=round(result.seconds, 2), relative_change=hook.last_ema_distance,
     )
     if not args.no_eval:
-        summary["after"] = BNTrainer.test(cfg, model)
+        summary["after"] = test_any(cfg, model)
     if comm.is_main_process():
         path = output_path(cfg, args)
         PathManager.mkdirs(os.path.dirname(os.path.abspath(path)))
@@ -84,6 +97,16 @@ def main(args) -> dict:
         print(f"saved {path}")
     comm.synchronize()
     return summary
+
+
+def statistics_datasets(cfg) -> list:
+    """The datasets PreciseBN draws from: ``TEST.PRECISE_BN.DATASETS``, else the training ones."""
+    if is_lazy_config(cfg):
+        names = cfg.dataloader.train.dataset.names
+        train = [names] if isinstance(names, str) else list(names)
+    else:
+        train = list(cfg.DATASETS.TRAIN)
+    return list(setting(cfg, "TEST.PRECISE_BN.DATASETS")) or train
 
 
 def _headline(results: dict) -> dict:
@@ -103,11 +126,14 @@ def cli(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
         check_launch_args(args.num_gpus)
-        cfg = load_config(args.config_file, args.opts, args.num_gpus)
-        if not cfg.MODEL.WEIGHTS:
-            raise ValueError("MODEL.WEIGHTS is empty; pass the checkpoint as MODEL.WEIGHTS path.pth")
-        check_checkpoint(cfg.MODEL.WEIGHTS)
-        prepare_datasets(list(cfg.DATASETS.TEST) + list(cfg.TEST.PRECISE_BN.DATASETS or cfg.DATASETS.TRAIN))
+        cfg = load_any_config(args.config_file, args.opts, args.num_gpus)
+        weights, name = setting(cfg, "MODEL.WEIGHTS"), setting_name(cfg, "MODEL.WEIGHTS")
+        if not weights:
+            how = f"{name}=path.pth" if is_lazy_config(cfg) else f"{name} path.pth"
+            raise ValueError(f"{name} is empty; pass the checkpoint as {how}")
+        check_checkpoint(weights, name)
+        prepare_datasets(dataset_names(cfg) if is_lazy_config(cfg) else
+                         list(cfg.DATASETS.TEST) + statistics_datasets(cfg))
         launch(main, args.num_gpus, dist_url=args.dist_url, args=(args,))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,8 @@ from .defaults import (
     check_checkpoint,
     check_weights,
     get_bn_cfg,
+    is_lazy_config_file,
+    load_any_config,
     load_config,
     load_lazy_config,
     resolve_device,
@@ -12,7 +14,7 @@ from .defaults import (
 )
 from .hooks import FrozenBNLate, PreciseBN, build_batchnorm_hooks
 from .launch import check_launch_args, launch, launch_cli, launched_by_torchrun, run_on_local_workers
-from .lazy import build_lazy_model, build_lazy_trainer, lazy_test
+from .lazy import build_any_model, build_lazy_model, build_lazy_trainer, lazy_test, test_any
 from .trainer import BNTrainer, create_ddp_model
 
 __all__ = [k for k in globals() if not k.startswith("_")]

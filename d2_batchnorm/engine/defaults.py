@@ -60,6 +60,21 @@ def load_config(config_file: str, opts=(), world_size: int = 1):
     return cfg
 
 
+def is_lazy_config_file(config_file: str) -> bool:
+    """A LazyConfig (detectron2's Python config, ``.py``) rather than a yacs ``.yaml``."""
+    return config_file.endswith(".py")
+
+
+def load_any_config(config_file: str, opts=(), world_size: int = 1):
+    """
+    :func:`load_lazy_config` for a ``.py`` file (``opts``: ``key=value`` overrides),
+    :func:`load_config` otherwise (``opts``: ``KEY VALUE`` pairs), for tools that take
+    either kind of config.
+    """
+    load = load_lazy_config if is_lazy_config_file(config_file) else load_config
+    return load(config_file, opts, world_size)
+
+
 #: what a LazyConfig for tools/lazyconfig_train_net.py defines (detectron2's convention)
 LAZY_CONFIG_PARTS = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
 

@@ -22,12 +22,12 @@ from torch import nn
 
 from ..bn_modes import inference_statistics
 from ..layers import convert_sync_batchnorm, set_ema_momentum
-from ..lazy_config import setting
+from ..lazy_config import is_lazy_config, setting
 from ..rng import preserved_rng_state
 from .hooks import build_batchnorm_hooks
 from .trainer import create_ddp_model
 
-__all__ = ["build_lazy_model", "lazy_test", "build_lazy_trainer"]
+__all__ = ["build_lazy_model", "lazy_test", "build_lazy_trainer", "build_any_model", "test_any"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,20 @@ def build_lazy_model(cfg) -> nn.Module:
     model.to(setting(cfg, "MODEL.DEVICE"))
     logger.info("Model:\n%s", model)
     return model
+
+
+def build_any_model(cfg) -> nn.Module:
+    """The model of either kind of config: :func:`build_lazy_model` or ``BNTrainer.build_model``."""
+    from .trainer import BNTrainer
+
+    return build_lazy_model(cfg) if is_lazy_config(cfg) else BNTrainer.build_model(cfg)
+
+
+def test_any(cfg, model: nn.Module) -> Dict:
+    """The evaluation of either kind of config: :func:`lazy_test` or ``BNTrainer.test``."""
+    from .trainer import BNTrainer
+
+    return lazy_test(cfg, model) if is_lazy_config(cfg) else BNTrainer.test(cfg, model)
 
 
 def lazy_test(cfg, model: nn.Module) -> Dict:
