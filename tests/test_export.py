@@ -304,6 +304,27 @@ def test_export_tool_writes_a_model_that_needs_no_d2_batchnorm(tmp_path):
     assert "['pred_boxes', 'pred_classes', 'pred_masks', 'scores'] torch.Size([1, 28, 28])" in result.stdout
 
 
+def test_export_tool_with_a_lazy_config_and_bad_input(tmp_path, capsys):
+    from d2_batchnorm.engine import build_any_model, load_any_config
+
+    config = "configs/Toy/retinanet_R18_FPN_bn_head.py"
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_any_model(load_any_config(config, ["train.device=cpu"])).state_dict()}, weights)
+    image = tmp_path / "image.png"
+    Image.fromarray((np.random.RandomState(0).rand(100, 150, 3) * 255).astype("uint8")).save(image)
+    export_model = load_script("tools/export_model.py")
+    args = ["--config-file", config, "--output", str(tmp_path / "out"), "--sample-image", str(image),
+            f"train.init_checkpoint={weights}", "train.device=cpu"]
+    assert export_model.main(args) == 0
+    out = capsys.readouterr().out
+    assert "tracing: " in out and "same detections" in out  # a LazyConfig is traced by default
+    assert export_model.main(args[:-2] + [f"train.init_checkpoint={tmp_path / 'none.pth'}"]) == 2
+    assert export_model.main(["--config-file", config, "--output", str(tmp_path), "model.head.norm_stats=x"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: train.init_checkpoint = ") and "does not exist" in err[0]
+    assert err[1].startswith("error: model.head.norm_stats = 'x' is not allowed")
+
+
 # ---------------------------------------------------------------- build_model
 
 

@@ -6,8 +6,17 @@ detectron2 model and needs nothing from this package:
     python tools/export_model.py --config-file configs/Toy/retinanet_R18_FPN_bn_head.yaml \
         --output output/export [--export-method scripting|tracing] [--sample-image IMG] \
         MODEL.WEIGHTS output/toy/retinanet_R18_FPN_bn_head/model_final.pth [KEY VALUE ...]
+    python tools/export_model.py --config-file configs/Toy/retinanet_R18_FPN_bn_head.py \
+        --output output/export train.init_checkpoint=output/.../model_final.pth [key=value ...]
 
-The model is built as in training (``d2_batchnorm.modeling.build_model``), loaded, its
+A LazyConfig (``.py``) takes ``key=value`` overrides, its checkpoint is
+``train.init_checkpoint``, its sample comes from ``dataloader.test`` and its test-time
+resizing from ``dataloader.test.mapper``; it is traced by default (modules instantiated from
+a LazyConfig keep omegaconf ``ListConfig`` attributes, which TorchScript scripting cannot
+type). Bad input (a config that does not load, a bad
+value, a missing checkpoint) ends the run with one ``error:`` line and exit status 2.
+
+The model is built as in training (``d2_batchnorm.engine.build_any_model``), loaded, its
 norms converted to standard ones (``d2_batchnorm.convert_for_inference``), then scripted
 or traced through ``detectron2.export`` (:mod:`d2_batchnorm.export`) and saved as
 ``OUTPUT/model.ts``. The saved file is loaded back and run on a sample image (the first
@@ -41,9 +50,9 @@ from detectron2.utils.logger import setup_logger
 
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.data import prepare_datasets
-from d2_batchnorm.engine import check_weights, load_config
+from d2_batchnorm.engine import build_any_model, check_weights, load_any_config
 from d2_batchnorm.export import EXPORT_METHODS, detections, export_scripting, export_tracing
-from d2_batchnorm.modeling import build_model
+from d2_batchnorm.lazy_config import dataset_names, is_lazy_config, setting
 
 logger = logging.getLogger("d2_batchnorm.export_model")
 
@@ -52,17 +61,22 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, metavar="FILE", help="the training config")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for model.ts")
-    parser.add_argument("--export-method", choices=EXPORT_METHODS, default="scripting")
+    parser.add_argument("--export-method", choices=EXPORT_METHODS, default=None,
+                        help="default: scripting for a yacs config, tracing for a LazyConfig, whose "
+                        "instantiated modules keep omegaconf lists that TorchScript cannot type")
     parser.add_argument("--sample-image", metavar="FILE", help="image to trace and check on "
                         "(default: the first image of DATASETS.TEST[0])")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest difference to the "
                         "eager detections (boxes in pixels, scores, mask probabilities) that counts as the same")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config options")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="KEY VALUE config options (a LazyConfig: key=value overrides)")
     return parser.parse_args(argv)
 
 
 def sample_input(cfg, image_path=None) -> dict:
     """One input dict {"image": (3, H, W) float tensor} as the test loader gives it."""
+    if is_lazy_config(cfg):
+        return _lazy_sample_input(cfg, image_path)
     if image_path is None:
         prepare_datasets(cfg.DATASETS.TEST[:1])
         return next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))[0]
@@ -72,13 +86,26 @@ def sample_input(cfg, image_path=None) -> dict:
     return {"image": torch.as_tensor(image.astype("float32").transpose(2, 0, 1))}
 
 
+def _lazy_sample_input(cfg, image_path=None) -> dict:
+    """:func:`sample_input` of a LazyConfig: ``dataloader.test`` and its mapper's augmentations."""
+    from detectron2.config import instantiate
+
+    if image_path is None:
+        prepare_datasets(dataset_names(cfg))
+        return next(iter(instantiate(cfg.dataloader.test)))[0]
+    mapper = cfg.dataloader.test.mapper
+    aug_input = T.AugInput(detection_utils.read_image(image_path, format=mapper.image_format))
+    T.AugmentationList(instantiate(mapper.augmentations))(aug_input)
+    return {"image": torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))}
+
+
 def export(cfg, method: str, output: str, image: torch.Tensor):
     """
     Builds and loads ``cfg``'s model, exports it by ``method`` into ``output/model.ts``.
     Returns (eager detections, detections of the saved model loaded back), as Instances.
     """
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model = build_any_model(cfg)
+    DetectionCheckpointer(model).load(setting(cfg, "MODEL.WEIGHTS"))
     model.eval()
     with torch.no_grad():
         eager = detections(model, [{"image": image}])[0]
@@ -116,16 +143,23 @@ def main(argv=None) -> int:
     """Exports as the module docstring says; returns 0 if the detections match, else 1."""
     args = parse_args(argv)
     setup_logger(name="d2_batchnorm")
-    cfg = load_config(args.config_file, args.opts)
-    check_weights(cfg)
+    try:
+        cfg = load_any_config(args.config_file, args.opts)
+        check_weights(cfg)
+        if args.sample_image and not os.path.isfile(args.sample_image):
+            raise ValueError(f"--sample-image {args.sample_image!r} does not exist")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    method = args.export_method or ("tracing" if is_lazy_config(cfg) else "scripting")
     sample = sample_input(cfg, args.sample_image)
-    eager, exported = export(cfg, args.export_method, args.output, sample["image"])
+    eager, exported = export(cfg, method, args.output, sample["image"])
     if len(eager) != len(exported):
-        print(f"{args.export_method}: {len(exported)} detections, eager {len(eager)}: MISMATCH")
+        print(f"{method}: {len(exported)} detections, eager {len(eager)}: MISMATCH")
         return 1
     diffs = differences(eager, exported)
     same = all(d <= args.atol for d in diffs.values())
-    print(f"{args.export_method}: {len(eager)} detections, largest difference to eager per field: "
+    print(f"{method}: {len(eager)} detections, largest difference to eager per field: "
           f"{diffs} ({'same detections' if same else 'MISMATCH'}, atol {args.atol})")
     return 0 if same else 1
 
