@@ -15,6 +15,7 @@ setting with its yacs key, its default and its check, once for both kinds of con
   built, and raises ``ValueError`` naming the config path (``model.head.norm_stats``,
   ``train.precise_bn.num_iter``, ``dataloader.train.total_batch_size``).
 """
+import copy
 import inspect
 from typing import Any, Dict, List
 
@@ -28,7 +29,7 @@ from .modeling.retinanet import BNRetinaNetHead
 from .modeling.roi_heads import check_leakage_mitigation
 
 __all__ = [
-    "is_lazy_config", "setting", "setting_name", "set_setting", "add_batchnorm_train_config",
+    "is_lazy_config", "setting", "setting_name", "set_setting", "copy_config", "add_batchnorm_train_config",
     "validate_lazy_config", "dataset_names", "DETECTRON2_NORM_NAMES",
 ]
 
@@ -73,6 +74,15 @@ def set_setting(cfg, key: str, value) -> None:
     for part in parents:
         cfg = cfg[part]
     cfg[last] = value
+
+
+def copy_config(cfg):
+    """A modifiable copy of either kind of config (a yacs clone, unfrozen; a LazyConfig deep copy)."""
+    if is_lazy_config(cfg):
+        return copy.deepcopy(cfg)
+    cfg = cfg.clone()
+    cfg.defrost()
+    return cfg
 
 
 def add_batchnorm_train_config(train: DictConfig) -> DictConfig:

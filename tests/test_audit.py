@@ -178,10 +178,12 @@ def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
     lazy = "configs/Toy/fcos_R18_FPN_bn_head.py"
     assert tool.cli(["--config-file", lazy, "model.head.norm_stats=mine"]) == 2
     assert tool.cli(["--config-file", lazy, f"train.init_checkpoint={tmp_path / 'x.pth'}"]) == 2
+    assert tool.cli(["--config-file", lazy, "--eval"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert [line.split(":")[0] for line in err] == ["error"] * 6, err
+    assert [line.split(":")[0] for line in err] == ["error"] * 7, err
     assert "MODEL.RETINANET.NORM_STATS = 'perlevel'" in err[1] and "MODEL.WEIGHTS" in err[3]
-    assert "model.head.norm_stats = 'mine'" in err[4] and "yacs" in err[5]
+    assert "model.head.norm_stats = 'mine'" in err[4] and "train.init_checkpoint = " in err[5]
+    assert "pass train.init_checkpoint on the command line" in err[6]
 
 
 def test_cli_writes_the_audit_and_measures_a_checkpoint(tmp_path, capsys):
@@ -208,3 +210,14 @@ def test_cli_writes_the_audit_and_measures_a_checkpoint(tmp_path, capsys):
     assert backbone["mean"] > 0.5 and backbone["var"] > 0.1
     assert measured["PreciseBN"]["images"] == 8
     assert set(measured["bbox AP"]) == {"EMA (checkpoint)", "mini-batch (2 img)", "precise"}
+
+    # the same measurement from a LazyConfig (key=value overrides, train.init_checkpoint)
+    lazy = "configs/Toy/retinanet_R18_FPN_bn_head.py"
+    from d2_batchnorm.engine import build_any_model, load_any_config
+
+    torch.save({"model": build_any_model(load_any_config(lazy, ["train.device=cpu"])).state_dict()}, weights)
+    argv = ["--config-file", lazy, "--output", str(out), "--samples", "8", f"train.init_checkpoint={weights}"]
+    assert tool.cli(argv) == 0
+    measured = json.loads((out / "bn_audit.json").read_text())["measured"]
+    assert measured["PreciseBN"]["images"] == 8
+    assert measured["RetinaNet head: checkpoint vs precise statistics (relative L2)"]["var"] > 0.1

@@ -18,7 +18,8 @@ statistics are computed and whether that matches training; then the findings
 it. Writes ``bn_audit.md`` and ``bn_audit.json`` into ``--output`` (default: the config's
 OUTPUT_DIR). Exits 0 without findings, 1 with findings, 2 on bad input (one ``error:`` line).
 
-``MODEL.WEIGHTS`` given on the command line also measures, in this one process: PreciseBN
+``MODEL.WEIGHTS`` (a LazyConfig: ``train.init_checkpoint=``) given on the command line also
+measures, in this one process: PreciseBN
 on ``--samples`` images of the PreciseBN datasets, and per group the relative L2 distance
 of the checkpoint's statistics to the precise ones; with ``--eval``, the AP on
 ``DATASETS.TEST`` with the checkpoint's (EMA) statistics, with mini-batch statistics
@@ -32,7 +33,7 @@ import sys
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from compare import box_ap  # tools/compare.py
 from d2_batchnorm.audit import audit_config
-from d2_batchnorm.lazy_config import setting
+from d2_batchnorm.lazy_config import setting, setting_name
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -53,29 +54,28 @@ def measure(cfg, model, audit, samples: int, evaluate: bool) -> None:
     """Fills ``audit.measured``: distances of the checkpoint's statistics to precise ones, APs."""
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from d2_batchnorm.config import images_per_worker
     from d2_batchnorm.data import prepare_datasets
-    from d2_batchnorm.engine import BNTrainer, PreciseBN
+    from d2_batchnorm.engine import PreciseBN, test_any
     from d2_batchnorm.engine.hooks import bn_statistics_distance, snapshot_bn_statistics
+    from d2_batchnorm.lazy_config import copy_config, dataset_names, is_lazy_config, set_setting
 
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.TEST.PRECISE_BN.NUM_SAMPLES = samples
+    DetectionCheckpointer(model).load(setting(cfg, "MODEL.WEIGHTS"))
+    cfg = copy_config(cfg)
+    set_setting(cfg, "TEST.PRECISE_BN.NUM_SAMPLES", samples)
     # one process here, with the batch of one worker of the audited training (at most --samples)
-    batch = cfg.TEST.PRECISE_BN.IMS_PER_BATCH or images_per_worker(cfg, audit.world_size)
-    cfg.TEST.PRECISE_BN.IMS_PER_BATCH = min(batch, samples)
-    cfg.freeze()
-    prepare_datasets(list(cfg.TEST.PRECISE_BN.DATASETS or cfg.DATASETS.TRAIN)
-                     + (list(cfg.DATASETS.TEST) if evaluate else []))
+    batch = setting(cfg, "TEST.PRECISE_BN.IMS_PER_BATCH") or audit.images_per_worker
+    set_setting(cfg, "TEST.PRECISE_BN.IMS_PER_BATCH", min(batch, samples))
+    lazy = is_lazy_config(cfg)
+    prepare_datasets(dataset_names(cfg) if lazy else
+                     list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + list(cfg.TEST.PRECISE_BN.DATASETS))
     aps = {}
     if evaluate:
         model.eval()
-        aps["EMA (checkpoint)"] = box_ap(BNTrainer.test(cfg, model))
-        mini = cfg.clone()
-        mini.defrost()
-        mini.TEST.BN_STATS = "mini_batch"
-        aps[f"mini-batch ({mini.TEST.IMS_PER_BATCH} img)"] = box_ap(BNTrainer.test(mini, model))
+        aps["EMA (checkpoint)"] = box_ap(test_any(cfg, model))
+        mini = copy_config(cfg)
+        set_setting(mini, "TEST.BN_STATS", "mini_batch")
+        images = mini.dataloader.test.batch_size if lazy else mini.TEST.IMS_PER_BATCH
+        aps[f"mini-batch ({images} img)"] = box_ap(test_any(mini, model))
     before = snapshot_bn_statistics(model)
     model.train()
     result = PreciseBN(cfg, model).update_stats()
@@ -90,7 +90,7 @@ def measure(cfg, model, audit, samples: int, evaluate: bool) -> None:
     if result is not None:
         audit.measured["PreciseBN"] = {"images": result.num_samples, "seconds": round(result.seconds, 1)}
     if evaluate:
-        aps["precise"] = box_ap(BNTrainer.test(cfg, model))
+        aps["precise"] = box_ap(test_any(cfg, model))
         audit.measured["bbox AP"] = aps
 
 
@@ -103,16 +103,15 @@ def cli(argv=None) -> int:
         check_launch_args(args.num_gpus, args.num_machines)
         check_int("--samples", args.samples, 1)
         audit, cfg, model = audit_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
-        lazy = is_lazy_config_file(args.config_file)
-        weights_given = any(o.startswith("train.init_checkpoint=") for o in args.opts) if lazy else (
-            "MODEL.WEIGHTS" in args.opts[::2])
-        if weights_given and lazy:
-            raise ValueError("measuring a checkpoint (train.init_checkpoint) needs a yacs config for now; "
-                             "the audit itself works for LazyConfigs")
+        name = setting_name(cfg, "MODEL.WEIGHTS")  # MODEL.WEIGHTS or train.init_checkpoint
+        if is_lazy_config_file(args.config_file):
+            weights_given = any(o.startswith(f"{name}=") for o in args.opts)
+        else:
+            weights_given = name in args.opts[::2]
         if weights_given:
-            check_checkpoint(cfg.MODEL.WEIGHTS)
+            check_checkpoint(setting(cfg, "MODEL.WEIGHTS"), name)
         elif args.eval:
-            raise ValueError("--eval needs a checkpoint: pass MODEL.WEIGHTS path.pth")
+            raise ValueError(f"--eval needs a checkpoint: pass {name} on the command line")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
