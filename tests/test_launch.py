@@ -1,4 +1,4 @@
-"""d2_batchnorm.engine.launch: CPU workers get their share of the host's cores."""
+"""d2_batchnorm.engine.launch: CPU workers get their share of the host's cores, and end with their launcher."""
 import os
 import subprocess
 import sys
@@ -46,3 +46,63 @@ def test_machines_simulated_on_one_host_share_its_cores(tmp_path):
     assert all(p.returncode == 0 for p in procs), logs
     threads = [int(open(f"{out}.rank{r}").read()) for r in range(2)]
     assert threads == [os.cpu_count() // 2] * 2
+
+
+SLEEPER = textwrap.dedent(
+    """
+    import os
+    import signal
+    import sys
+    import time
+
+    from detectron2.utils import comm
+
+    from d2_batchnorm.engine import launch
+
+
+    def work(folder):
+        # torch's spawn already asks for SIGINT when the launcher dies, but Python turns that
+        # into a KeyboardInterrupt, which a worker may catch or, here, ignore
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with open(os.path.join(folder, f"worker{comm.get_rank()}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(120)
+
+
+    if __name__ == "__main__":
+        launch(work, 2, args=(sys.argv[1],))
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_end_when_their_launcher_is_killed(tmp_path):
+    """A launcher killed from outside (a timeout, kill -9) must not leave its workers running."""
+    import signal
+    import time
+
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    launcher = subprocess.Popen([sys.executable, str(script), str(tmp_path)],
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_files = [tmp_path / f"worker{r}.pid" for r in range(2)]
+    deadline = time.time() + 120
+    while not all(p.exists() and p.read_text() for p in pid_files) and time.time() < deadline:
+        time.sleep(0.2)
+    pids = [int(p.read_text()) for p in pid_files]
+    assert all(_alive(pid) for pid in pids)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids), "workers outlived their launcher"

@@ -10,9 +10,11 @@ Starting worker processes through torch.distributed, the way detectron2 does.
 * :func:`run_on_local_workers` — runs a function in N local gloo processes and returns
   each rank's result; used by the tests and the benchmarks.
 """
+import ctypes
 import io
 import ipaddress
 import os
+import signal
 import sys
 import traceback
 from datetime import timedelta
@@ -59,10 +61,34 @@ def _cpu_threads_per_worker(host_workers: int) -> Optional[int]:
     return max(1, (os.cpu_count() or 1) // host_workers)
 
 
-def _cpu_worker(main_func, threads: int, *args):
-    """Runs ``main_func(*args)`` with ``threads`` torch threads (a CPU worker's share of the cores)."""
-    torch.set_num_threads(threads)
+def _worker(main_func, launcher_pid: int, threads: Optional[int], *args):
+    """
+    Runs ``main_func(*args)`` in a worker started by :func:`launch`: with ``threads`` torch
+    threads (a CPU worker's share of the cores) when given, and, when it is a process of its
+    own (one worker runs in the launcher), bound to the launcher's life (:func:`_die_with_launcher`).
+    """
+    if os.getpid() != launcher_pid:
+        _die_with_launcher(launcher_pid)
+    if threads is not None:
+        torch.set_num_threads(threads)
     return main_func(*args)
+
+
+def _die_with_launcher(launcher_pid: int) -> None:
+    """
+    Makes this worker receive SIGTERM when the launcher process dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), and exits at once if it is already gone. torch's spawn asks
+    for SIGINT instead, which Python delivers as a KeyboardInterrupt that code may catch or
+    ignore; a launcher killed from outside (a timeout, ``kill``, a job scheduler) then left
+    its workers training on here, writing into an output folder a re-run was using.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl: the worker outlives its launcher, as before
+            pass
+    if os.getppid() != launcher_pid:
+        os._exit(1)
 
 
 def _loopback(dist_url: str) -> bool:
@@ -100,7 +126,8 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
     is a loopback address (machines simulated on one host, each its own launcher).
     Under ``torchrun`` (or a submitit job, which exports the same variables) the process
     group comes from the environment, each CPU worker gets its share of the cores by
-    ``LOCAL_WORLD_SIZE``, and the other arguments are ignored.
+    ``LOCAL_WORLD_SIZE``, and the other arguments are ignored. Workers end when the
+    launcher dies (:func:`_die_with_launcher`).
 
     Raises:
         ValueError: see :func:`check_launch_args`.
@@ -112,11 +139,8 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
     threads = _cpu_threads_per_worker(
         num_gpus_per_machine * (num_machines if _loopback(dist_url) else 1)
     )
-    if threads is not None:
-        args = (main_func, threads) + tuple(args)
-        main_func = _cpu_worker
-    return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
-                     machine_rank=machine_rank, dist_url=dist_url, args=args)
+    return d2_launch(_worker, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
+                     dist_url=dist_url, args=(main_func, os.getpid(), threads) + tuple(args))
 
 
 def launch_cli(main_func, check_before_launch, argv=None) -> int:
