@@ -30,7 +30,7 @@ from .modeling.roi_heads import check_leakage_mitigation
 
 __all__ = [
     "is_lazy_config", "setting", "setting_name", "set_setting", "copy_config", "add_batchnorm_train_config",
-    "validate_lazy_config", "dataset_names", "DETECTRON2_NORM_NAMES",
+    "validate_lazy_config", "train_datasets", "test_datasets", "dataset_names", "DETECTRON2_NORM_NAMES",
 ]
 
 #: the norm names detectron2's own modules resolve (its ``get_norm``); models built from a
@@ -123,15 +123,30 @@ def validate_lazy_config(cfg: DictConfig, world_size: int = 1) -> None:
     _check_node(cfg.model, "model", world_size)
 
 
-def dataset_names(cfg: DictConfig) -> List[str]:
-    """The datasets a LazyConfig reads: training, test and PreciseBN's."""
-    names = []
-    for node in (OmegaConf.select(cfg, "dataloader.train.dataset.names", default=None),
-                 OmegaConf.select(cfg, "dataloader.test.dataset.names", default=None),
-                 setting(cfg, "TEST.PRECISE_BN.DATASETS")):
-        if node is not None:
-            names += [node] if isinstance(node, str) else list(node)
-    return names
+def train_datasets(cfg) -> List[str]:
+    """The training datasets of either kind of config (``DATASETS.TRAIN``; ``dataloader.train``)."""
+    if is_lazy_config(cfg):
+        return _names(OmegaConf.select(cfg, "dataloader.train.dataset.names", default=None))
+    return list(cfg.DATASETS.TRAIN)
+
+
+def test_datasets(cfg) -> List[str]:
+    """The test datasets of either kind of config (``DATASETS.TEST``; ``dataloader.test``)."""
+    if is_lazy_config(cfg):
+        return _names(OmegaConf.select(cfg, "dataloader.test.dataset.names", default=None))
+    return list(cfg.DATASETS.TEST)
+
+
+def dataset_names(cfg) -> List[str]:
+    """The datasets a config of either kind reads: training, test and PreciseBN's."""
+    return train_datasets(cfg) + test_datasets(cfg) + list(setting(cfg, "TEST.PRECISE_BN.DATASETS"))
+
+
+def _names(node) -> List[str]:
+    """A LazyConfig's dataset ``names``: one name, a list of names, or none."""
+    if node is None:
+        return []
+    return [node] if isinstance(node, str) else list(node)
 
 
 # ---------------------------------------------------------------------------------------

@@ -65,16 +65,14 @@ def measure(cfg, model, audit, samples: int, evaluate: bool) -> None:
     # one process here, with the batch of one worker of the audited training (at most --samples)
     batch = setting(cfg, "TEST.PRECISE_BN.IMS_PER_BATCH") or audit.images_per_worker
     set_setting(cfg, "TEST.PRECISE_BN.IMS_PER_BATCH", min(batch, samples))
-    lazy = is_lazy_config(cfg)
-    prepare_datasets(dataset_names(cfg) if lazy else
-                     list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + list(cfg.TEST.PRECISE_BN.DATASETS))
+    prepare_datasets(dataset_names(cfg))
     aps = {}
     if evaluate:
         model.eval()
         aps["EMA (checkpoint)"] = box_ap(test_any(cfg, model))
         mini = copy_config(cfg)
         set_setting(mini, "TEST.BN_STATS", "mini_batch")
-        images = mini.dataloader.test.batch_size if lazy else mini.TEST.IMS_PER_BATCH
+        images = mini.dataloader.test.batch_size if is_lazy_config(mini) else mini.TEST.IMS_PER_BATCH
         aps[f"mini-batch ({images} img)"] = box_ap(test_any(mini, model))
     before = snapshot_bn_statistics(model)
     model.train()

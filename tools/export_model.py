@@ -52,7 +52,7 @@ import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.data import prepare_datasets
 from d2_batchnorm.engine import build_any_model, check_weights, load_any_config
 from d2_batchnorm.export import EXPORT_METHODS, detections, export_scripting, export_tracing
-from d2_batchnorm.lazy_config import dataset_names, is_lazy_config, setting
+from d2_batchnorm.lazy_config import is_lazy_config, setting, test_datasets
 
 logger = logging.getLogger("d2_batchnorm.export_model")
 
@@ -91,7 +91,7 @@ def _lazy_sample_input(cfg, image_path=None) -> dict:
     from detectron2.config import instantiate
 
     if image_path is None:
-        prepare_datasets(dataset_names(cfg))
+        prepare_datasets(test_datasets(cfg))
         return next(iter(instantiate(cfg.dataloader.test)))[0]
     mapper = cfg.dataloader.test.mapper
     aug_input = T.AugInput(detection_utils.read_image(image_path, format=mapper.image_format))

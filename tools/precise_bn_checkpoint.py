@@ -41,7 +41,7 @@ from d2_batchnorm.engine import (
     load_any_config,
     test_any,
 )
-from d2_batchnorm.lazy_config import dataset_names, is_lazy_config, setting, setting_name
+from d2_batchnorm.lazy_config import is_lazy_config, setting, setting_name, test_datasets, train_datasets
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -101,12 +101,7 @@ def main(args) -> dict:
 
 def statistics_datasets(cfg) -> list:
     """The datasets PreciseBN draws from: ``TEST.PRECISE_BN.DATASETS``, else the training ones."""
-    if is_lazy_config(cfg):
-        names = cfg.dataloader.train.dataset.names
-        train = [names] if isinstance(names, str) else list(names)
-    else:
-        train = list(cfg.DATASETS.TRAIN)
-    return list(setting(cfg, "TEST.PRECISE_BN.DATASETS")) or train
+    return list(setting(cfg, "TEST.PRECISE_BN.DATASETS")) or train_datasets(cfg)
 
 
 def _headline(results: dict) -> dict:
@@ -132,8 +127,7 @@ def cli(argv=None) -> int:
             how = f"{name}=path.pth" if is_lazy_config(cfg) else f"{name} path.pth"
             raise ValueError(f"{name} is empty; pass the checkpoint as {how}")
         check_checkpoint(weights, name)
-        prepare_datasets(dataset_names(cfg) if is_lazy_config(cfg) else
-                         list(cfg.DATASETS.TEST) + statistics_datasets(cfg))
+        prepare_datasets(test_datasets(cfg) + statistics_datasets(cfg))
         launch(main, args.num_gpus, dist_url=args.dist_url, args=(args,))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.data import prepare_datasets
 from d2_batchnorm.engine import BNTrainer, check_weights, launch_cli, load_config, setup
+from d2_batchnorm.lazy_config import dataset_names
 
 
 def main(args):
@@ -39,9 +40,7 @@ def check_before_launch(args, world_size: int) -> None:
     """
     cfg = load_config(args.config_file, args.opts, world_size)
     check_weights(cfg, resume=args.resume)
-    prepare_datasets(
-        list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + list(cfg.TEST.PRECISE_BN.DATASETS)
-    )
+    prepare_datasets(dataset_names(cfg))
 
 
 def cli(argv=None) -> int:

@@ -10,6 +10,7 @@ Starting worker processes through torch.distributed, the way detectron2 does.
 * :func:`run_on_local_workers` — runs a function in N local gloo processes and returns
   each rank's result; used by the tests and the benchmarks.
 """
+import contextlib
 import ctypes
 import io
 import ipaddress
@@ -83,10 +84,9 @@ def _die_with_launcher(launcher_pid: int) -> None:
     its workers training on here, writing into an output folder a re-run was using.
     """
     if sys.platform.startswith("linux"):
-        try:
+        # without prctl (OSError, AttributeError) the worker outlives its launcher, as before
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # no prctl: the worker outlives its launcher, as before
-            pass
     if os.getppid() != launcher_pid:
         os._exit(1)
 

@@ -18,13 +18,9 @@ Per-channel batch statistics, written once: for d2_batchnorm's norms and for Pre
   cost a whole extra pass). PreciseBN takes all N, the batch mean, which removes the
   (m - K)^2 term and keeps its population statistics bitwise what they have always been
   (a one-sample shift would change their last bits).
-* Merged exactly (Chan et al., 1979), how PreciseBN pools calls and ranks::
-
-      n = n_a + n_b,   delta = m_b - m_a,   m = m_a + delta n_b / n,
-      M2 = M2_a + M2_b + delta^2 n_a n_b / n
-
-* Pooled at once (the same result; what PreciseBN does with the k calls of a module it
-  has collected, and with the ranks' rows), for k sets stacked along a leading dim::
+* Pooled exactly (Chan et al., 1979, for k sets at once; what PreciseBN does with the
+  calls of a module it has collected, and with the ranks' rows), for k sets stacked along
+  a leading dim::
 
       n = sum_i n_i,   m = sum_i n_i m_i / n,   M2 = sum_i M2_i + sum_i n_i (m_i - m)^2
 
@@ -147,21 +143,11 @@ class ChannelMoments(NamedTuple):
         s = torch.addcmul(s1, n, k)
         return torch.cat([n, s, torch.addcmul(s2, k, s1 + s)], -1)
 
-    def merge(self, other: "ChannelMoments") -> "ChannelMoments":
-        """The moments of both sets of samples (Chan's merge), row by row; empty rows add nothing."""
-        total = self.count + other.count
-        n_a, n_b = self.count.unsqueeze(-1), other.count.unsqueeze(-1)
-        denom = total.clamp(min=1).unsqueeze(-1)
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (n_b / denom)
-        return ChannelMoments(total, mean, self.m2 + (other.m2 + delta.square() * (n_a * n_b / denom)))
-
     def pooled(self) -> "ChannelMoments":
         """
         The moments of all k sets of a leading dim (count (k, ...), mean and m2 (k, ..., C))
-        together: count (...), mean and m2 (..., C). The batched form of :meth:`merge`
-        (module docstring), a fixed number of float64 operations for any k; empty sets
-        add nothing.
+        together: count (...), mean and m2 (..., C), by the formula of the module
+        docstring: a fixed number of float64 operations for any k; empty sets add nothing.
         """
         n_i = self.count.unsqueeze(-1)
         count = self.count.sum(0)
