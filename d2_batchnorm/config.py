@@ -60,7 +60,7 @@ TRAIN_SETTINGS = (
     ("SOLVER.MAX_ITER", "max_iter", None, _at_least(1)),
     ("SOLVER.CHECKPOINT_PERIOD", "checkpointer.period", None, _at_least(1)),
     ("TEST.EVAL_PERIOD", "eval_period", None, _at_least(0)),
-    ("TEST.PRECISE_BN.ENABLED", "precise_bn.enabled", False, None),  # yacs: typed by its default
+    ("TEST.PRECISE_BN.ENABLED", "precise_bn.enabled", False, check_bool),
     ("TEST.PRECISE_BN.NUM_ITER", "precise_bn.num_iter", 200, _at_least(1)),
     ("TEST.PRECISE_BN.NUM_SAMPLES", "precise_bn.num_samples", 0, _at_least(0)),
     ("TEST.PRECISE_BN.PERIOD", "precise_bn.period", 0, _at_least(0)),

@@ -115,7 +115,6 @@ def validate_lazy_config(cfg: DictConfig, world_size: int = 1) -> None:
     for key, _, _, check in TRAIN_SETTINGS:
         if check is not None:
             check(setting_name(cfg, key), setting(cfg, key))
-    check_bool("train.precise_bn.enabled", setting(cfg, "TEST.PRECISE_BN.ENABLED"))
     split_batch(cfg.dataloader.train.total_batch_size, world_size, 0,
                 ("dataloader.train.total_batch_size", "reference_world_size"))
     check_frozen_last_iters(setting(cfg, "BN.FROZEN_LAST_ITERS"), setting(cfg, "SOLVER.MAX_ITER"),
