@@ -106,3 +106,18 @@ def test_workers_end_when_their_launcher_is_killed(tmp_path):
     while any(_alive(pid) for pid in pids) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in pids), "workers outlived their launcher"
+
+
+def _rank_1_dies():
+    from d2_batchnorm import distributed as d
+
+    if d.group_rank() == 1:
+        os._exit(3)  # killed, as by the OOM killer: no traceback, nothing reported
+    return "rank 0 done"
+
+
+def test_local_workers_report_a_worker_that_died_instead_of_waiting_forever():
+    from d2_batchnorm.engine import run_on_local_workers
+
+    with pytest.raises(RuntimeError, match="rank 1 of 2 failed:\n.*exited with code 3"):
+        run_on_local_workers(_rank_1_dies, 2, timeout=30)

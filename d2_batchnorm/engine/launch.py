@@ -15,6 +15,7 @@ import ctypes
 import io
 import ipaddress
 import os
+import queue
 import signal
 import sys
 import traceback
@@ -198,24 +199,30 @@ def run_on_local_workers(fn, world_size: int = 2, args=(), timeout: float = 600.
     Runs ``fn(*args)`` in ``world_size`` new CPU processes that form a gloo process group
     (detectron2's ``comm`` helpers work in them), and returns ``[result of rank 0, ...]``.
     ``fn`` must be picklable (a module-level function); results may hold tensors. Raises
-    ``RuntimeError`` with the worker's traceback if any rank fails.
+    ``RuntimeError`` with the worker's traceback if any rank fails, or with its exit code if
+    a worker dies without reporting (killed, or unable to start: e.g. a script without an
+    ``if __name__ == "__main__":`` guard), instead of waiting for it forever.
     """
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    results_queue = ctx.Queue()
     port = _find_free_port()
     procs = [
-        ctx.Process(target=_local_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+        ctx.Process(target=_local_worker, args=(r, world_size, port, fn, args, results_queue), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
         p.start()
     results, errors = {}, {}
     try:
-        for _ in range(world_size):
-            rank, ok, payload = queue.get()
+        while len(results) < world_size and not errors:
+            try:
+                rank, ok, payload = results_queue.get(timeout=1.0)
+            except queue.Empty:
+                for rank, p in enumerate(procs):  # a worker that died cannot report any more
+                    if rank not in results and p.exitcode not in (None, 0):
+                        errors[rank] = f"the worker exited with code {p.exitcode} before reporting a result"
+                continue
             (results if ok else errors)[rank] = payload
-            if errors:
-                break
     finally:
         for p in procs:
             p.join(timeout=timeout if not errors else 5)
