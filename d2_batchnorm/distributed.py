@@ -22,7 +22,8 @@ __all__ = [
     "group_size",
     "group_rank",
     "all_reduce_sum_",
-    "all_gather_sum",
+    "sum_over_ranks",
+    "GATHER_SUM_MAX_BYTES",
     "all_gather_counts",
     "differentiable_all_to_all",
     "check_sync_group_size",
@@ -60,21 +61,33 @@ def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
-def all_gather_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+#: Sums whose gathered copies (world size x the tensor's bytes) fit in this many bytes are
+#: all-gathered and added locally (one round of latency); larger ones are all-reduced.
+GATHER_SUM_MAX_BYTES = 1 << 16
+
+
+def sum_over_ranks(tensor: torch.Tensor, group=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """
-    The sum of ``tensor`` over the ranks of ``group`` (no autograd), computed by every rank
-    from all ranks' copies gathered with ONE all-gather and added in rank order, so all
-    ranks end with bitwise-identical values. For small, latency-bound tensors (per-channel
-    statistics): an all-gather is one communication round where a ring all-reduce takes
-    two (reduce-scatter, then all-gather), at (W - 1) x the tensor's bytes per worker
-    instead of 2 (W - 1) / W x. Returns ``tensor`` itself without torch.distributed.
+    The sum of ``tensor`` (D, *) over the ranks of ``group`` (no autograd), accumulated in
+    ``dtype`` (default: the tensor's; e.g. float32 values sent, float64 sum); all ranks
+    end with bitwise-identical values. Without torch.distributed: ``tensor`` in ``dtype``.
+
+    * Small, latency-bound tensors (per-channel statistics and their gradients: W x bytes
+      <= :data:`GATHER_SUM_MAX_BYTES`) are all-gathered, ONE round of latency where a ring
+      all-reduce takes two (reduce-scatter, then all-gather), and every rank adds the W
+      copies in rank order, at (W - 1) x the tensor's bytes per worker and in its own
+      precision (the copies are converted to ``dtype`` only to be added).
+    * Larger ones are converted to ``dtype`` and all-reduced (2 (W - 1) / W x the bytes of
+      the converted tensor per worker).
     """
     if not is_distributed(group):
-        return tensor
+        return tensor if dtype is None else tensor.to(dtype)
     world = dist.get_world_size(group)
+    if world * tensor.nbytes > GATHER_SUM_MAX_BYTES:
+        return all_reduce_sum_(tensor.to(dtype or tensor.dtype, copy=True), group)
     rows = tensor.new_empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]))
-    dist.all_gather_into_tensor(rows, tensor.contiguous(), group=group)
-    return rows.view((world,) + tuple(tensor.shape)).sum(0)
+    dist.all_gather_single(rows, tensor.contiguous(), group=group)
+    return rows.view((world,) + tuple(tensor.shape)).sum(0, dtype=dtype)
 
 
 def all_gather_counts(count: int, device: torch.device, group=None) -> List[int]:

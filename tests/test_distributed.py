@@ -17,6 +17,33 @@ def _collectives():
     return summed, counts, y.detach().squeeze(1).tolist(), x.grad.squeeze(1).tolist()
 
 
+def _sums_over_ranks():
+    """sum_over_ranks on both of its paths: all-gather (small) and all-reduce (large)."""
+    rank = d.group_rank()
+    # float32 values whose float32 sum rounds: 1 + 2^-30 is not a float32, but is a float64
+    local = torch.tensor([[1.0, 3.0]]) if rank == 0 else torch.tensor([[2.0 ** -30, 4.0]])
+    results = []
+    for limit in (d.GATHER_SUM_MAX_BYTES, 0):  # 0: every tensor is "large"
+        d.GATHER_SUM_MAX_BYTES, saved = limit, d.GATHER_SUM_MAX_BYTES
+        try:
+            results += [d.sum_over_ranks(local, dtype=torch.float64), d.sum_over_ranks(local)]
+        finally:
+            d.GATHER_SUM_MAX_BYTES = saved
+    return results, local
+
+
+def test_sum_over_ranks_gathers_small_and_reduces_large_tensors(run_workers):
+    (r0, local0), (r1, _) = run_workers(_sums_over_ranks)
+    for a, b in zip(r0, r1):
+        assert a.dtype == b.dtype and torch.equal(a, b)  # bitwise equal on every rank
+    gathered64, gathered32, reduced64, reduced32 = r0
+    assert gathered64.dtype == reduced64.dtype == torch.float64
+    assert gathered64.tolist() == reduced64.tolist() == [[1.0 + 2.0 ** -30, 7.0]]
+    assert gathered32.dtype == reduced32.dtype == torch.float32
+    assert gathered32.tolist() == reduced32.tolist() == [[1.0, 7.0]]
+    assert local0.tolist() == [[1.0, 3.0]]  # the input is not modified
+
+
 def test_collectives_on_two_gloo_ranks(run_workers):
     (s0, c0, y0, g0), (s1, c1, y1, g1) = run_workers(_collectives)
     assert s0.tolist() == s1.tolist() == [2.0, 1.0]

@@ -166,19 +166,32 @@ def _large_mean_data():
     return [torch.randn(n, C, 4, 4, generator=g) * 1e-2 + 1e3 for n in (3, 2)]
 
 
+def _large_mean_grads():
+    g = torch.Generator().manual_seed(6)
+    return [torch.randn(n, C, 4, 4, generator=g) for n in (3, 2)]
+
+
 def _large_mean_worker():
-    bn = SyncBatchNorm(C)
-    return bn(_large_mean_data()[d.group_rank()]).detach(), bn.running_var.clone()
+    bn = _affine(SyncBatchNorm(C))
+    x = _large_mean_data()[d.group_rank()].requires_grad_()
+    y = bn(x)
+    (y * _large_mean_grads()[d.group_rank()]).sum().backward()
+    return y.detach(), bn.running_var.clone(), x.grad, bn.weight.grad
 
 
 def test_sync_bn_is_precise_when_mean_dominates(distributed_results):
     """|mean| / std = 1e5 in float32: E[x^2] - E[x]^2 would lose every digit of the variance."""
-    x = torch.cat(_large_mean_data()).double()
-    ref = nn.BatchNorm2d(C).double()
+    x = torch.cat(_large_mean_data()).double().requires_grad_()
+    ref = _affine(nn.BatchNorm2d(C)).double()
     y = ref(x)
+    (y * torch.cat(_large_mean_grads()).double()).sum().backward()
     results = distributed_results["large_mean"]
-    # the float32 mean is off by up to half an ulp of 1e3 (3e-5 = 3e-3 std): that bounds the output
-    torch.testing.assert_close(torch.cat([r[0] for r in results]).double(), y, atol=4e-3, rtol=0)
+    # the float32 mean is off by up to half an ulp of 1e3 (3e-5 = 3e-3 std): that bounds the
+    # output (w < 1.5) and the input gradient (relative to its largest value)
+    torch.testing.assert_close(torch.cat([r[0] for r in results]).double(), y.detach(), atol=6e-3, rtol=0)
+    gx = torch.cat([r[2] for r in results]).double()
+    assert (gx - x.grad).abs().max() < 2e-3 * x.grad.abs().max()
+    torch.testing.assert_close(sum(r[3] for r in results).double(), ref.weight.grad, atol=0, rtol=1e-2)
     for r in results:
         torch.testing.assert_close(r[1].double(), ref.running_var, rtol=1e-4, atol=0)
 

@@ -87,22 +87,26 @@ def _shifted_sums(xs: Sequence[torch.Tensor], shift_samples: Optional[int]):
     """
     Per x (N, C, *): the count n, the shift K (the mean of its first ``shift_samples``
     samples; None: all) and ``sum d``, ``sum d^2`` of ``d = x - K``, summed in x's
-    precision (>= float32), returned in float64: count (L,), K, s1, s2 (L, C).
+    precision (>= float32), returned in float64: count (L, 1), K, s1, s2 (L, C).
     """
-    counts, sums = [], []  # per x: n, and (3, C) float64 [shift, sum d, sum d^2]
+    counts, sums = [], []  # per x: [n], and (3, C) [shift, sum d, sum d^2] in x's precision
     for x in xs:
         x = upcast(x.detach())
         channels = x.shape[1]
-        counts.append(x.numel() // channels if channels > 0 else 0)
-        if counts[-1] == 0:
-            sums.append(x.new_zeros(3, channels, dtype=torch.float64))
+        counts.append([x.numel() // channels if channels > 0 else 0])
+        if counts[-1][0] == 0:
+            sums.append(x.new_zeros(3, channels))
             continue
-        dims = _channel_dims(x)
-        head = x if shift_samples is None else x[:shift_samples]
-        shift = head.sum(dims) / (head.numel() // channels)
+        shift = (x if shift_samples is None else x[:shift_samples]).mean(_channel_dims(x))
         d = x - channel_view(shift, x)
-        sums.append(torch.stack([shift, d.sum(dims), (d * d).sum(dims)]).double())
-    k, s1, s2 = (torch.stack(sums) if len(sums) > 1 else sums[0].unsqueeze(0)).unbind(1)
+        # sum d and sum d^2 in ONE pass over d: torch's inference-mode BatchNorm backward
+        # kernel with grad_out = d, input = x, mean = K and invstd = 1 (var 1, eps 0) returns
+        # grad_bias = sum d and grad_weight = sum d (x - K) = sum d^2
+        _, sum_d2, sum_d = torch.ops.aten.native_batch_norm_backward(
+            d, x, None, shift, torch.ones_like(shift), None, None, False, 0.0, [False, True, True]
+        )
+        sums.append(torch.stack([shift, sum_d, sum_d2]))
+    k, s1, s2 = torch.stack(sums).double().unbind(1)
     return k.new_tensor(counts), k, s1, s2
 
 
@@ -128,8 +132,8 @@ class ChannelMoments(NamedTuple):
         samples of x (None: all of them), the shift rule of the module docstring.
         """
         count, k, s1, s2 = _shifted_sums(xs, shift_samples)
-        n = count.clamp(min=1).unsqueeze(-1)
-        return cls(count, k + s1 / n, (s2 - s1.square() / n).clamp_(min=0))
+        n = count.clamp(min=1)
+        return cls(count.squeeze(-1), k + s1 / n, (s2 - s1.square() / n).clamp_(min=0))
 
     @staticmethod
     def power_sums_of(*xs: torch.Tensor, shift_samples: Optional[int] = 1) -> torch.Tensor:
@@ -138,8 +142,7 @@ class ChannelMoments(NamedTuple):
         the same shifted sums: (L, 2C + 1) ``[n, S, Q]`` with, per channel,
         ``S = n K + sum d`` and ``Q = sum d^2 + K (sum d + S)`` (= sum x^2), in float64.
         """
-        count, k, s1, s2 = _shifted_sums(xs, shift_samples)
-        n = count.unsqueeze(-1)
+        n, k, s1, s2 = _shifted_sums(xs, shift_samples)
         s = torch.addcmul(s1, n, k)
         return torch.cat([n, s, torch.addcmul(s2, k, s1 + s)], -1)
 
@@ -246,10 +249,11 @@ def batch_norm_over_parts(
     summed over workers, and the :class:`ChannelMoments` (R rows, R = 1 if ``joint`` else
     L) the parts were normalized with; these carry no gradient.
 
-    One all-gather of the (L, 2C + 1) float64 power sums in forward (each rank adds the
-    rows in rank order: one round of latency where an all-reduce takes two, as torch's
-    SyncBatchNorm gathers its statistics), one all-reduce of (L or 1, 2C) in backward;
-    autograd saves only the inputs and per-channel vectors. The backward pass, with the
+    One collective for the (L, 2C + 1) float64 power sums in forward and one for the
+    (L, 2C) gradient sums in backward (sent in x's precision, added in float64), both
+    :func:`d2_batchnorm.distributed.sum_over_ranks`: for the usual sizes an all-gather, one
+    round of latency where an all-reduce takes two. Autograd saves only the inputs and
+    per-channel vectors. The backward pass, with the
     sums ``Sdy = sum dy`` and ``Sdyx = sum dy (x - mean)`` over the values sharing the
     statistics (mean, invstd, count n)::
 
@@ -259,7 +263,7 @@ def batch_norm_over_parts(
     with torch.no_grad():  # the statistics: no autograd (the backward pass is analytic)
         sums = ChannelMoments.power_sums_of(*xs)  # (L, 2C+1)
         if group is not False:
-            sums = d2bn_dist.all_gather_sum(sums, group)
+            sums = d2bn_dist.sum_over_ranks(sums, group)
         pooled = ChannelMoments.from_power_sums(sums.sum(0, keepdim=True) if joint else sums)
     ys = _BatchNormOverParts.apply(weight, bias, eps, group, joint, pooled.count, pooled.mean, pooled.var, *xs)
     return list(ys), sums, pooled
@@ -271,7 +275,8 @@ class _BatchNormOverParts(torch.autograd.Function):
     float64), through torch's own fused inference-mode batch-norm kernels: one pass for
     the forward; in backward one pass gives ``w invstd dy`` with the local ``sum dy`` and
     ``sum dy (x - mean) invstd``, to which the terms of the statistics' gradient are added
-    once the sums are all-reduced (formula of :func:`batch_norm_over_parts`).
+    once the sums are summed over workers (formula of :func:`batch_norm_over_parts`), in a
+    second pass of the inference kernel.
     """
 
     @staticmethod
@@ -312,19 +317,27 @@ class _BatchNormOverParts(torch.autograd.Function):
                     dy.contiguous(), x, w, mean, var, None, None, False, ctx.eps, [True, True, True]
                 )
             parts.append((w, mean, var, grads))
-        local = torch.stack([torch.cat([g[2], g[1]]) for *_, g in parts])  # (L, 2C)
-        rows = local.double().sum(0, keepdim=True) if ctx.joint else local.double()
-        if ctx.group is not False:
-            d2bn_dist.all_reduce_sum_(rows, ctx.group)
+        local = torch.stack([torch.cat([g[2], g[1]]) for *_, g in parts])  # (L, 2C), x's dtype
+        if ctx.group is False:
+            rows = local.double()
+        else:  # sent in x's precision, summed in float64
+            rows = d2bn_dist.sum_over_ranks(local, ctx.group, torch.float64)
+        if ctx.joint:
+            rows = rows.sum(0, keepdim=True)
         rows = rows / count.clamp(min=1).unsqueeze(1)
         dxs = []
         for i, (x, (w, mean, var, (dx, _, _))) in enumerate(zip(xs, parts)):
-            mean_dy, mean_dyx = rows[0 if ctx.joint else i].to(x.dtype).split(channels)
-            invstd = torch.rsqrt(var + ctx.eps)  # as the kernels compute it
-            scale = invstd if w is None else w * invstd
-            # dx = scale dy - scale mean_dy - (x - mean) scale invstd mean_dyx
-            dx.sub_(channel_view(scale * mean_dy, x))
-            dxs.append(dx.addcmul_(x - channel_view(mean, x), channel_view(scale * invstd * mean_dyx, x), value=-1))
+            if x.numel() == 0:
+                dxs.append(dx)
+                continue
+            scale = torch.rsqrt(var + ctx.eps)  # invstd, as the kernels compute it
+            if w is not None:
+                scale = scale * w
+            # [scale mean_dy, scale mean_dyx] (2, C)
+            coef = rows[0 if ctx.joint else i].to(x.dtype).view(2, channels) * scale
+            # dx = scale dy - scale mean_dy - (x - mean) invstd (scale mean_dyx): the last two
+            # terms in one fused pass of the inference kernel, (x - mean) invstd w' + b'
+            dxs.append(dx.sub_(torch.native_batch_norm(x, coef[1], coef[0], mean, var, False, 0.0, ctx.eps)[0]))
         dw = db = None
         if weight is not None:
             dws = [g[1] for *_, g in parts]  # sum_local dy (x - mean) invstd

@@ -26,11 +26,12 @@ class SyncBatchNorm(BatchNormNd):
     The power sums ``[n_r, S_r, Q_r]`` come from shifted float32 sums turned into
     float64; ONE all-gather of the 2C + 1 float64 values brings every worker's, and each
     worker adds them in rank order (one round of latency; all workers get bitwise-equal
-    sums); the backward pass all-reduces ``[sum dy, sum dy (x - mean)]`` once
-    (:func:`.batch_stats.batch_norm_over_parts`), so the
-    input and weight gradients are those of BatchNorm over the concatenated batch (the
-    weight/bias gradient of each worker is its share; their sum, as DDP forms it, is the
-    full gradient).
+    sums); the backward pass gathers ``[sum dy, sum dy (x - mean)]`` the same way, once
+    (:func:`.batch_stats.batch_norm_over_parts`; :func:`d2_batchnorm.distributed.sum_over_ranks`
+    all-reduces instead where the gathered copies would exceed ``GATHER_SUM_MAX_BYTES``),
+    so the input and weight gradients are those of BatchNorm over the concatenated batch
+    (the weight/bias gradient of each worker is its share; their sum, as DDP forms it, is
+    the full gradient).
 
     * A worker with no samples still takes part: its output is empty, it contributes
       zeros to the collectives, and its weight/bias still get (zero) gradients, so DDP does
