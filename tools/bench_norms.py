@@ -5,8 +5,11 @@ ratios and the machine they ran on (README.md quotes the latest output):
 
 1. time of one training iteration (forward + backward) of ``SyncBatchNorm`` versus plain
    ``nn.BatchNorm2d`` (no communication) and detectron2's ``NaiveSyncBatchNorm`` (both
-   stats modes), in 2 CPU processes over gloo; the variants are timed round-robin, and
-   the median over repetitions is reported (rank 0; ranks are barrier-aligned);
+   stats modes), in 2 CPU processes over gloo, each pinned to its own core when there are
+   enough (unpinned, scheduler migrations add latency to every variant and noise between
+   runs); the variants are timed round-robin, and the median over repetitions is reported
+   (rank 0; ranks are barrier-aligned), over --rounds fresh pairs of processes (the median
+   of the rounds, and each round's SyncBN / naiveSyncBN to show the spread);
 2. peak memory of a forward + backward of ``LevelBatchNorm(stats="shared")`` (per-level
    power sums, no concatenation) versus a concatenate-then-split implementation (all
    levels flattened and concatenated, one BatchNorm1d, split back), for RetinaNet-like
@@ -14,7 +17,7 @@ ratios and the machine they ran on (README.md quotes the latest output):
    saved-tensor hooks) and, in a fresh process, the peak resident size during forward +
    backward above the resident size before it (inputs and upstream gradients allocated).
 
-    python tools/bench_norms.py [--reps 30] [--quick]
+    python tools/bench_norms.py [--reps 300] [--rounds 3] [--no-pin] [--quick]
 """
 import argparse
 import os
@@ -35,7 +38,7 @@ LEVEL_SIZES = [128, 64, 32, 16, 8]  # P3-P7 of a 1024x1024 image
 LEVEL_BATCH, LEVEL_CHANNELS = 2, 256
 
 
-def _time_worker(reps, shapes):
+def _time_worker(reps, shapes, pin=True):
     """Runs in each of 2 gloo processes; returns {shape: {variant: median seconds}}."""
     import torch.distributed as dist
     from detectron2.layers import NaiveSyncBatchNorm
@@ -43,6 +46,9 @@ def _time_worker(reps, shapes):
     from d2_batchnorm.layers import SyncBatchNorm
 
     torch.set_num_threads(1)
+    cores = sorted(os.sched_getaffinity(0))
+    if pin and len(cores) >= dist.get_world_size():  # one core per rank, as a launcher pins GPUs
+        os.sched_setaffinity(0, {cores[dist.get_rank()]})
     results = {}
     for shape in shapes:
         c = shape[1]
@@ -149,8 +155,11 @@ def _peak_rss(variant):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per variant")
-    parser.add_argument("--quick", action="store_true", help="2 shapes, 5 repetitions")
+    parser.add_argument("--reps", type=int, default=300, help="timed repetitions per variant")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="independent pairs of processes the timing is repeated in (their spread is printed)")
+    parser.add_argument("--no-pin", action="store_true", help="let the scheduler place the 2 processes")
+    parser.add_argument("--quick", action="store_true", help="2 shapes, 5 repetitions, 1 round")
     parser.add_argument("--no-readme", action="store_true", help="do not write the output into README.md")
     parser.add_argument("--rss-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -159,26 +168,37 @@ def main(argv=None):
 
     from d2_batchnorm.engine import run_on_local_workers
 
+    for name in ("reps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} = {getattr(args, name)} is not allowed; it must be >= 1")
     shapes = TIME_SHAPES[1:] if args.quick else TIME_SHAPES
     reps = 5 if args.quick else args.reps
+    if args.quick:
+        args.rounds = 1
     lines = []
 
     def emit(text=""):
         print(text)
         lines.append(text)
 
-    emit(f"Machine: {machine_description('gloo, 1 thread per process')}\n")
-    timing = run_on_local_workers(_time_worker, 2, (reps, shapes))[0]
-    emit(f"#### Time per iteration (forward + backward), 2 CPU processes over gloo, 1 thread each, "
-          f"median of {reps}\n")
+    placement = "pinned, one core each" if not args.no_pin else "not pinned"
+    emit(f"Machine: {machine_description(f'gloo, 1 thread per process, {placement}')}\n")
+    rounds = [run_on_local_workers(_time_worker, 2, (reps, shapes, not args.no_pin))[0] for _ in range(args.rounds)]
+    timing = {
+        shape: {k: statistics.median(r[shape][k] for r in rounds) for k in rounds[0][shape]}
+        for shape in rounds[0]
+    }
+    emit(f"#### Time per iteration (forward + backward), 2 CPU processes over gloo ({placement}), "
+         f"1 thread each, median over {args.rounds} rounds of the median of {reps}\n")
     emit("| input (N, C, H, W) per worker | BN (no sync) | naiveSyncBN | naiveSyncBN_N | SyncBN "
-          "| SyncBN / BN | SyncBN / naiveSyncBN | SyncBN / naiveSyncBN_N |")
-    emit("|---|---|---|---|---|---|---|---|")
+          "| SyncBN / BN | SyncBN / naiveSyncBN | SyncBN / naiveSyncBN_N | SyncBN / naiveSyncBN per round |")
+    emit("|---|---|---|---|---|---|---|---|---|")
     for shape, t in timing.items():
         ms = {k: f"{v * 1e3:.2f} ms" for k, v in t.items()}
+        per_round = " ".join(f"{r[shape]['SyncBN'] / r[shape]['naiveSyncBN']:.2f}" for r in rounds)
         emit(f"| {shape} | {ms['BN']} | {ms['naiveSyncBN']} | {ms['naiveSyncBN_N']} | {ms['SyncBN']} "
               f"| {t['SyncBN'] / t['BN']:.2f} | {t['SyncBN'] / t['naiveSyncBN']:.2f} "
-              f"| {t['SyncBN'] / t['naiveSyncBN_N']:.2f} |")
+              f"| {t['SyncBN'] / t['naiveSyncBN_N']:.2f} | {per_round} |")
 
     sizes = ", ".join(f"{s}x{s}" for s in LEVEL_SIZES)
     emit(f"\n#### Memory of level statistics, 5 levels ({sizes}), N={LEVEL_BATCH}, C={LEVEL_CHANNELS}\n")
