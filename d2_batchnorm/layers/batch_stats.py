@@ -5,7 +5,8 @@ Per-channel batch statistics, written once: for d2_batchnorm's norms and for Pre
 ``M2``, the sum of squared deviations from ``m`` (biased variance ``M2 / n``), in float64.
 
 * Measured from a batch ``x`` (N, C, *) with sums of ``d = x - K`` in x's precision
-  (>= float32), for a per-channel shift ``K`` near the mean, then in float64::
+  (>= float32; ``sum d`` and ``sum d^2`` in one pass of torch's batch-norm backward
+  kernel), for a per-channel shift ``K`` near the mean, then in float64::
 
       m = K + sum(d) / n,      M2 = sum(d^2) - sum(d)^2 / n
 
@@ -16,8 +17,7 @@ Per-channel batch statistics, written once: for d2_batchnorm's norms and for Pre
   digit). The knob is there because the two users weigh cost differently. The training
   norms run at every step and take one sample: 1/N of a pass over x (the batch mean would
   cost a whole extra pass). PreciseBN takes all N, the batch mean, which removes the
-  (m - K)^2 term and keeps its population statistics bitwise what they have always been
-  (a one-sample shift would change their last bits).
+  (m - K)^2 term; its cost is the model's forward, not this pass.
 * Pooled exactly (Chan et al., 1979, for k sets at once; what PreciseBN does with the
   calls of a module it has collected, and with the ranks' rows), for k sets stacked along
   a leading dim::
