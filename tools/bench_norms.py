@@ -173,8 +173,7 @@ def main(argv=None):
             parser.error(f"--{name} = {getattr(args, name)} is not allowed; it must be >= 1")
     shapes = TIME_SHAPES[1:] if args.quick else TIME_SHAPES
     reps = 5 if args.quick else args.reps
-    if args.quick:
-        args.rounds = 1
+    num_rounds = 1 if args.quick else args.rounds
     lines = []
 
     def emit(text=""):
@@ -183,13 +182,13 @@ def main(argv=None):
 
     placement = "pinned, one core each" if not args.no_pin else "not pinned"
     emit(f"Machine: {machine_description(f'gloo, 1 thread per process, {placement}')}\n")
-    rounds = [run_on_local_workers(_time_worker, 2, (reps, shapes, not args.no_pin))[0] for _ in range(args.rounds)]
+    rounds = [run_on_local_workers(_time_worker, 2, (reps, shapes, not args.no_pin))[0] for _ in range(num_rounds)]
     timing = {
         shape: {k: statistics.median(r[shape][k] for r in rounds) for k in rounds[0][shape]}
         for shape in rounds[0]
     }
     emit(f"#### Time per iteration (forward + backward), 2 CPU processes over gloo ({placement}), "
-         f"1 thread each, median over {args.rounds} rounds of the median of {reps}\n")
+         f"1 thread each, median over {num_rounds} rounds of the median of {reps}\n")
     emit("| input (N, C, H, W) per worker | BN (no sync) | naiveSyncBN | naiveSyncBN_N | SyncBN "
           "| SyncBN / BN | SyncBN / naiveSyncBN | SyncBN / naiveSyncBN_N | SyncBN / naiveSyncBN per round |")
     emit("|---|---|---|---|---|---|---|---|---|")

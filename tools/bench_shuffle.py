@@ -79,13 +79,11 @@ class _ByteCounter:
             self.bytes += self._nbytes(tensor) * (world - 1)
             return originals["all_gather"](tensor_list, tensor, *a, **k)
 
-        def all_gather_into_tensor(output, input, *a, **k):
-            self.bytes += self._nbytes(input) * (world - 1)
-            return originals["all_gather_into_tensor"](output, input, *a, **k)
-
-        def all_gather_single(output, input, *a, **k):
-            self.bytes += self._nbytes(input) * (world - 1)
-            return originals["all_gather_single"](output, input, *a, **k)
+        def gather_into_one_tensor(name):  # all_gather_into_tensor and all_gather_single
+            def gather(output, input, *a, **k):
+                self.bytes += self._nbytes(input) * (world - 1)
+                return originals[name](output, input, *a, **k)
+            return gather
 
         def all_reduce(tensor, *a, **k):
             self.bytes += 2 * (world - 1) * self._nbytes(tensor) // world
@@ -102,8 +100,8 @@ class _ByteCounter:
 
         replacements = dict(
             all_to_all_single=all_to_all_single, all_gather=all_gather,
-            all_gather_into_tensor=all_gather_into_tensor, all_gather_single=all_gather_single,
-            all_reduce=all_reduce,
+            all_gather_into_tensor=gather_into_one_tensor("all_gather_into_tensor"),
+            all_gather_single=gather_into_one_tensor("all_gather_single"), all_reduce=all_reduce,
             broadcast=broadcast, all_gather_object=all_gather_object,
         )
         for name, fn in replacements.items():

@@ -26,6 +26,7 @@ Variants (selected by :class:`ToyDatasetSpec`):
 
 The same spec and seed always give byte-identical JSON and images.
 """
+import contextlib
 import json
 import math
 import os
@@ -240,10 +241,8 @@ def ensure_toy_coco(root: str, spec: ToyDatasetSpec = ToyDatasetSpec()) -> str:
                     if json.load(f) == stamp:  # another process won the race
                         return root
             shutil.rmtree(root, ignore_errors=True)
-        try:
+        with contextlib.suppress(OSError):  # OSError: another process moved its copy in first
             os.rename(tmp, root)
-        except OSError:  # another process moved its copy in first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
