@@ -4,9 +4,10 @@ Per-channel batch statistics, written once: for d2_batchnorm's norms and for Pre
 :class:`ChannelMoments` is the one type: per channel, the count ``n``, the mean ``m`` and
 ``M2``, the sum of squared deviations from ``m`` (biased variance ``M2 / n``), in float64.
 
-* Measured from a batch ``x`` (N, C, *) with sums of ``d = x - K`` in x's precision
-  (>= float32; ``sum d`` and ``sum d^2`` in one pass of torch's batch-norm backward
-  kernel), for a per-channel shift ``K`` near the mean, then in float64::
+* Measured from a batch ``x`` (N, C, *) with sums of ``d = x - K`` in the statistics
+  dtype of x (:func:`statistics_dtype`: float32 for float16/bfloat16; ``sum d`` and
+  ``sum d^2`` in one pass of torch's batch-norm backward reduction), for a per-channel
+  shift ``K`` near the mean, then in float64::
 
       m = K + sum(d) / n,      M2 = sum(d^2) - sum(d)^2 / n
 
@@ -32,8 +33,21 @@ Per-channel batch statistics, written once: for d2_batchnorm's norms and for Pre
 
 :func:`batch_norm_over_parts` is the training-mode BatchNorm of the synchronized and level
 norms on top of it; :func:`update_running_stats_` and :func:`ema_factor` are torch's EMA
-of the running buffers. The small helpers every norm shares live here too: :func:`upcast`,
-:func:`channel_view`, :func:`row_of` and the base class :class:`BatchNormNd`.
+of the running buffers. The small helpers every norm shares live here too:
+:func:`statistics_dtype`, :func:`channel_view`, :func:`row_of` and the base class
+:class:`BatchNormNd`.
+
+CUDA-safe by construction: torch's private batch-norm kernels are called only with the
+arguments torch's autograd passes them (``tools/autograd/derivatives.yaml``), because the
+CUDA kernels assert what the CPU ones accept (``aten/src/ATen/native/cuda/Normalization.cu``):
+
+* ``native_batch_norm_backward`` always gets defined ``save_mean``/``save_invstd`` of shape
+  (C,) (or native_batch_norm's own, possibly empty, results) and a defined weight whenever
+  a weight or bias gradient is asked for (a ones weight for ``affine=False``);
+* the parameters and statistics handed to a kernel are all in x's dtype, or all float32
+  for float16/bfloat16 x (the one mixed case CUDA and CPU take): :func:`statistics_dtype`.
+
+``tests/test_cuda_contract.py`` records every aten op our layers dispatch and checks this.
 """
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -48,15 +62,19 @@ __all__ = [
     "batch_norm_over_parts",
     "update_running_stats_",
     "ema_factor",
-    "upcast",
+    "statistics_dtype",
     "channel_view",
     "row_of",
 ]
 
 
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 → float32 (their reductions are not precise enough); else ``x``."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """
+    The dtype of the statistics and parameters torch's batch-norm kernels take for an
+    input of ``dtype``: float32 for float16/bfloat16 (CUDA's accumulation type; the only
+    mixed case its kernels and the CPU's accept), else ``dtype`` itself.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -83,30 +101,39 @@ def _channel_dims(x: torch.Tensor) -> List[int]:
     return [0] + list(range(2, x.dim()))
 
 
+def _sum_and_sum_of_squares(d: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Per channel ``sum d`` and ``sum d^2`` of d (N, C, *) (float32 or float64), in ONE pass:
+    torch's training-mode batch-norm backward reduction with grad_out = input = d,
+    save_mean = 0 and save_invstd = 1 returns grad_bias = sum d and
+    grad_weight = sum d (d - 0) * 1. The arguments are the kinds autograd passes (defined
+    (C,) saved statistics and weight of d's dtype), so CUDA runs its reduction kernel.
+    """
+    ones = d.new_ones(d.shape[1])
+    _, sum_d2, sum_d = torch.ops.aten.native_batch_norm_backward(
+        d, d, ones, None, None, torch.zeros_like(ones), ones, True, 0.0, [False, True, True]
+    )
+    return sum_d, sum_d2
+
+
 def _shifted_sums(xs: Sequence[torch.Tensor], shift_samples: Optional[int]):
     """
     Per x (N, C, *): the count n, the shift K (the mean of its first ``shift_samples``
     samples; None: all) and ``sum d``, ``sum d^2`` of ``d = x - K``, summed in x's
-    precision (>= float32), returned in float64: count (L, 1), K, s1, s2 (L, C).
+    statistics dtype, returned in float64: count (L, 1), K, s1, s2 (L, C).
     """
-    counts, sums = [], []  # per x: [n], and (3, C) [shift, sum d, sum d^2] in x's precision
+    counts, sums = [], []  # per x: [n], and (3, C) float64 [shift, sum d, sum d^2]
     for x in xs:
-        x = upcast(x.detach())
+        x, dtype = x.detach(), statistics_dtype(x.dtype)
         channels = x.shape[1]
         counts.append([x.numel() // channels if channels > 0 else 0])
         if counts[-1][0] == 0:
-            sums.append(x.new_zeros(3, channels))
+            sums.append(x.new_zeros(3, channels, dtype=torch.float64))
             continue
-        shift = (x if shift_samples is None else x[:shift_samples]).mean(_channel_dims(x))
-        d = x - channel_view(shift, x)
-        # sum d and sum d^2 in ONE pass over d: torch's inference-mode BatchNorm backward
-        # kernel with grad_out = d, input = x, mean = K and invstd = 1 (var 1, eps 0) returns
-        # grad_bias = sum d and grad_weight = sum d (x - K) = sum d^2
-        _, sum_d2, sum_d = torch.ops.aten.native_batch_norm_backward(
-            d, x, None, shift, torch.ones_like(shift), None, None, False, 0.0, [False, True, True]
-        )
-        sums.append(torch.stack([shift, sum_d, sum_d2]))
-    k, s1, s2 = torch.stack(sums).double().unbind(1)
+        shift = (x if shift_samples is None else x[:shift_samples]).mean(_channel_dims(x), dtype=dtype)
+        d = x - channel_view(shift, x)  # in the statistics dtype: float16/bfloat16 x is promoted
+        sums.append(torch.stack([shift, *_sum_and_sum_of_squares(d)]).double())
+    k, s1, s2 = torch.stack(sums).unbind(1)
     return k.new_tensor(counts), k, s1, s2
 
 
@@ -269,58 +296,63 @@ def batch_norm_over_parts(
     return list(ys), sums, pooled
 
 
+def _kernel_args(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """``tensors`` (parameters, statistics; None stays None) in x's :func:`statistics_dtype`."""
+    dtype = statistics_dtype(x.dtype)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
 class _BatchNormOverParts(torch.autograd.Function):
     """
     ``y_i = (x_i - mean) / sqrt(var + eps) * w + b`` with the statistics given (R rows,
-    float64), through torch's own fused inference-mode batch-norm kernels: one pass for
-    the forward; in backward one pass gives ``w invstd dy`` with the local ``sum dy`` and
-    ``sum dy (x - mean) invstd``, to which the terms of the statistics' gradient are added
-    once the sums are summed over workers (formula of :func:`batch_norm_over_parts`), in a
-    second pass of the inference kernel.
+    float64), through torch's own fused inference-mode batch-norm kernels, called as
+    autograd calls them: ``native_batch_norm(x, w, b, mean, var, training=False)`` for the
+    forward, whose saved mean/invstd go back into ``native_batch_norm_backward``, which in
+    one pass gives ``w invstd dy`` with the local ``sum dy`` and ``sum dy (x - mean) invstd``;
+    once those sums are summed over workers the terms of the statistics' gradient are added
+    (formula of :func:`batch_norm_over_parts`) in a second pass of the inference kernel.
+    Float16/bfloat16 parts are computed by the kernels in float32 with float32 statistics
+    and parameters, and returned in their own dtype and memory format.
     """
 
     @staticmethod
     def forward(ctx, weight, bias, eps, group, joint, count, mean64, var64, *xs):
-        ys, stats = [], []
+        ys, saved = [], []
         for i, x in enumerate(xs):
             r = 0 if joint else i
-            mean, var = mean64[r].to(x.dtype), var64[r].to(x.dtype)
-            w, b = row_of(weight, i), row_of(bias, i)
-            w = None if w is None else w.to(x.dtype)
-            b = None if b is None else b.to(x.dtype)
+            mean, var, w, b = _kernel_args(x, mean64[r], var64[r], row_of(weight, i), row_of(bias, i))
             if x.numel() == 0:  # no samples (torch's kernel cannot take them)
-                ys.append(x.new_empty(x.shape))
+                y, save_mean, save_invstd = x.new_empty(x.shape), mean.new_empty(0), mean.new_empty(0)
             else:
-                ys.append(torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0])
-            stats += [mean, var]
-        ctx.save_for_backward(weight, count, *xs, *stats)
+                y, save_mean, save_invstd = torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)
+            ys.append(y)
+            saved += [mean, var, save_mean, save_invstd]
+        ctx.save_for_backward(weight, bias, count, *xs, *saved)
         ctx.eps, ctx.group, ctx.joint, ctx.num_parts = eps, group, joint, len(xs)
-        ctx.channels, ctx.has_bias = xs[0].shape[1], bias is not None
-        ctx.bias_per_part = bias is not None and bias.dim() == 2
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *dys):
-        num, channels = ctx.num_parts, ctx.channels
-        weight, count, *rest = ctx.saved_tensors
-        xs, stats = rest[:num], rest[num:]
+        num = ctx.num_parts
+        weight, bias, count, *rest = ctx.saved_tensors
+        xs, saved = rest[:num], rest[num:]
         parts = []  # per part: weight row, mean, var, [w invstd dy, sum dy (x - mean) invstd, sum dy]
         for i, (x, dy) in enumerate(zip(xs, dys)):
-            w = row_of(weight, i)
-            w = None if w is None else w.to(x.dtype)
-            mean, var = stats[2 * i], stats[2 * i + 1]
+            mean, var, save_mean, save_invstd = saved[4 * i : 4 * i + 4]
+            # a weight is always passed (ones without affine): the sums are needed either way
+            (w,) = _kernel_args(x, mean.new_ones(x.shape[1]) if weight is None else row_of(weight, i))
             if x.numel() == 0:
-                zero = x.new_zeros(channels)
+                zero = mean.new_zeros(x.shape[1])
                 grads = (x.new_empty(x.shape), zero, zero)
             else:
                 grads = torch.ops.aten.native_batch_norm_backward(
-                    dy.contiguous(), x, w, mean, var, None, None, False, ctx.eps, [True, True, True]
+                    dy, x, w, mean, var, save_mean, save_invstd, False, ctx.eps, [True, True, True]
                 )
             parts.append((w, mean, var, grads))
-        local = torch.stack([torch.cat([g[2], g[1]]) for *_, g in parts])  # (L, 2C), x's dtype
+        local = torch.stack([torch.cat([g[2], g[1]]) for *_, g in parts])  # (L, 2C), statistics dtype
         if ctx.group is False:
             rows = local.double()
-        else:  # sent in x's precision, summed in float64
+        else:  # sent in the statistics dtype, summed in float64
             rows = d2bn_dist.sum_over_ranks(local, ctx.group, torch.float64)
         if ctx.joint:
             rows = rows.sum(0, keepdim=True)
@@ -330,19 +362,23 @@ class _BatchNormOverParts(torch.autograd.Function):
             if x.numel() == 0:
                 dxs.append(dx)
                 continue
-            scale = torch.rsqrt(var + ctx.eps)  # invstd, as the kernels compute it
-            if w is not None:
-                scale = scale * w
+            scale = torch.rsqrt(var + ctx.eps) * w  # w invstd, as the kernels compute it
             # [scale mean_dy, scale mean_dyx] (2, C)
-            coef = rows[0 if ctx.joint else i].to(x.dtype).view(2, channels) * scale
+            coef = rows[0 if ctx.joint else i].to(scale.dtype).view(2, -1) * scale
             # dx = scale dy - scale mean_dy - (x - mean) invstd (scale mean_dyx): the last two
             # terms in one fused pass of the inference kernel, (x - mean) invstd w' + b'
             dxs.append(dx.sub_(torch.native_batch_norm(x, coef[1], coef[0], mean, var, False, 0.0, ctx.eps)[0]))
-        dw = db = None
-        if weight is not None:
-            dws = [g[1] for *_, g in parts]  # sum_local dy (x - mean) invstd
-            dw = (torch.stack(dws) if weight.dim() == 2 else sum(dws[1:], dws[0])).to(weight.dtype)
-        if ctx.has_bias:
-            dbs = [g[2] for *_, g in parts]  # sum_local dy
-            db = torch.stack(dbs) if ctx.bias_per_part else sum(dbs[1:], dbs[0])
-        return (dw, db, None, None, None, None, None, None, *dxs)
+        return (_parameter_grad(weight, parts, 1), _parameter_grad(bias, parts, 2), None, None, None, None, None, None, *dxs)
+
+
+def _parameter_grad(param: Optional[torch.Tensor], parts, index: int) -> Optional[torch.Tensor]:
+    """
+    The gradient of a weight (``index`` 1: sum_local dy (x - mean) invstd) or bias (2:
+    sum_local dy) from the parts' backward results: one row per part for an (L, C)
+    parameter, their sum for a (C,) one; in the parameter's dtype. None without one.
+    """
+    if param is None:
+        return None
+    grads = [g[index] for *_, g in parts]
+    grad = torch.stack(grads) if param.dim() == 2 else sum(grads[1:], grads[0])
+    return grad.to(param.dtype)

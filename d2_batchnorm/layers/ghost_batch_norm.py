@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_int
-from .batch_stats import BatchNormNd, ChannelMoments, channel_view, ema_factor, update_running_stats_, upcast
+from .batch_stats import BatchNormNd, ChannelMoments, batch_norm_over_parts, channel_view, ema_factor, update_running_stats_
 
 __all__ = ["GhostBatchNorm"]
 
@@ -25,8 +25,11 @@ class GhostBatchNorm(BatchNormNd):
 
         mean = mean_j(mean_j),   var = mean_j(var_j) + var_j(mean_j)     (biased)
 
-    and fed to torch's EMA with the unbiased correction n / (n - 1), n = N * M, as
-    ``nn.BatchNorm2d`` does. Eval mode uses the running statistics.
+    (the parts' power sums added, :mod:`.batch_stats`) and fed to torch's EMA with the
+    unbiased correction n / (n - 1), n = N * M, as ``nn.BatchNorm2d`` does. Eval mode uses
+    the running statistics. The ghost batches are normalized by
+    :func:`.batch_stats.batch_norm_over_parts` (torch's kernels, analytic backward): any
+    memory format, float16/bfloat16 computed in float32, like ``nn.BatchNorm2d``.
 
     Raises:
         ValueError: in training, if G does not divide the batch size N.
@@ -57,33 +60,20 @@ class GhostBatchNorm(BatchNormNd):
             (N, C, *) tensor of x's dtype.
         """
         self._check_input_dim(x)
-        dtype, xf = x.dtype, upcast(x)
         n, g = x.shape[0], self.ghost_batch_size
         use_batch_stats = self.training or self.running_mean is None
         if not use_batch_stats or n == 0 or g in (0, n):
-            return self._plain(xf, use_batch_stats).to(dtype)
+            return self._plain(x, use_batch_stats)
         if n % g != 0:
             raise ValueError(
                 f"GhostBatchNorm: ghost_batch_size = {g} does not divide "
                 f"the batch size {n} of this worker; use a divisor of {n}, or 0 for the whole batch"
             )
-        k, c = n // g, x.shape[1]
-        xs = xf.reshape(k, g, c, -1)
-        var, mean = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)  # (k, 1, C, 1)
-        if self.training and self.track_running_stats:  # equal splits: their pooled moments
-            count = float(xs.shape[1] * xs.shape[3] * k)
-            full_var = (var.detach().mean(0) + mean.detach().var(0, correction=0)).flatten().double()
-            update_running_stats_(self, ChannelMoments(
-                torch.tensor(count, dtype=torch.float64, device=x.device),
-                mean.detach().mean(0).flatten().double(), full_var * count,
-            ))
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.to(xf.dtype).reshape(1, 1, c, 1)
-        y = (xs - mean) * scale
-        if self.bias is not None:
-            y = y + self.bias.to(xf.dtype).reshape(1, 1, c, 1)
-        return y.reshape(x.shape).to(dtype)
+        # the ghost batches are parts normalized by their own statistics (views of x, in
+        # its memory format); their power sums add up to the whole batch's moments
+        ys, sums, _ = batch_norm_over_parts(x.split(g), self.weight, self.bias, self.eps)
+        update_running_stats_(self, ChannelMoments.from_power_sums(sums.sum(0, keepdim=True)))
+        return torch.cat(ys)
 
     def _plain(self, x: torch.Tensor, use_batch_stats: bool) -> torch.Tensor:
         if x.shape[0] == 0:

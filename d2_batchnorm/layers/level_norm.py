@@ -10,7 +10,7 @@ from torch import nn
 
 from ..checks import check_choice, check_int
 from ..distributed import active_sync_group, check_sync_group_size
-from .batch_stats import ChannelMoments, batch_norm_over_parts, row_of, update_running_stats_, upcast
+from .batch_stats import ChannelMoments, batch_norm_over_parts, row_of, update_running_stats_
 
 __all__ = ["LevelBatchNorm", "PerLevelNorms", "LEVEL_STATS"]
 
@@ -50,7 +50,9 @@ class LevelBatchNorm(nn.BatchNorm2d):
     weighted, empty workers allowed), like :class:`SyncBatchNorm`. ``sync_stats``, the flag
     of every synchronized norm, is True iff built with a ``sync_group_size``; setting it to
     False gives per-worker statistics. ``running_var`` receives the unbiased batch
-    variance, as in torch. Float16/bfloat16 inputs are normalized in float32.
+    variance, as in torch. Levels keep their memory format (channels_last included);
+    float16/bfloat16 levels are normalized by torch's kernels in float32 and returned in
+    their own dtype.
     """
 
     def __init__(
@@ -102,24 +104,23 @@ class LevelBatchNorm(nn.BatchNorm2d):
                 f"LevelBatchNorm expects a list of num_levels = {self.num_levels} tensors "
                 f"(one per FPN level); got {got}"
             )
-        xs = [upcast(x) for x in features]
         if not (self.training or self.running_mean is None):
             return [
                 F.batch_norm(
                     x, row_of(self.running_mean, i), row_of(self.running_var, i),
                     row_of(self.weight, i), row_of(self.bias, i), False, 0.0, self.eps,
-                ).to(f.dtype)
-                for i, (x, f) in enumerate(zip(xs, features))
+                )
+                for i, x in enumerate(features)
             ]
         group = active_sync_group(self.sync_group_size or 0) if self.sync_stats else False
         ys, sums, moments = batch_norm_over_parts(
-            xs, self.weight, self.bias, self.eps, group, joint=self.stats == "shared"
+            features, self.weight, self.bias, self.eps, group, joint=self.stats == "shared"
         )
         if self.population_stats != self.stats:
             rows = sums if self.population_stats == "per_level" else sums.sum(0, keepdim=True)
             moments = ChannelMoments.from_power_sums(rows)
         update_running_stats_(self, moments)
-        return [y.to(f.dtype) for y, f in zip(ys, features)]
+        return ys
 
 
 class PerLevelNorms(nn.ModuleList):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import active_sync_group, check_sync_group_size
-from .batch_stats import BatchNormNd, batch_norm_over_parts, ema_factor, update_running_stats_, upcast
+from .batch_stats import BatchNormNd, batch_norm_over_parts, ema_factor, update_running_stats_
 
 __all__ = ["SyncBatchNorm"]
 
@@ -44,8 +44,10 @@ class SyncBatchNorm(BatchNormNd):
       (:func:`d2_batchnorm.distributed.get_sync_group`); 0 uses all workers.
     * ``sync_stats`` (default True): when False, or with a single worker, or outside
       torch.distributed, the module is plain per-worker BatchNorm (``F.batch_norm``).
-    * Inputs of shape (N, C, *) with any number of trailing dims; float16/bfloat16 inputs
-      are normalized in float32 and returned in their own dtype.
+    * Inputs of shape (N, C, *) with any number of trailing dims, in any memory format
+      (channels_last is kept); float16/bfloat16 inputs (autocast, or a model in
+      half precision) are normalized by torch's kernels in float32, with float32
+      statistics, and returned in their own dtype, as ``nn.BatchNorm2d`` does.
     * In eval mode (with ``track_running_stats``) the running statistics are used, as in
       ``nn.BatchNorm2d``; no communication happens.
     """
@@ -77,19 +79,17 @@ class SyncBatchNorm(BatchNormNd):
             (N, C, *) tensor of x's dtype.
         """
         self._check_input_dim(x)
-        dtype, xf = x.dtype, upcast(x)
         if not (self.training or self.running_mean is None):
             return F.batch_norm(
-                xf, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            ).to(dtype)
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
         group = active_sync_group(self.sync_group_size) if self.sync_stats else False
-        if group is not False or xf.numel() == 0:
-            (y,), _, moments = batch_norm_over_parts([xf], self.weight, self.bias, self.eps, group)
+        if group is not False or x.numel() == 0:
+            (y,), _, moments = batch_norm_over_parts([x], self.weight, self.bias, self.eps, group)
             update_running_stats_(self, moments)
-            return y.to(dtype)
+            return y
         # one worker: exactly torch's BatchNorm
         return F.batch_norm(
-            xf, self.running_mean, self.running_var, self.weight, self.bias, True,
+            x, self.running_mean, self.running_var, self.weight, self.bias, True,
             ema_factor(self), self.eps,
-        ).to(dtype)
-
+        )
