@@ -2,8 +2,10 @@
 The one place where d2_batchnorm calls torch.distributed for its own collectives, and the
 home of sync groups (the rule for their size, their creation, the group a norm reduces over).
 
-Everything here is a no-op (or the identity) when torch.distributed is not initialized or
-the group has a single member, so callers never branch on the world size themselves.
+Everything here is a no-op (or the identity) when torch.distributed is not initialized,
+so callers never branch on it themselves; the sums run their collective for a group of one
+process too (the identity in value; :func:`active_sync_group` tells the norms when there is
+nothing to synchronize).
 Rank/world helpers come from :mod:`detectron2.utils.comm`; object gathers use
 ``comm.all_gather``. Tensors stay on their device: CPU tensors under gloo, CUDA tensors
 under NCCL.
@@ -32,21 +34,25 @@ __all__ = [
 ]
 
 
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_distributed(group=None) -> bool:
     """True when torch.distributed is initialized and ``group`` has more than one member."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    return _initialized() and dist.get_world_size(group) > 1
 
 
 def group_size(group=None) -> int:
     """Number of processes in ``group`` (1 without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _initialized():
         return 1
     return dist.get_world_size(group)
 
 
 def group_rank(group=None) -> int:
     """Rank of this process inside ``group`` (0 without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _initialized():
         return 0
     return dist.get_rank(group)
 
@@ -54,12 +60,18 @@ def group_rank(group=None) -> int:
 def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """
     Sums ``tensor`` over ``group`` in place (no autograd) and returns it. All ranks end
-    with bitwise-identical values.
+    with bitwise-identical values. Runs whenever torch.distributed is initialized, also for
+    a group of one process (see :func:`sum_over_ranks`).
     """
-    if is_distributed(group):
+    if _initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
+
+#: One collective gathering every rank's tensor into one output tensor: torch 2.12 named it
+#: ``all_gather_single`` and deprecated ``all_gather_into_tensor``, which older releases
+#: (2.11, the oldest we support) have alone.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 #: Sums whose gathered copies (world size x the tensor's bytes) fit in this many bytes are
 #: all-gathered and added locally (one round of latency); larger ones are all-reduced.
@@ -71,6 +83,9 @@ def sum_over_ranks(tensor: torch.Tensor, group=None, dtype: Optional[torch.dtype
     The sum of ``tensor`` (D, *) over the ranks of ``group`` (no autograd), accumulated in
     ``dtype`` (default: the tensor's; e.g. float32 values sent, float64 sum); all ranks
     end with bitwise-identical values. Without torch.distributed: ``tensor`` in ``dtype``.
+    A group of one process still runs its collective (how ``tools/check_gpu.py`` puts the
+    synchronized norms' path through NCCL on one GPU); callers with nothing to synchronize
+    do not call it (the norms pass ``group=False``, :func:`active_sync_group`).
 
     * Small, latency-bound tensors (per-channel statistics and their gradients: W x bytes
       <= :data:`GATHER_SUM_MAX_BYTES`) are all-gathered, ONE round of latency where a ring
@@ -80,13 +95,13 @@ def sum_over_ranks(tensor: torch.Tensor, group=None, dtype: Optional[torch.dtype
     * Larger ones are converted to ``dtype`` and all-reduced (2 (W - 1) / W x the bytes of
       the converted tensor per worker).
     """
-    if not is_distributed(group):
+    if not _initialized():
         return tensor if dtype is None else tensor.to(dtype)
     world = dist.get_world_size(group)
     if world * tensor.nbytes > GATHER_SUM_MAX_BYTES:
         return all_reduce_sum_(tensor.to(dtype or tensor.dtype, copy=True), group)
     rows = tensor.new_empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]))
-    dist.all_gather_single(rows, tensor.contiguous(), group=group)
+    _all_gather_single(rows, tensor.contiguous(), group=group)
     return rows.view((world,) + tuple(tensor.shape)).sum(0, dtype=dtype)
 
 
