@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2_batchnorm import distributed as d
+from d2_batchnorm.gpu_check import randomize_affine_
 from d2_batchnorm.layers import GhostBatchNorm, LevelBatchNorm, SyncBatchNorm
 
 C = 3
@@ -18,14 +19,6 @@ CL = torch.channels_last
 # "bf16 params": the model in bfloat16; "bf16 input": float32 parameters, bfloat16 input
 PRECISIONS = ("float32", "bf16 params", "bf16 input")
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # a few bfloat16 ulps of values of order 1
-
-
-def randomize_affine_(module, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        module.weight.copy_(torch.rand(module.weight.shape, generator=g) + 0.5)
-        module.bias.copy_(torch.randn(module.bias.shape, generator=g))
-    return module
 
 
 def _normalize64(parts, weight, bias, eps, joint=False):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2_batchnorm import distributed as d
+from d2_batchnorm.gpu_check import randomize_affine_
 from d2_batchnorm.layers import (
     NORM_NAMES,
     ChannelMoments,
@@ -77,14 +78,6 @@ def _data(sizes, seed=0, shift=3.0, hw=(3, 5)):
     return xs, dys
 
 
-def _affine(module, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        module.weight.copy_(torch.rand(module.weight.shape, generator=g) + 0.5)
-        module.bias.copy_(torch.randn(module.bias.shape, generator=g))
-    return module
-
-
 def _run_bn(module, xs, dys, iters=2):
     """Trains ``module`` ``iters`` steps on inputs; returns outputs and grads of the last."""
     for _ in range(iters):
@@ -103,7 +96,7 @@ def _run_bn(module, xs, dys, iters=2):
 def _reference(xs, dys):
     """BatchNorm on the concatenated batch of all ranks."""
     x, dy = torch.cat(xs), torch.cat(dys)
-    bn = _affine(nn.BatchNorm2d(C))
+    bn = randomize_affine_(nn.BatchNorm2d(C))
     y, gx, gw, gb = _run_bn(bn, x, dy)
     return y, gx, gw, gb, bn.running_mean, bn.running_var
 
@@ -111,7 +104,7 @@ def _reference(xs, dys):
 def _sync_bn_worker(sizes, sync_stats, group_size, dtype):
     rank = d.group_rank()
     xs, dys = _data(sizes)
-    bn = _affine(SyncBatchNorm(C, sync_group_size=group_size))
+    bn = randomize_affine_(SyncBatchNorm(C, sync_group_size=group_size))
     bn.sync_stats = sync_stats
     y, gx, gw, gb = _run_bn(bn, xs[rank].to(dtype), dys[rank].to(dtype))
     return y.float(), gx.float(), gw, gb, bn.running_mean, bn.running_var, int(bn.num_batches_tracked)
@@ -172,7 +165,7 @@ def _large_mean_grads():
 
 
 def _large_mean_worker():
-    bn = _affine(SyncBatchNorm(C))
+    bn = randomize_affine_(SyncBatchNorm(C))
     x = _large_mean_data()[d.group_rank()].requires_grad_()
     y = bn(x)
     (y * _large_mean_grads()[d.group_rank()]).sum().backward()
@@ -182,7 +175,7 @@ def _large_mean_worker():
 def test_sync_bn_is_precise_when_mean_dominates(distributed_results):
     """|mean| / std = 1e5 in float32: E[x^2] - E[x]^2 would lose every digit of the variance."""
     x = torch.cat(_large_mean_data()).double().requires_grad_()
-    ref = _affine(nn.BatchNorm2d(C)).double()
+    ref = randomize_affine_(nn.BatchNorm2d(C)).double()
     y = ref(x)
     (y * torch.cat(_large_mean_grads()).double()).sum().backward()
     results = distributed_results["large_mean"]
@@ -204,7 +197,7 @@ def test_sync_bn_global_empty_batch_skips_update(distributed_results):
 
 def test_sync_bn_single_process_is_plain_bn():
     xs, dys = _data((6,))
-    bn, ref = _affine(SyncBatchNorm(C, sync_group_size=2)), _affine(nn.BatchNorm2d(C))
+    bn, ref = randomize_affine_(SyncBatchNorm(C, sync_group_size=2)), randomize_affine_(nn.BatchNorm2d(C))
     a, b = _run_bn(bn, xs[0], dys[0]), _run_bn(ref, xs[0], dys[0])
     for u, v in zip(a, b):
         assert torch.equal(u, v)
@@ -242,9 +235,9 @@ def test_convert_sync_batchnorm_keeps_state():
 def test_ghost_bn_equals_bn_per_virtual_batch():
     xs, dys = _data((6,))
     x, dy = xs[0], dys[0]
-    ghost = _affine(GhostBatchNorm(C, ghost_batch_size=2))
+    ghost = randomize_affine_(GhostBatchNorm(C, ghost_batch_size=2))
     y, gx, gw, gb = _run_bn(ghost, x, dy)
-    ref = [_affine(nn.BatchNorm2d(C)) for _ in range(3)]
+    ref = [randomize_affine_(nn.BatchNorm2d(C)) for _ in range(3)]
     outs = [_run_bn(bn, x[2 * i : 2 * i + 2], dy[2 * i : 2 * i + 2]) for i, bn in enumerate(ref)]
     torch.testing.assert_close(y, torch.cat([o[0] for o in outs]), **TOL)
     torch.testing.assert_close(gx, torch.cat([o[1] for o in outs]), **TOL)
@@ -288,14 +281,14 @@ def _level_reference(xs, dys, stats, population):
     out = {}
     for mode in {stats, population}:
         if mode == "per_level":
-            bns = [_affine(nn.BatchNorm1d(C)) for _ in range(3)]
+            bns = [randomize_affine_(nn.BatchNorm1d(C)) for _ in range(3)]
             res = [_run_bn(bn, _flat(x), _flat(dy)) for bn, x, dy in zip(bns, levels, grads)]
             out[mode] = (
                 [r[0] for r in res], [r[1] for r in res], sum(r[2] for r in res),
                 torch.stack([bn.running_mean for bn in bns]), torch.stack([bn.running_var for bn in bns]),
             )
         else:
-            bn = _affine(nn.BatchNorm1d(C))
+            bn = randomize_affine_(nn.BatchNorm1d(C))
             cat = torch.cat([_flat(x) for x in levels], dim=2)
             dcat = torch.cat([_flat(dy) for dy in grads], dim=2)
             y, gx, gw, _ = _run_bn(bn, cat, dcat)
@@ -312,7 +305,7 @@ def _unflat(t, like):
 def _level_worker(sizes, stats, population, sync):
     xs, dys = _levels(sizes)
     rank = d.group_rank()
-    norm = _affine(LevelBatchNorm(C, 3, stats, population, sync_group_size=0 if sync else None))
+    norm = randomize_affine_(LevelBatchNorm(C, 3, stats, population, sync_group_size=0 if sync else None))
     y, gx, gw, _ = _run_bn(norm, xs[rank], dys[rank])
     return y, gx, gw, norm.running_mean, norm.running_var
 
