@@ -31,7 +31,7 @@ from .modeling.roi_heads import leakage_args_from_config
 
 __all__ = [
     "add_batchnorm_config", "validate_batchnorm_config", "images_per_worker", "split_batch",
-    "check_frozen_last_iters", "config_value", "TRAIN_SETTINGS",
+    "check_frozen_last_iters", "check_amp_device", "config_value", "TRAIN_SETTINGS",
 ]
 
 # Keys naming a norm (d2_batchnorm.layers.get_norm's names), and those whose norm sees a
@@ -74,6 +74,7 @@ TRAIN_SETTINGS = (
     ("OUTPUT_DIR", "output_dir", None, None),
     ("MODEL.WEIGHTS", "init_checkpoint", None, None),
     ("MODEL.DEVICE", "device", None, None),
+    ("SOLVER.AMP.ENABLED", "amp.enabled", None, check_bool),
 )
 
 
@@ -166,6 +167,7 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
     images_per_worker(cfg, world_size)
     check_int("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH, 1)
     check_frozen_last_iters(cfg.BN.FROZEN_LAST_ITERS, cfg.SOLVER.MAX_ITER)
+    check_amp_device(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)
     check_sync_group_size(cfg.BN.SYNC_GROUP_SIZE, world_size, name="BN.SYNC_GROUP_SIZE")
     check_int("BN.GHOST_BATCH_SIZE", cfg.BN.GHOST_BATCH_SIZE, 0)
 
@@ -198,6 +200,19 @@ def check_frozen_last_iters(frozen: int, max_iter: int,
     if frozen > max_iter:
         raise ValueError(
             f"{names[0]} = {frozen} is not allowed; it must be <= {names[1]} ({max_iter})"
+        )
+
+
+def check_amp_device(amp: bool, device: str, names=("SOLVER.AMP.ENABLED", "MODEL.DEVICE")) -> None:
+    """
+    Raises ``ValueError`` when mixed precision is asked for on a device other than CUDA:
+    detectron2's ``AMPTrainer`` runs float16 autocast with a CUDA grad scaler and asserts
+    CUDA in its first step, after the workers have started.
+    """
+    if amp and not str(device).startswith("cuda"):
+        raise ValueError(
+            f"{names[0]} = True is not allowed with {names[1]} = {device!r}: detectron2's AMPTrainer "
+            f"needs a CUDA device; set {names[0]} False to train on the CPU"
         )
 
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, List
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .checks import check_bool, check_choice, check_int
-from .config import TRAIN_SETTINGS, check_frozen_last_iters, config_value, split_batch
+from .config import TRAIN_SETTINGS, check_amp_device, check_frozen_last_iters, config_value, split_batch
 from .distributed import check_sync_group_size
 from .layers import D2BN_NORM_NAMES, LEVEL_STATS, NORM_NAMES, LevelBatchNorm
 from .modeling.retinanet import BNRetinaNetHead
@@ -119,6 +119,8 @@ def validate_lazy_config(cfg: DictConfig, world_size: int = 1) -> None:
                 ("dataloader.train.total_batch_size", "reference_world_size"))
     check_frozen_last_iters(setting(cfg, "BN.FROZEN_LAST_ITERS"), setting(cfg, "SOLVER.MAX_ITER"),
                             ("train.frozen_bn_last_iters", "train.max_iter"))
+    check_amp_device(setting(cfg, "SOLVER.AMP.ENABLED"), setting(cfg, "MODEL.DEVICE"),
+                     (setting_name(cfg, "SOLVER.AMP.ENABLED"), setting_name(cfg, "MODEL.DEVICE")))
     _check_node(cfg.model, "model", world_size)
 
 

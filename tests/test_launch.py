@@ -23,7 +23,7 @@ WORKER = textwrap.dedent(
 
     if __name__ == "__main__":
         machine_rank, url, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-        launch(report, 1, num_machines=2, machine_rank=machine_rank, dist_url=url, args=(out,))
+        launch(report, 1, num_machines=2, machine_rank=machine_rank, dist_url=url, args=(out,), device="cpu")
     """
 )
 
@@ -70,7 +70,7 @@ SLEEPER = textwrap.dedent(
 
 
     if __name__ == "__main__":
-        launch(work, 2, args=(sys.argv[1],))
+        launch(work, 2, args=(sys.argv[1],), device="cpu")
     """
 )
 
@@ -121,3 +121,24 @@ def test_local_workers_report_a_worker_that_died_instead_of_waiting_forever():
 
     with pytest.raises(RuntimeError, match="rank 1 of 2 failed:\n.*exited with code 3"):
         run_on_local_workers(_rank_1_dies, 2, timeout=30)
+
+
+def test_cpu_device_means_cpu_processes_also_where_gpus_are(monkeypatch):
+    """device="cpu" gives gloo CPU workers that see no GPU; the GPU count is not checked for it."""
+    import torch
+
+    from d2_batchnorm.engine import check_launch_args, uses_cuda
+    from d2_batchnorm.engine.launch import _cuda_hidden_from_new_processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert uses_cuda("cuda") and uses_cuda("cuda:0") and not uses_cuda("cpu")
+    check_launch_args(3, device="cpu")
+    check_launch_args(3, device=None)
+    with pytest.raises(ValueError, match="--num-gpus = 3 but this machine has only 1 GPU"):
+        check_launch_args(3, device="cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with _cuda_hidden_from_new_processes(True):
+        out = subprocess.run([sys.executable, "-c", "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"],
+                             capture_output=True, text=True).stdout.strip()
+    assert out == "''" and os.environ["CUDA_VISIBLE_DEVICES"] == "0"

@@ -43,6 +43,8 @@ TOY_MASK = _config("Toy/mask_rcnn_R18_FPN_bn_head.py")
         (["--config-file", TOY_FCOS, "model.backbone.bottom_up.stem.norm=GhostBN"],
          "model.backbone.bottom_up.stem.norm = 'GhostBN' is not allowed"),
         (["--config-file", TOY_FCOS, "--num-gpus", "3"], "dataloader.train.total_batch_size = 16 is not allowed with 3 workers"),
+        (["--config-file", TOY_FCOS, "train.amp.enabled=True"],
+         "train.amp.enabled = True is not allowed with train.device = 'cpu': detectron2's AMPTrainer needs a CUDA device"),
         (["--config-file", TOY_FCOS, "model.head.sync_group_size=3"], "model.head.sync_group_size = 3 is not allowed"),
         (["--config-file", TOY_FCOS, "train.precise_bn.num_iter=0"], "train.precise_bn.num_iter = 0 is not allowed"),
         (["--config-file", TOY_FCOS, "train.precise_bn.enable=True"], "train.precise_bn.enable is not a setting"),
@@ -59,7 +61,7 @@ def test_bad_values_fail_before_any_worker_starts(argv, message, capsys, tmp_pat
     """One ``error:`` line naming the config path; nothing is written into train.output_dir."""
     out = tmp_path / "out"
     argv = ["--num-gpus", "2"] * ("--num-gpus" not in argv) + [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    assert lazyconfig_train_net.cli(argv + [f"train.output_dir={out}"]) == 2
+    assert lazyconfig_train_net.cli(argv + [f"train.output_dir={out}", "train.device=cpu"]) == 2  # CPU processes
     err = capsys.readouterr().err
     assert message.replace("{tmp}", str(tmp_path)) in err, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")

@@ -23,10 +23,12 @@ import train_net  # noqa: E402
         (["--config-file", TOY_RETINANET, "DATASETS.TEST", "('no_such_set',)"], "'no_such_set' is not registered"),
         (["--config-file", TOY_RETINANET, "DATASETS.TRAIN", "('missing_files_train',)"], "does not exist"),
         (["--config-file", TOY_RETINANET, "--num-gpus", "0"], "--num-gpus = 0"),
-        (["--config-file", TOY_RETINANET, "--num-gpus", "3", "SOLVER.IMS_PER_BATCH", "12", "BN.SYNC_GROUP_SIZE", "2"],
-         "BN.SYNC_GROUP_SIZE"),
-        (["--config-file", TOY_RETINANET, "--num-gpus", "3"],
+        (["--config-file", TOY_RETINANET, "--num-gpus", "3", "SOLVER.IMS_PER_BATCH", "12", "BN.SYNC_GROUP_SIZE", "2",
+          "MODEL.DEVICE", "cpu"], "BN.SYNC_GROUP_SIZE"),
+        (["--config-file", TOY_RETINANET, "--num-gpus", "3", "MODEL.DEVICE", "cpu"],
          "SOLVER.IMS_PER_BATCH = 16 is not allowed with 3 workers"),
+        (["--config-file", TOY_RETINANET, "SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cpu"],
+         "SOLVER.AMP.ENABLED = True is not allowed with MODEL.DEVICE = 'cpu': detectron2's AMPTrainer needs a CUDA device"),
         (["--config-file", TOY_RETINANET, "SOLVER.MAX_ITER", "-5"], "SOLVER.MAX_ITER = -5"),
         (["--config-file", TOY_RETINANET, "--eval-only", "MODEL.WEIGHTS", "{tmp}/notes.txt"],
          "MODEL.WEIGHTS = '{tmp}/notes.txt' is not a readable checkpoint"),
@@ -82,7 +84,7 @@ def test_two_process_training_writes_metrics_with_bbox_ap(tmp_path):
     common = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", TOY_RETINANET,
               "--num-gpus", "2"]
     opts = ["SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "2",
-            "TEST.DETECTIONS_PER_IMAGE", "20", "OUTPUT_DIR", str(out)]
+            "TEST.DETECTIONS_PER_IMAGE", "20", "OUTPUT_DIR", str(out), "MODEL.DEVICE", "cpu"]  # CPU processes
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(common + opts, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -98,7 +98,7 @@ def cli(argv=None) -> int:
         from d2_batchnorm.checks import check_int
         from d2_batchnorm.engine import check_checkpoint, check_launch_args, is_lazy_config_file
 
-        check_launch_args(args.num_gpus, args.num_machines)
+        check_launch_args(args.num_gpus, args.num_machines, device=None)  # a plan for N GPUs: none needed here
         check_int("--samples", args.samples, 1)
         audit, cfg, model = audit_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
         name = setting_name(cfg, "MODEL.WEIGHTS")  # MODEL.WEIGHTS or train.init_checkpoint

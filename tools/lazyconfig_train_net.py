@@ -46,14 +46,15 @@ def main(args):
     return trainer.train(start_iter, cfg.train.max_iter)
 
 
-def check_before_launch(args, world_size: int) -> None:
+def check_before_launch(args, world_size: int):
     """
     Fails fast, in the launching process, on a bad config, a missing dataset or a file that
-    is not a checkpoint (nothing is written into train.output_dir).
+    is not a checkpoint (nothing is written into train.output_dir). Returns the config.
     """
     cfg = load_lazy_config(args.config_file, args.opts, world_size)
     check_weights(cfg, resume=args.resume)
     prepare_datasets(dataset_names(cfg))
+    return cfg
 
 
 def cli(argv=None) -> int:

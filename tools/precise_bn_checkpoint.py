@@ -120,15 +120,16 @@ def _headline(results: dict) -> dict:
 def cli(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
-        check_launch_args(args.num_gpus)
+        check_launch_args(args.num_gpus, device=None)
         cfg = load_any_config(args.config_file, args.opts, args.num_gpus)
+        check_launch_args(args.num_gpus, device=setting(cfg, "MODEL.DEVICE"))
         weights, name = setting(cfg, "MODEL.WEIGHTS"), setting_name(cfg, "MODEL.WEIGHTS")
         if not weights:
             how = f"{name}=path.pth" if is_lazy_config(cfg) else f"{name} path.pth"
             raise ValueError(f"{name} is empty; pass the checkpoint as {how}")
         check_checkpoint(weights, name)
         prepare_datasets(test_datasets(cfg) + statistics_datasets(cfg))
-        launch(main, args.num_gpus, dist_url=args.dist_url, args=(args,))
+        launch(main, args.num_gpus, dist_url=args.dist_url, args=(args,), device=setting(cfg, "MODEL.DEVICE"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

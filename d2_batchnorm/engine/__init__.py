@@ -13,7 +13,7 @@ from .defaults import (
     setup_lazy,
 )
 from .hooks import FrozenBNLate, PreciseBN, build_batchnorm_hooks
-from .launch import check_launch_args, launch, launch_cli, launched_by_torchrun, run_on_local_workers
+from .launch import check_launch_args, launch, launch_cli, launched_by_torchrun, run_on_local_workers, uses_cuda
 from .lazy import build_any_model, build_lazy_model, build_lazy_trainer, lazy_test, test_any
 from .trainer import BNTrainer, create_ddp_model
 

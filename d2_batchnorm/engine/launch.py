@@ -2,8 +2,9 @@
 Starting worker processes through torch.distributed, the way detectron2 does.
 
 * :func:`launch` — detectron2's ``launch`` (N processes per machine: NCCL on GPUs, gloo
-  on CPU) that also runs under ``torchrun`` (``env://``) and refuses ``--num-gpus``
-  larger than the GPUs present before any worker starts.
+  on CPU) that also runs under ``torchrun`` (``env://``), refuses ``--num-gpus`` larger
+  than the GPUs present before any worker starts, and runs CPU processes over gloo when
+  the config's device is the CPU, also on a machine with GPUs (:func:`uses_cuda`).
 * :func:`launch_cli` — the command line of tools/train_net.py and
   tools/lazyconfig_train_net.py: detectron2's arguments, checks before any worker starts
   (one ``error:`` line), then :func:`launch`.
@@ -30,7 +31,9 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
 
-__all__ = ["check_launch_args", "launch", "launch_cli", "launched_by_torchrun", "run_on_local_workers"]
+from ..lazy_config import setting
+
+__all__ = ["check_launch_args", "launch", "launch_cli", "launched_by_torchrun", "run_on_local_workers", "uses_cuda"]
 
 
 def launched_by_torchrun() -> bool:
@@ -38,27 +41,57 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
-def _init_from_torchrun_env() -> None:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+def uses_cuda(device: str) -> bool:
+    """
+    True when workers for a config whose device is ``device`` ("cuda", "cuda:1", "cpu")
+    run on GPUs over NCCL; False when they are CPU processes over gloo: without CUDA, or
+    when the config asks for the CPU on a machine with GPUs.
+    """
+    return str(device).startswith("cuda") and torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def _cuda_hidden_from_new_processes(hide: bool):
+    """
+    While open and ``hide`` is True, processes started from here see no GPU
+    (``CUDA_VISIBLE_DEVICES=""``), so detectron2's launcher gives CPU workers gloo instead
+    of NCCL; the variable is restored afterwards.
+    """
+    if not hide:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
+def _init_from_torchrun_env(cuda: bool) -> None:
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend=backend, init_method="env://")
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    threads = _cpu_threads_per_worker(local_size)
+    threads = _cpu_threads_per_worker(local_size, cuda)
     if threads is not None:
         torch.set_num_threads(threads)
     comm.create_local_process_group(local_size)
     comm.synchronize()
 
 
-def _cpu_threads_per_worker(host_workers: int) -> Optional[int]:
+def _cpu_threads_per_worker(host_workers: int, cuda: bool) -> Optional[int]:
     """
     Torch threads for each of ``host_workers`` CPU workers on this host: its share of the
     cores, so N workers with torch's default of one thread per core do not oversubscribe
-    them N times. None when there is nothing to decide: CUDA, one worker, or
-    ``OMP_NUM_THREADS`` set (it wins).
+    them N times. None when there is nothing to decide: GPU workers (``cuda``), one
+    worker, or ``OMP_NUM_THREADS`` set (it wins).
     """
-    if torch.cuda.is_available() or host_workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+    if cuda or host_workers <= 1 or "OMP_NUM_THREADS" in os.environ:
         return None
     return max(1, (os.cpu_count() or 1) // host_workers)
 
@@ -102,26 +135,29 @@ def _loopback(dist_url: str) -> bool:
         return False
 
 
-def check_launch_args(num_gpus_per_machine: int, num_machines: int = 1) -> None:
+def check_launch_args(num_gpus_per_machine: int, num_machines: int = 1, device: Optional[str] = "cuda") -> None:
     """
     Raises ``ValueError`` naming ``--num-gpus`` / ``--num-machines`` when they are < 1, or
-    when ``--num-gpus`` exceeds the GPUs present (on a machine with CUDA).
+    when ``--num-gpus`` exceeds the GPUs present and the workers would use them
+    (:func:`uses_cuda` of ``device``; None: the device is not known yet, skip that check).
     """
     for flag, value in (("--num-gpus", num_gpus_per_machine), ("--num-machines", num_machines)):
         if value < 1:
             raise ValueError(f"{flag} = {value} is not allowed; it must be >= 1")
-    if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
+    if device is not None and uses_cuda(device) and num_gpus_per_machine > torch.cuda.device_count():
         raise ValueError(
             f"--num-gpus = {num_gpus_per_machine} but this machine has only "
-            f"{torch.cuda.device_count()} GPU(s)"
+            f"{torch.cuda.device_count()} GPU(s); to run CPU processes instead, set the config's device to 'cpu'"
         )
 
 
 def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
-           dist_url: str = "auto", args=()):
+           dist_url: str = "auto", args=(), device: str = "cuda"):
     """
     Runs ``main_func(*args)`` in ``num_gpus_per_machine`` processes on each of
-    ``num_machines`` machines. Without CUDA, the processes run on CPU over gloo, each with
+    ``num_machines`` machines, on GPUs over NCCL when ``device`` (the config's) is a CUDA
+    device and CUDA is available. Otherwise — no CUDA, or ``device="cpu"`` on a machine
+    with GPUs, which the workers then do not see — the processes run on CPU over gloo, each with
     ``cpu_count // W`` torch threads unless ``OMP_NUM_THREADS`` is set, where W counts every
     worker on this host: ``num_gpus_per_machine``, times ``num_machines`` when ``dist_url``
     is a loopback address (machines simulated on one host, each its own launcher).
@@ -133,24 +169,28 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
     Raises:
         ValueError: see :func:`check_launch_args`.
     """
+    cuda = uses_cuda(device)
     if launched_by_torchrun():
-        _init_from_torchrun_env()
+        _init_from_torchrun_env(cuda)
         return main_func(*args)
-    check_launch_args(num_gpus_per_machine, num_machines)
+    check_launch_args(num_gpus_per_machine, num_machines, device)
     threads = _cpu_threads_per_worker(
-        num_gpus_per_machine * (num_machines if _loopback(dist_url) else 1)
+        num_gpus_per_machine * (num_machines if _loopback(dist_url) else 1), cuda
     )
-    return d2_launch(_worker, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
-                     dist_url=dist_url, args=(main_func, os.getpid(), threads) + tuple(args))
+    with _cuda_hidden_from_new_processes(not cuda and torch.cuda.is_available()):
+        return d2_launch(_worker, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
+                         dist_url=dist_url, args=(main_func, os.getpid(), threads) + tuple(args))
 
 
 def launch_cli(main_func, check_before_launch, argv=None) -> int:
     """
     Parses detectron2's training arguments (``default_argument_parser``) from ``argv``,
-    calls ``check_before_launch(args, world_size)`` in this process — a ``ValueError`` ends
-    the run with one ``error: ...`` line on stderr and exit status 2, before any worker
-    starts — then runs ``main_func(args)`` in every worker (:func:`launch`). The world size
-    is ``--num-gpus × --num-machines`` (checked), or torchrun's ``WORLD_SIZE``. detectron2's
+    calls ``check_before_launch(args, world_size)`` in this process, which returns the
+    config (of either kind) — a ``ValueError`` ends the run with one ``error: ...`` line on
+    stderr and exit status 2, before any worker starts — then runs ``main_func(args)`` in
+    every worker (:func:`launch`), on the config's device (``MODEL.DEVICE``,
+    ``train.device``): GPUs, or CPU processes. The world size is
+    ``--num-gpus × --num-machines`` (checked), or torchrun's ``WORLD_SIZE``. detectron2's
     default ``--dist-url`` (one fixed port per user) becomes "auto" on one machine, so two
     jobs at once do not collide. Returns the exit status.
     """
@@ -165,14 +205,16 @@ def launch_cli(main_func, check_before_launch, argv=None) -> int:
         if launched_by_torchrun():  # the environment gives the workers
             world_size = int(os.environ["WORLD_SIZE"])
         else:
-            check_launch_args(args.num_gpus, args.num_machines)
+            check_launch_args(args.num_gpus, args.num_machines, device=None)
             world_size = args.num_gpus * args.num_machines
-        check_before_launch(args, world_size)
+        device = setting(check_before_launch(args, world_size), "MODEL.DEVICE")
+        if not launched_by_torchrun():
+            check_launch_args(args.num_gpus, args.num_machines, device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     launch(main_func, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+           dist_url=args.dist_url, args=(args,), device=device)
     return 0
 
 
