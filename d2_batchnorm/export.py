@@ -7,12 +7,25 @@ so that it serves like a detectron2 model and needs nothing from this package:
    outputs; the heads run exactly detectron2's inference graph (the RoI shuffle and the
    synchronized statistics exist only in training);
 2. :func:`export_scripting` compiles the model with ``scripting_with_instances``;
-   :func:`export_tracing` traces it through ``TracingAdapter``.
+   :func:`export_tracing` traces it through ``TracingAdapter``; :func:`export_program`
+   exports a dense detector's network with ``torch.export``, the maintained path now that
+   torch 2.14 deprecates ``torch.jit.script``.
 
-Both exported models return the detections of :func:`detections`: those of the resized
+The TorchScript models return the detections of :func:`detections`: those of the resized
 input image, before detectron2's final ``detector_postprocess`` (the rescale to the
 original image size), as detectron2's own export tool does. Works on CPU without
 detectron2's compiled ``_C`` extension (RoIAlign and NMS come from torchvision).
+
+``torch.export`` and detectron2: a whole detectron2 model does not export yet. Its
+post-processing builds ``Boxes``/``Instances`` whose constructors branch on the number of
+detections (``tensor.numel() == 0`` in ``detectron2/structures/boxes.py``), a value known
+only when the model runs; ``torch.export.export`` (torch 2.14, ``strict=False``) stops
+there with ``GuardOnDataDependentSymNode: Could not guard on data-dependent expression
+Eq(4*Min(1000, u2), 0)``, and the R-CNN heads run on the proposals those steps select.
+What does export, with static shapes, is a dense detector's network: preprocessing,
+backbone and head, image -> (features, per-level predictions), which
+:func:`export_program` exports and :func:`program_detections` completes with the model's
+own eager post-processing (anchors, decoding, NMS), giving the eager model's detections.
 """
 from typing import Dict, List, Tuple
 
@@ -25,10 +38,12 @@ from torch import Tensor, nn
 
 from .layers import convert_for_inference
 
-__all__ = ["EXPORT_METHODS", "INSTANCES_FIELDS", "detections", "export_scripting", "export_tracing"]
+__all__ = ["EXPORT_METHODS", "INSTANCES_FIELDS", "detections", "export_scripting", "export_tracing",
+           "export_program", "program_detections"]
 
-#: the ways a model can be exported: ``torch.jit.script`` or ``torch.jit.trace``
-EXPORT_METHODS = ("scripting", "tracing")
+#: the ways a model can be exported: ``torch.jit.script``, ``torch.jit.trace``, or
+#: ``torch.export`` (a dense detector's network, :func:`export_program`)
+EXPORT_METHODS = ("scripting", "tracing", "export")
 
 #: every field of ``Instances`` that detectron2's R-CNN and dense detectors use at
 #: inference, with its type, as ``scripting_with_instances`` needs them declared
@@ -116,6 +131,63 @@ def export_tracing(model: nn.Module, image: Tensor) -> Tuple[torch.jit.ScriptMod
     with torch.no_grad():
         traced = torch.jit.trace(adapter, (image,))
     return traced, adapter
+
+
+class _DenseNetwork(nn.Module):
+    """
+    A dense detector's network: image (3, H, W) -> the L feature maps of its head's inputs,
+    then, for each of its K kinds of prediction (class logits, box deltas, centerness), the
+    L per-level maps; a flat tuple of L (1 + K) tensors.
+    """
+
+    def __init__(self, model: DenseDetector):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
+        images = self.model.preprocess_image([{"image": image}])
+        features = self.model.backbone(images.tensor)
+        features = [features[f] for f in self.model.head_in_features]
+        return tuple(features) + tuple(t for kind in self.model.head(features) for t in kind)
+
+
+def export_program(model: nn.Module, image: Tensor) -> torch.export.ExportedProgram:
+    """
+    Converts ``model``'s norms in place (:func:`convert_for_inference`), puts it in eval
+    mode and exports its network with ``torch.export.export`` on the (3, H, W) ``image``
+    (module docstring: what exports and why a whole detectron2 model does not).
+
+    Returns:
+        an ``ExportedProgram`` (save it with ``torch.export.save``): ``image`` (3, H, W) ->
+        a flat tuple of L feature maps (1, C, H_i, W_i) and, per kind of prediction, L maps
+        (1, A * k, H_i, W_i); :func:`program_detections` turns it into detections. The
+        image size and dtype are fixed at export.
+
+    Raises:
+        ValueError: for a model that is not a dense detector (RetinaNet, FCOS, ...).
+    """
+    if not isinstance(model, DenseDetector):
+        raise ValueError(
+            f"model = {type(model).__name__} cannot be exported with torch.export; allowed: a DenseDetector "
+            "(RetinaNet, BNRetinaNet, FCOS). An R-CNN's heads run on proposals whose number is known only "
+            "at run time (detectron2's Boxes/Instances branch on it): use scripting or tracing"
+        )
+    model = convert_for_inference(model).eval()
+    with torch.no_grad():
+        return torch.export.export(_DenseNetwork(model), (image,), strict=False)
+
+
+def program_detections(model: DenseDetector, network: nn.Module, image: Tensor) -> List[Instances]:
+    """
+    The detections of ``image`` from an exported network (``program.module()`` of
+    :func:`export_program`) completed by ``model``'s eager post-processing: the same
+    ``Instances`` as :func:`detections` of ``model``.
+    """
+    outputs = network(image)
+    levels = len(model.head_in_features)
+    features, flat = list(outputs[:levels]), outputs[levels:]
+    predictions = [list(flat[k : k + levels]) for k in range(0, len(flat), levels)]
+    return model.forward_inference(model.preprocess_image([{"image": image}]), features, predictions)
 
 
 def _check_exportable(model: nn.Module) -> None:

@@ -4,7 +4,7 @@ Exports a checkpoint trained with d2_batchnorm to a TorchScript file that serves
 detectron2 model and needs nothing from this package:
 
     python tools/export_model.py --config-file configs/Toy/retinanet_R18_FPN_bn_head.yaml \
-        --output output/export [--export-method scripting|tracing] [--sample-image IMG] \
+        --output output/export [--export-method scripting|tracing|export] [--sample-image IMG] \
         MODEL.WEIGHTS output/toy/retinanet_R18_FPN_bn_head/model_final.pth [KEY VALUE ...]
     python tools/export_model.py --config-file configs/Toy/retinanet_R18_FPN_bn_head.py \
         --output output/export train.init_checkpoint=output/.../model_final.pth [key=value ...]
@@ -32,6 +32,12 @@ tensor in ``INPUT.FORMAT`` resized to the test size:
   "scores" (R,), "pred_classes" (R,), and "pred_masks" (R, 1, M, M) for Mask R-CNN;
 * tracing: ``model(image)`` -> a flat tuple of tensors; its layout (the adapter's
   ``outputs_schema``) is printed and written to ``OUTPUT/outputs_schema.txt``.
+* export (dense detectors: RetinaNet, FCOS): ``torch.export`` of the network, saved as
+  ``OUTPUT/model.pt2`` (``torch.export.load(path).module()(image)`` -> the feature maps and
+  per-level predictions, for the sample's image size and dtype); the detections come from the
+  model's own eager post-processing (``d2_batchnorm.export.program_detections``). A whole
+  detectron2 model does not go through ``torch.export`` yet: its post-processing branches
+  on the number of detections (see ``d2_batchnorm/export.py``).
 
 Detections are those of the resized image, before detectron2's ``detector_postprocess``.
 """
@@ -51,7 +57,14 @@ from detectron2.utils.logger import setup_logger
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.data import prepare_datasets
 from d2_batchnorm.engine import build_any_model, check_weights, load_any_config
-from d2_batchnorm.export import EXPORT_METHODS, detections, export_scripting, export_tracing
+from d2_batchnorm.export import (
+    EXPORT_METHODS,
+    detections,
+    export_program,
+    export_scripting,
+    export_tracing,
+    program_detections,
+)
 from d2_batchnorm.lazy_config import is_lazy_config, setting, test_datasets
 
 logger = logging.getLogger("d2_batchnorm.export_model")
@@ -101,7 +114,8 @@ def _lazy_sample_input(cfg, image_path=None) -> dict:
 
 def export(cfg, method: str, output: str, image: torch.Tensor):
     """
-    Builds and loads ``cfg``'s model, exports it by ``method`` into ``output/model.ts``.
+    Builds and loads ``cfg``'s model, exports it by ``method`` into ``output/model.ts``
+    (``output/model.pt2`` for ``export``).
     Returns (eager detections, detections of the saved model loaded back), as Instances.
     """
     model = build_any_model(cfg)
@@ -111,7 +125,12 @@ def export(cfg, method: str, output: str, image: torch.Tensor):
         eager = detections(model, [{"image": image}])[0]
     PathManager.mkdirs(output)
     path = os.path.join(output, "model.ts")
-    if method == "scripting":
+    if method == "export":
+        path = os.path.join(output, "model.pt2")
+        torch.export.save(export_program(model, image), path)
+        with torch.no_grad():
+            exported = program_detections(model, torch.export.load(path).module(), image)[0]
+    elif method == "scripting":
         torch.jit.save(export_scripting(model), path)
         with torch.no_grad():
             fields = torch.jit.load(path)(({"image": image},))[0]
@@ -153,7 +172,11 @@ def main(argv=None) -> int:
         return 2
     method = args.export_method or ("tracing" if is_lazy_config(cfg) else "scripting")
     sample = sample_input(cfg, args.sample_image)
-    eager, exported = export(cfg, method, args.output, sample["image"])
+    try:
+        eager, exported = export(cfg, method, args.output, sample["image"])
+    except ValueError as e:  # a model the method cannot export
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if len(eager) != len(exported):
         print(f"{method}: {len(exported)} detections, eager {len(eager)}: MISMATCH")
         return 1
