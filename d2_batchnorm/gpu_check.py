@@ -26,9 +26,10 @@ Every check compares our code with torch's (or fvcore's) own on the same inputs:
 
 The error of a check is ``max |ours - reference| / max(1, max |reference|)`` over every
 tensor it compares; it passes when that is at most the tolerance of its precision (:data:`TOLERANCES`).
-The norm, PreciseBN and shuffle checks also run on CPU (``device="cpu"``, without the
-torch-kernel reference of the synchronized path, which exists only for CUDA), which is
-how the tests keep this module working on machines without a GPU.
+The norm, PreciseBN and shuffle checks also run on CPU (``device="cpu"``: a gloo group,
+bfloat16 autocast, and ``nn.BatchNorm2d`` as the reference of the synchronized path, as
+torch's kernels exist only for CUDA), which is how the tests keep this module working on
+machines without a GPU.
 """
 import json
 import os
@@ -248,12 +249,16 @@ def norm_checks(device: torch.device, timing_shape=(8, 256, 32, 32)) -> List[Che
             results.append(_compare(f"SyncBatchNorm, 1 GPU {tag}", "nn.BatchNorm2d",
                                     lambda: _affine(SyncBatchNorm(C), device), bn, plain, plain,
                                     single, dtype, layout, device))
-            if device.type == "cuda":
-                result = _compare(f"SyncBatchNorm over 1-process NCCL {tag}", "nn.SyncBatchNorm kernels",
-                                  lambda: _affine(SyncBatchNorm(C), device), bn, _sync_over_group,
-                                  _torch_sync_function, single, dtype, layout, device)
+            cuda = device.type == "cuda"
+            result = _compare(
+                f"SyncBatchNorm over a 1-process {'NCCL' if cuda else 'gloo'} group {tag}",
+                "nn.SyncBatchNorm kernels" if cuda else "nn.BatchNorm2d",  # torch's kernels: CUDA only
+                lambda: _affine(SyncBatchNorm(C), device), bn, _sync_over_group,
+                _torch_sync_function if cuda else plain, single, dtype, layout, device,
+            )
+            if cuda:
                 result.ms, result.reference_ms = _sync_times(device, timing_shape, dtype, layout)
-                results.append(result)
+            results.append(result)
             for stats in ("per_level", "shared"):
                 results.append(_compare(
                     f"LevelBatchNorm {stats}, 1x1 level {tag}", "F.batch_norm",

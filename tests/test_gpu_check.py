@@ -25,7 +25,7 @@ def _assert_all_pass(results):
 def test_checks_pass_on_cpu():
     results = gpu_check.run_all(torch.device("cpu"))
     names = " ".join(r.name for r in results)
-    for expected in ("SyncBatchNorm", "LevelBatchNorm per_level", "LevelBatchNorm shared", "GhostBatchNorm",
+    for expected in ("SyncBatchNorm over a 1-process gloo group", "LevelBatchNorm per_level", "LevelBatchNorm shared", "GhostBatchNorm",
                      "PreciseBN", "RoI shuffle", "bfloat16 autocast", "channels_last"):
         assert expected in names
     _assert_all_pass(results)
