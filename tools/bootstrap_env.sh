@@ -23,7 +23,9 @@ pip_install() {
 }
 
 # Everything importable and d2_batchnorm installed from this checkout: nothing to do.
-if PYTHONWARNINGS=ignore "$py" - "$repo_root" <<'PY' 2>/dev/null; then
+# (Checked from / : Python puts the working directory first on sys.path, so from the
+# checkout an uninstalled d2_batchnorm would import too.)
+if (cd / && PYTHONWARNINGS=ignore "$py" - "$repo_root") <<'PY' 2>/dev/null; then
 import importlib, os, sys
 for name in ("torch", "torchvision", "detectron2.engine", "fvcore", "pycocotools.coco",
              "matplotlib", "pytest", "submitit", "d2_batchnorm"):
