@@ -169,20 +169,28 @@ def relative_errors(model, exact) -> Dict[str, float]:
     return err
 
 
-def run_ours(model, batches):
-    """A first call: the model's stop plan is forgotten before."""
-    from d2_batchnorm import update_bn_stats
-    from d2_batchnorm.precise_bn import forget_stop_plans
+#: the stop plans of the models seen, as the PreciseBN hook keeps them across its runs
+SEEN = None
 
-    forget_stop_plans()
-    update_bn_stats(model, seeded(batches), len(batches))
+
+def run_ours(model, batches):
+    """A first call: the model's stop plan is learned anew (and kept for :func:`run_ours_seen`)."""
+    global SEEN
+    from d2_batchnorm import update_bn_stats
+    from d2_batchnorm.early_exit import StopPlans
+
+    SEEN = StopPlans()
+    update_bn_stats(model, seeded(batches), len(batches), stop_plans=SEEN)
 
 
 def run_ours_seen(model, batches):
     """A call on a model seen before (its stop plan kept from an earlier call)."""
+    global SEEN
     from d2_batchnorm import update_bn_stats
+    from d2_batchnorm.early_exit import StopPlans
 
-    update_bn_stats(model, seeded(batches), len(batches))
+    SEEN = SEEN or StopPlans()
+    update_bn_stats(model, seeded(batches), len(batches), stop_plans=SEEN)
 
 
 def run_fvcore(model, batches):

@@ -33,7 +33,7 @@ import sys
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.audit import audit_config
 from d2_batchnorm.experiments import box_ap
-from d2_batchnorm.lazy_config import setting, setting_name
+from d2_batchnorm.config_kinds import adapt
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -55,30 +55,25 @@ def measure(cfg, model, audit, samples: int, evaluate: bool) -> None:
     from detectron2.checkpoint import DetectionCheckpointer
 
     from d2_batchnorm.data import prepare_datasets
-    from d2_batchnorm.engine import PreciseBN, test_any
-    from d2_batchnorm.engine.hooks import bn_statistics_distance, snapshot_bn_statistics
-    from d2_batchnorm.lazy_config import copy_config, dataset_names, is_lazy_config, set_setting
+    from d2_batchnorm.engine import test_any
+    from d2_batchnorm.engine.precise_bn_settings import PreciseBNSettings
+    from d2_batchnorm.engine.recompute import recompute_and_evaluate
+    from d2_batchnorm.module_state import bn_statistics_distance
 
-    DetectionCheckpointer(model).load(setting(cfg, "MODEL.WEIGHTS"))
-    cfg = copy_config(cfg)
-    set_setting(cfg, "TEST.PRECISE_BN.NUM_SAMPLES", samples)
+    DetectionCheckpointer(model).load(adapt(cfg).get("MODEL.WEIGHTS"))
+    kind = adapt(cfg).copy()
+    kind.set("TEST.PRECISE_BN.NUM_SAMPLES", samples)
     # one process here, with the batch of one worker of the audited training (at most --samples)
-    batch = setting(cfg, "TEST.PRECISE_BN.IMS_PER_BATCH") or audit.images_per_worker
-    set_setting(cfg, "TEST.PRECISE_BN.IMS_PER_BATCH", min(batch, samples))
-    prepare_datasets(dataset_names(cfg))
+    kind.set("TEST.PRECISE_BN.IMS_PER_BATCH", min(PreciseBNSettings.from_config(cfg, audit.world_size).ims_per_batch, samples))
+    prepare_datasets(kind.dataset_names())
     aps = {}
     if evaluate:
         model.eval()
-        aps["EMA (checkpoint)"] = box_ap(test_any(cfg, model))
-        mini = copy_config(cfg)
-        set_setting(mini, "TEST.BN_STATS", "mini_batch")
-        images = mini.dataloader.test.batch_size if is_lazy_config(mini) else mini.TEST.IMS_PER_BATCH
-        aps[f"mini-batch ({images} img)"] = box_ap(test_any(mini, model))
-    before = snapshot_bn_statistics(model)
-    model.train()
-    result = PreciseBN(cfg, model).update_stats()
-    model.eval()
-    after = snapshot_bn_statistics(model)
+        mini = kind.copy()
+        mini.set("TEST.BN_STATS", "mini_batch")
+        aps[f"mini-batch ({mini.test_images_per_worker()} img)"] = box_ap(test_any(mini.cfg, model))
+    done = recompute_and_evaluate(kind.cfg, model, evaluate)
+    result, before, after = done.result, done.statistics_before, done.statistics_after
     for g in audit.groups:
         prefix = tuple(f"{n}." for n in g.modules)
         keys = [k for k in after if k.startswith(prefix)]
@@ -88,7 +83,7 @@ def measure(cfg, model, audit, samples: int, evaluate: bool) -> None:
     if result is not None:
         audit.measured["PreciseBN"] = {"images": result.num_samples, "seconds": round(result.seconds, 1)}
     if evaluate:
-        aps["precise"] = box_ap(test_any(cfg, model))
+        aps = {"EMA (checkpoint)": box_ap(done.before), **aps, "precise": box_ap(done.after)}
         audit.measured["bbox AP"] = aps
 
 
@@ -96,18 +91,16 @@ def cli(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
         from d2_batchnorm.checks import check_int
-        from d2_batchnorm.engine import check_checkpoint, check_launch_args, is_lazy_config_file
+        from d2_batchnorm.engine import check_checkpoint, check_launch_args
 
         check_launch_args(args.num_gpus, args.num_machines)
         check_int("--samples", args.samples, 1)
         audit, cfg, model = audit_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
-        name = setting_name(cfg, "MODEL.WEIGHTS")  # MODEL.WEIGHTS or train.init_checkpoint
-        if is_lazy_config_file(args.config_file):
-            weights_given = any(o.startswith(f"{name}=") for o in args.opts)
-        else:
-            weights_given = name in args.opts[::2]
+        kind = adapt(cfg)
+        name = kind.name("MODEL.WEIGHTS")  # MODEL.WEIGHTS or train.init_checkpoint
+        weights_given = kind.given("MODEL.WEIGHTS", args.opts)
         if weights_given:
-            check_checkpoint(setting(cfg, "MODEL.WEIGHTS"), name)
+            check_checkpoint(kind.get("MODEL.WEIGHTS"), name)
         elif args.eval:
             raise ValueError(f"--eval needs a checkpoint: pass {name} on the command line")
     except ValueError as e:
@@ -116,7 +109,7 @@ def cli(argv=None) -> int:
     if weights_given:
         measure(cfg, model, audit, args.samples, args.eval)
     markdown = audit.to_markdown()
-    out = args.output or setting(cfg, "OUTPUT_DIR")
+    out = args.output or adapt(cfg).get("OUTPUT_DIR")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bn_audit.md"), "w") as f:
         f.write(markdown)

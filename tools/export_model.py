@@ -42,7 +42,7 @@ import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_test_loader, detection_utils
+from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.file_io import PathManager
@@ -52,9 +52,12 @@ import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.data import prepare_datasets
 from d2_batchnorm.engine import build_any_model, check_weights, load_any_config
 from d2_batchnorm.export import EXPORT_METHODS, detections, export_scripting, export_tracing
-from d2_batchnorm.lazy_config import is_lazy_config, setting, test_datasets
+from d2_batchnorm.config_kinds import adapt
 
 logger = logging.getLogger("d2_batchnorm.export_model")
+#: the export method of each kind of config: a LazyConfig's instantiated modules keep
+#: omegaconf lists that TorchScript cannot type
+DEFAULT_METHOD = {"train": "scripting", "lazy-train": "tracing"}
 
 
 def parse_args(argv=None):
@@ -75,27 +78,13 @@ def parse_args(argv=None):
 
 def sample_input(cfg, image_path=None) -> dict:
     """One input dict {"image": (3, H, W) float tensor} as the test loader gives it."""
-    if is_lazy_config(cfg):
-        return _lazy_sample_input(cfg, image_path)
+    kind = adapt(cfg)
     if image_path is None:
-        prepare_datasets(cfg.DATASETS.TEST[:1])
-        return next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))[0]
-    original = detection_utils.read_image(image_path, format=cfg.INPUT.FORMAT)
-    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    image = resize.get_transform(original).apply_image(original)
-    return {"image": torch.as_tensor(image.astype("float32").transpose(2, 0, 1))}
-
-
-def _lazy_sample_input(cfg, image_path=None) -> dict:
-    """:func:`sample_input` of a LazyConfig: ``dataloader.test`` and its mapper's augmentations."""
-    from detectron2.config import instantiate
-
-    if image_path is None:
-        prepare_datasets(test_datasets(cfg))
-        return next(iter(instantiate(cfg.dataloader.test)))[0]
-    mapper = cfg.dataloader.test.mapper
-    aug_input = T.AugInput(detection_utils.read_image(image_path, format=mapper.image_format))
-    T.AugmentationList(instantiate(mapper.augmentations))(aug_input)
+        prepare_datasets(kind.test_datasets())
+        return next(iter(kind.test_loader()))[0]
+    image_format, augmentations = kind.test_transform()
+    aug_input = T.AugInput(detection_utils.read_image(image_path, format=image_format))
+    T.AugmentationList(augmentations)(aug_input)
     return {"image": torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))}
 
 
@@ -105,7 +94,7 @@ def export(cfg, method: str, output: str, image: torch.Tensor):
     Returns (eager detections, detections of the saved model loaded back), as Instances.
     """
     model = build_any_model(cfg)
-    DetectionCheckpointer(model).load(setting(cfg, "MODEL.WEIGHTS"))
+    DetectionCheckpointer(model).load(adapt(cfg).get("MODEL.WEIGHTS"))
     model.eval()
     with torch.no_grad():
         eager = detections(model, [{"image": image}])[0]
@@ -151,7 +140,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    method = args.export_method or ("tracing" if is_lazy_config(cfg) else "scripting")
+    method = args.export_method or DEFAULT_METHOD[adapt(cfg).kind]
     sample = sample_input(cfg, args.sample_image)
     eager, exported = export(cfg, method, args.output, sample["image"])
     if len(eager) != len(exported):

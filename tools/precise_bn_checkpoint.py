@@ -32,16 +32,10 @@ from detectron2.utils.logger import setup_logger
 
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.data import prepare_datasets
-from d2_batchnorm.engine import (
-    PreciseBN,
-    build_any_model,
-    check_checkpoint,
-    check_launch_args,
-    launch,
-    load_any_config,
-    test_any,
-)
-from d2_batchnorm.lazy_config import is_lazy_config, setting, setting_name, test_datasets, train_datasets
+from d2_batchnorm.config_kinds import adapt
+from d2_batchnorm.engine import build_any_model, check_checkpoint, check_launch_args, launch, load_any_config
+from d2_batchnorm.engine.precise_bn_settings import PreciseBNSettings
+from d2_batchnorm.engine.recompute import recompute_and_evaluate
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -57,30 +51,27 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def output_path(cfg, args) -> str:
-    return args.output or os.path.join(setting(cfg, "OUTPUT_DIR"), "model_precise_bn.pth")
+    return args.output or os.path.join(adapt(cfg).get("OUTPUT_DIR"), "model_precise_bn.pth")
 
 
 def main(args) -> dict:
     cfg = load_any_config(args.config_file, args.opts, comm.get_world_size())
-    output_dir, weights = setting(cfg, "OUTPUT_DIR"), setting(cfg, "MODEL.WEIGHTS")
+    output_dir, weights = adapt(cfg).get("OUTPUT_DIR"), adapt(cfg).get("MODEL.WEIGHTS")
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name="d2_batchnorm")
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name="detectron2")
     model = build_any_model(cfg)
     DetectionCheckpointer(model).load(weights)
 
     summary = {"weights": weights, "datasets": statistics_datasets(cfg)}
-    if not args.no_eval:
-        summary["before"] = test_any(cfg, model)
-    model.train()  # the BN modules PreciseBN updates are those in training mode
-    hook = PreciseBN(cfg, model)  # the training hook's statistics, loader and random stream
-    result = hook.update_stats()
-    model.eval()
+    # the training hook's statistics, loader and random stream
+    done = recompute_and_evaluate(cfg, model, evaluate=not args.no_eval)
+    result = done.result
     summary.update(
         images=result.num_samples, iterations=result.num_iters, bn_modules=result.num_modules,
-        seconds=round(result.seconds, 2), relative_change=hook.last_ema_distance,
+        seconds=round(result.seconds, 2), relative_change=done.ema_distance,
     )
     if not args.no_eval:
-        summary["after"] = test_any(cfg, model)
+        summary.update(before=done.before, after=done.after)
     if comm.is_main_process():
         path = output_path(cfg, args)
         PathManager.mkdirs(os.path.dirname(os.path.abspath(path)))
@@ -101,7 +92,7 @@ def main(args) -> dict:
 
 def statistics_datasets(cfg) -> list:
     """The datasets PreciseBN draws from: ``TEST.PRECISE_BN.DATASETS``, else the training ones."""
-    return list(setting(cfg, "TEST.PRECISE_BN.DATASETS")) or train_datasets(cfg)
+    return list(PreciseBNSettings.from_config(cfg).datasets)
 
 
 def _headline(results: dict) -> dict:
@@ -122,12 +113,12 @@ def cli(argv=None) -> int:
     try:
         check_launch_args(args.num_gpus)
         cfg = load_any_config(args.config_file, args.opts, args.num_gpus)
-        weights, name = setting(cfg, "MODEL.WEIGHTS"), setting_name(cfg, "MODEL.WEIGHTS")
+        kind = adapt(cfg)
+        weights, name = kind.get("MODEL.WEIGHTS"), kind.name("MODEL.WEIGHTS")
         if not weights:
-            how = f"{name}=path.pth" if is_lazy_config(cfg) else f"{name} path.pth"
-            raise ValueError(f"{name} is empty; pass the checkpoint as {how}")
+            raise ValueError(f"{name} is empty; pass the checkpoint as {kind.fix(('MODEL.WEIGHTS', 'path.pth'))}")
         check_checkpoint(weights, name)
-        prepare_datasets(test_datasets(cfg) + statistics_datasets(cfg))
+        prepare_datasets(kind.test_datasets() + statistics_datasets(cfg))
         launch(main, args.num_gpus, dist_url=args.dist_url, args=(args,))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
