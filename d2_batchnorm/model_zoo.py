@@ -13,8 +13,8 @@ import os
 
 __all__ = ["CONFIG_DIR", "get_config", "get_config_file"]
 
-#: this repository's configs (the package is used from its checkout: ``pip install -e .``)
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+#: the configs shipped with the package (package data; ``configs/`` in the checkout links here)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 def get_config_file(config_path: str) -> str:

@@ -37,7 +37,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 import bench_training  # tools/bench_training.py
-from bench_report import machine_description, write_readme_section  # tools/bench_report.py
+from bench_report import machine_description, write_section  # tools/bench_report.py
 from torch.nn.modules.batchnorm import _BatchNorm
 
 CASES = ("maskrcnn_a", "maskrcnn_b", "retinanet")
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=128, help="image side (pixels)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--no-readme", action="store_true", help="do not write the output into README.md")
+    p.add_argument("--no-readme", action="store_true", help="do not write the output into docs/benchmarks.md")
     p.add_argument("--world-size", type=int, default=2, help="processes for the rank check; 1 skips it")
     p.add_argument("--ranks-iters", type=int, default=3, help="batches per rank in the rank check")
     p.add_argument("--no-training", action="store_true",
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
         tables += [""] + bench_training.training_table(training)
     print("\n".join(tables))
     if not args.no_readme:
-        write_readme_section("bench_precise_bn", "\n".join(header_lines + tables))
+        write_section("bench_precise_bn", "\n".join(header_lines + tables))
     return 0
 
 
