@@ -18,14 +18,13 @@ from typing import Dict, List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import SETTINGS, add_batchnorm_config, config_value, images_per_worker, split_batch, validate_batchnorm_config
+from .config import add_batchnorm_config, config_value, images_per_worker, split_batch, validate_batchnorm_config
+from .lazy_config import add_batchnorm_train_config, lazy_name, lazy_setting, validate_lazy_config
 
 __all__ = ["ConfigKind", "YacsConfig", "LazyConfig", "adapt", "config_kind", "describe_dump", "get_bn_cfg",
            "LAZY_CONFIG_PARTS"]
 
 logger = logging.getLogger(__name__)
-_PATHS = {key: path for key, path, _, _ in SETTINGS}
-_MISSING = object()
 
 #: yacs names of d2_batchnorm's classes -> their LazyConfig ``_target_`` (for fix lines)
 LAZY_TARGETS = {
@@ -255,8 +254,6 @@ class LazyConfig(ConfigKind):
         """
         from detectron2.config import LazyConfig as D2LazyConfig
 
-        from .lazy_config import add_batchnorm_train_config, validate_lazy_config
-
         _check_file(config_file)
         try:
             cfg = LazyConfig.read(config_file)
@@ -281,10 +278,7 @@ class LazyConfig(ConfigKind):
         return D2LazyConfig.load(config_file)
 
     def get(self, key):
-        value = OmegaConf.select(self.cfg, self.name(key), default=_MISSING)
-        if value is _MISSING:
-            raise ValueError(f"{self.name(key)} is missing: call add_batchnorm_train_config(cfg.train)")
-        return value
+        return lazy_setting(self.cfg, key)
 
     def set(self, key, value):
         OmegaConf.update(self.cfg, self.name(key), value, merge=False)
@@ -295,10 +289,7 @@ class LazyConfig(ConfigKind):
 
     @classmethod
     def name(cls, key):
-        if key not in _PATHS:
-            raise ValueError(f"{key} has no LazyConfig name; allowed yacs keys: {sorted(_PATHS)}, "
-                             "or give key=value overrides")
-        return _PATHS[key]
+        return lazy_name(key)
 
     @classmethod
     def fix(cls, *pairs):
@@ -396,7 +387,7 @@ def describe_dump(cfg: Dict) -> Dict:
     lazy = "model" in cfg
 
     def get(key, default=None):
-        return _select(cfg, _PATHS[key] if lazy else key, default)
+        return _select(cfg, lazy_name(key) if lazy else key, default)
 
     if lazy:
         mask_on = isinstance(_select(cfg, "model.roi_heads.mask_head"), dict)
