@@ -12,7 +12,8 @@ import sys
 from d2_batchnorm import experiments
 from d2_batchnorm.cli.compare import main as compare_main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import REPO
+
 
 TOY_RETINANET = os.path.join(REPO, "configs", "Toy", "retinanet_R18_FPN_bn_head.yaml")
 
