@@ -21,7 +21,7 @@ Every check compares our code with torch's (or fvcore's) own on the same inputs:
 * PreciseBN (:func:`.precise_bn.update_bn_stats`) against fvcore's ``update_bn_stats``
   on a small convnet, with both times;
 * the RoI shuffle round trip (on one GPU the identity, values and gradients);
-* a few training iterations of ``tools/train_net.py --num-gpus 1`` with
+* a few training iterations of ``d2bn train --num-gpus 1`` (``tools/train_net.py``) with
   ``SOLVER.AMP.ENABLED True`` (:func:`training_checks`).
 
 The error of a check is ``max |ours - reference| / max(1, max |reference|)`` over every
@@ -49,6 +49,7 @@ from torch import nn
 from .layers import GhostBatchNorm, LevelBatchNorm, SyncBatchNorm
 from .layers.batch_stats import batch_norm_over_parts, update_running_stats_
 from .layers.roi_shuffle import shuffle_rois, unshuffle_rois
+from .model_zoo import get_config_file
 from .precise_bn import update_bn_stats
 
 __all__ = ["CheckResult", "randomize_affine_", "TOLERANCES", "PRECISIONS", "LAYOUTS", "norm_checks", "precise_bn_checks",
@@ -329,33 +330,33 @@ def shuffle_checks(device: torch.device) -> List[CheckResult]:
     return [CheckResult("RoI shuffle round trip (1 worker) [float32]", error, 0.0, "identity")]
 
 
-#: the training runs: (name, config file, extra options)
+#: the training runs: (name, shipped config, extra options)
 TRAININGS = [
     ("RetinaNet, shared level statistics, SyncBN head",
-     "configs/Toy/retinanet_R18_FPN_syncbn_head_train_shared_pop_shared.yaml", []),
+     "Toy/retinanet_R18_FPN_syncbn_head_train_shared_pop_shared.yaml", []),
     ("Mask R-CNN, SyncBN heads, PreciseBN",
-     "configs/Toy/mask_rcnn_R18_FPN_syncbn_head.yaml",
+     "Toy/mask_rcnn_R18_FPN_syncbn_head.yaml",
      ["TEST.PRECISE_BN.ENABLED", "True", "TEST.PRECISE_BN.NUM_ITER", "2"]),
 ]
 
 
-def training_checks(repo: str, iterations: int = 3, timeout: float = 240.0) -> List[CheckResult]:
+def training_checks(iterations: int = 3, timeout: float = 240.0) -> List[CheckResult]:
     """
-    ``iterations`` iterations of ``tools/train_net.py --num-gpus 1`` with AMP on each of
+    ``iterations`` iterations of ``d2bn train --num-gpus 1`` (tools/train_net.py) with AMP on each of
     :data:`TRAININGS` (toy data, evaluation skipped); passes when it exits 0 with finite
     losses in its metrics.json. The error column holds 0 (pass) or 1 (fail).
     """
     results = []
     for name, config, extra in TRAININGS:
         with tempfile.TemporaryDirectory(prefix="d2bn-check-train-") as out:
-            cmd = [sys.executable, os.path.join(repo, "tools", "train_net.py"), "--num-gpus", "1",
-                   "--config-file", os.path.join(repo, config),
+            cmd = [sys.executable, "-m", "d2_batchnorm.cli.train_net", "--num-gpus", "1",
+                   "--config-file", get_config_file(config),
                    "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", str(iterations), "SOLVER.IMS_PER_BATCH", "4",
                    "MODEL.DEVICE", "cuda", "OUTPUT_DIR", out, "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
                    *extra]
             start = time.perf_counter()
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=repo)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
                 ok, detail = proc.returncode == 0, (proc.stderr or proc.stdout).strip().splitlines()[-1:]
             except subprocess.TimeoutExpired:
                 ok, detail = False, [f"no result within {timeout:.0f} s"]
@@ -380,15 +381,15 @@ def _finite(v: float) -> bool:
     return v == v and abs(v) != float("inf")
 
 
-def run_all(device: torch.device, repo: Optional[str] = None) -> List[CheckResult]:
-    """Every check on ``device`` (the training runs only when ``repo`` is given)."""
+def run_all(device: torch.device, train: bool = False) -> List[CheckResult]:
+    """Every check on ``device`` (the training runs with ``train``)."""
     destroy = single_process_group(device)
     try:
         results = norm_checks(device) + precise_bn_checks(device) + shuffle_checks(device)
     finally:
         destroy()
-    if repo is not None:
-        results += training_checks(repo)
+    if train:
+        results += training_checks()
     return results
 
 

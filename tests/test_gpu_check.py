@@ -59,4 +59,4 @@ def test_norms_precise_bn_and_shuffle_on_cuda():
 @pytest.mark.cuda
 @needs_cuda
 def test_amp_training_on_one_gpu():
-    _assert_all_pass(gpu_check.training_checks(REPO))
+    _assert_all_pass(gpu_check.training_checks())

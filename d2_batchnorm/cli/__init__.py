@@ -8,6 +8,7 @@ The ``d2bn`` command: ``d2bn <command> [args]``, one command per module of this 
     d2bn audit        --config-file X [--eval MODEL.WEIGHTS w.pth]        (bn_audit)
     d2bn precise-bn   --config-file X MODEL.WEIGHTS w.pth                 (precise_bn_checkpoint)
     d2bn export       --config-file X --output DIR MODEL.WEIGHTS w.pth    (export_model)
+    d2bn check-gpu    [--output check_gpu.json] [--no-train]              (check_gpu)
 
 ``d2bn <command> --help`` prints the command's manual.
 """
@@ -24,6 +25,7 @@ COMMANDS = {
     "audit": ("bn_audit", "cli"),
     "precise-bn": ("precise_bn_checkpoint", "cli"),
     "export": ("export_model", "main"),
+    "check-gpu": ("check_gpu", "main"),
 }
 
 
