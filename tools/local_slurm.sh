@@ -157,12 +157,18 @@ cmd_start() {
 # job ids of this cluster (all of them were submitted to this cluster's slurmctld)
 job_ids() { SLURM_CONF=$conf squeue -h -o %A 2>/dev/null || true; }
 
-job_processes() {  # pids whose environment names this cluster's SLURM_CONF and a job
-  local e
+job_processes() {
+  # pids of this cluster's jobs: their environment names its SLURM_CONF and a job, or they
+  # hold its slurmd.log open (slurmstepd, which slurmd forks for every job step)
+  local e p
   for e in /proc/[0-9]*/environ; do
-    { tr '\0' '\n' < "$e"; } 2>/dev/null | grep -qx "SLURM_CONF=$conf" || continue
-    { tr '\0' '\n' < "$e"; } 2>/dev/null | grep -q "^SLURM_JOB_ID=" || continue
-    e=${e#/proc/}; echo "${e%/environ}"
+    p=${e#/proc/}; p=${p%/environ}
+    if { tr '\0' '\n' < "$e"; } 2>/dev/null | grep -qx "SLURM_CONF=$conf" \
+      && { tr '\0' '\n' < "$e"; } 2>/dev/null | grep -q "^SLURM_JOB_ID="; then
+      echo "$p"
+    elif [ "$(readlink "/proc/$p/fd/3" 2>/dev/null)" = "$dir/log/slurmd.log" ]; then
+      echo "$p"
+    fi
   done
 }
 
