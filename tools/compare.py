@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from d2_batchnorm.checks import check_int
-from d2_batchnorm.engine.cluster import CLUSTERS
+from d2_batchnorm.engine.cluster import CLUSTERS, SubmissionRefused
 
 __all__ = [
     "RunResult", "CorruptFile", "box_ap", "copypaste_blocks", "read_run", "read_dir", "run_config",
@@ -368,6 +368,12 @@ class LocalLauncher:
     def start(self, config: str, output_dir: str, opts: List[str]):
         return run_config(config, output_dir, self.num_gpus, opts, self.timeout)
 
+    def attach(self, output_dir: str, request: dict, name: str) -> None:
+        """Nothing outlives this process: a run of an earlier call is never waited for."""
+
+    def submit(self) -> None:
+        """Nothing to submit: each run ran in :meth:`start`."""
+
     def finish(self, returncode: int) -> Tuple[int, str]:
         """(exit status, detail for a failed run)."""
         return returncode, ""
@@ -375,47 +381,95 @@ class LocalLauncher:
 
 class SubmititLauncher:
     """
-    Submits each config as a submitit job (:mod:`d2_batchnorm.engine.cluster`: nodes ×
-    gpus-per-node tasks, tools/train_net.py unchanged in each), all jobs first, then waits
-    for them. The job's id, state and log paths go to ``<run>/submitit_job.json``.
+    Runs the configs as submitit jobs (:mod:`d2_batchnorm.engine.cluster`): ``start``
+    prepares one :class:`~d2_batchnorm.engine.cluster.TrainNetJob` per run (nodes ×
+    tasks-per-node processes of tools/train_net.py), ``submit`` sends them all at once —
+    on SLURM as one job array, at most ``max_parallel`` running at a time — and ``finish``
+    waits for each within bounded time of its end, whether it completed, failed, was
+    cancelled or timed out. The job's id, state and log paths go to
+    ``<run>/submitit_job.json``; submitit's files to ``<folder>/<job id>/``.
     """
 
-    def __init__(self, cluster: str, nodes: int, gpus_per_node: int, timeout_min: int,
-                 partition: Optional[str], cpus_per_task: Optional[int]):
-        self.cluster = cluster
-        self.options = dict(nodes=nodes, gpus_per_node=gpus_per_node, timeout_min=timeout_min,
-                            partition=partition, cpus_per_task=cpus_per_task)
-        self.workers = nodes * gpus_per_node
+    def __init__(self, cluster: str, folder: str, **resources):
+        self.cluster, self.folder, self.resources = cluster, folder, resources
+        self.workers = resources["nodes"] * resources["tasks_per_node"]
+        self._pending: List[Tuple[str, object]] = []  # (run folder, TrainNetJob) to submit
+        self._jobs: Dict[str, object] = {}  # run folder -> submitit job
 
-    def start(self, config: str, output_dir: str, opts: List[str]):
-        from d2_batchnorm.engine.cluster import TrainNetJob, make_executor
+    def start(self, config: str, output_dir: str, opts: List[str]) -> str:
+        from d2_batchnorm.engine.cluster import TrainNetJob
 
         os.makedirs(output_dir, exist_ok=True)
-        executor = make_executor(os.path.join(output_dir, "submitit"), self.cluster, **self.options)
         script, args = train_command(config, os.path.abspath(output_dir), opts)
-        job = executor.submit(TrainNetJob(script, args))
-        self._record(output_dir, job)
-        print(f"[compare] submitted job {job.job_id} ({self.cluster}) for {output_dir}", flush=True)
-        return output_dir, job
+        self._pending.append((output_dir, TrainNetJob(script, args)))
+        return output_dir
 
-    def finish(self, handle) -> Tuple[int, str]:
-        output_dir, job = handle
+    def attach(self, output_dir: str, request: dict, name: str) -> Optional[str]:
+        """
+        The handle of the SLURM job an earlier call submitted for ``output_dir`` with the
+        same ``request`` if SLURM still has it queued or running (that call was stopped
+        before it finished): waited for like a new one instead of submitted again. None
+        otherwise.
+        """
+        from d2_batchnorm.engine.cluster import FINAL_STATES, slurm_job, slurm_job_states
+
         try:
-            error = job.exception()  # waits; the first failed task's error, None if all succeeded
-        except Exception as e:  # e.g. submitit's UncompletedJobError: killed, no result written
-            error = e
-        state = self._record(output_dir, job)
+            with open(os.path.join(output_dir, "submitit_job.json")) as f:
+                record = json.load(f)
+            with open(os.path.join(output_dir, REQUEST_FILE)) as f:
+                done = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if self.cluster != "slurm" or record.get("cluster") != "slurm" or done != {"request": request}:
+            return None
+        state = slurm_job_states([record["job_id"]]).get(record["job_id"])
+        if state is None or state in FINAL_STATES:
+            return None
+        job = slurm_job(record["folder"], record["job_id"], record["tasks"])
+        self._jobs[output_dir] = job
+        print(f"[compare] {name}: waiting for job {job.job_id} ({state}), submitted by an earlier call",
+              flush=True)
+        return output_dir
+
+    def submit(self) -> None:
+        """
+        Submits every started run (one job array on SLURM). Raises
+        :class:`~d2_batchnorm.engine.cluster.SubmissionRefused` if the scheduler refuses it.
+        """
+        from d2_batchnorm.engine.cluster import make_executor, submit_jobs
+
+        if not self._pending:
+            return
+        executor = make_executor(os.path.join(self.folder, "%j"), self.cluster, **self.resources)
+        jobs = submit_jobs(executor, [fn for _, fn in self._pending])
+        for (output_dir, _), job in zip(self._pending, jobs):
+            self._jobs[output_dir] = job
+            self._record(output_dir, job, "SUBMITTED")
+            print(f"[compare] submitted job {job.job_id} ({self.cluster}) for {output_dir}", flush=True)
+        self._pending = []
+
+    def finish(self, output_dir: str) -> Tuple[int, str]:
+        """Waits for the run's job; (exit status, detail naming job, state and log when it failed)."""
+        from d2_batchnorm.engine.cluster import describe_job_error, wait_job
+
+        job = self._jobs[output_dir]
+        state, error = wait_job(job, self.cluster)
+        self._record(output_dir, job, state)
         if error is None:
             return 0, ""
-        return 1, (f"job {job.job_id} raised {type(error).__name__} (state {state}); "
-                   f"log {job.paths.stderr} (stdout {job.paths.stdout})")
+        return 1, (f"job {job.job_id} {state}: {describe_job_error(error)}; "
+                   f"log {job.task(0).paths.stderr} (stdout {job.task(0).paths.stdout})")
 
-    def _record(self, output_dir: str, job) -> str:
-        state = job.state
-        with open(os.path.join(output_dir, "submitit_job.json"), "w") as f:
+    def _record(self, output_dir: str, job, state: str) -> None:
+        tasks = [job.task(k).paths for k in range(job.num_tasks)]
+        path = os.path.join(output_dir, "submitit_job.json")
+        with open(path + ".tmp", "w") as f:  # replaced whole: a reader never sees half of it
             json.dump({"job_id": job.job_id, "cluster": self.cluster, "state": state,
-                       "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}, f, indent=1)
-        return state
+                       "resources": self.resources, "folder": os.path.join(self.folder, "%j"),
+                       "tasks": job.num_tasks, "stdout": str(tasks[0].stdout),
+                       "stderr": str(tasks[0].stderr), "task_logs": [str(t.stdout) for t in tasks]},
+                      f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def reusable_run(label: str, output_dir: str, request: dict, name: str) -> Optional[RunResult]:
@@ -445,25 +499,34 @@ def reusable_run(label: str, output_dir: str, request: dict, name: str) -> Optio
 def run_all(tasks: List[Tuple[str, str, str, Optional[int]]], launcher, opts: List[str]) -> List[RunResult]:
     """
     Runs (label, config, output_dir, seed) ``tasks`` with ``launcher``, reusing finished
-    runs of the same request (config, options with SEED, workers): every run is started
-    first (for a cluster: all jobs are queued), then finished in order.
+    runs of the same request (config, options with SEED, workers) and waiting for the jobs
+    of the same request that an earlier call left queued or running (``launcher.attach``):
+    every run is started first (for a cluster: all jobs are queued at once), then finished
+    in order.
     """
     started = []
     for label, config, output_dir, seed in tasks:
         name = label if seed is None else f"{label} seed {seed}"
         run_opts = list(opts) + ([] if seed is None else ["SEED", str(seed)])
         request = {"config": os.path.abspath(config), "opts": run_opts, "workers": launcher.workers}
-        run, handle, start = reusable_run(label, output_dir, request, name), None, time.perf_counter()
-        if run is None:
+        run, handle, start = None, launcher.attach(output_dir, request, name), time.perf_counter()
+        if handle is None:
+            run = reusable_run(label, output_dir, request, name)
+        if run is None and handle is None:
             print(f"[compare] running {name}: {config} -> {output_dir}", flush=True)
             handle = launcher.start(config, output_dir, run_opts)  # the local launcher runs it now
+            with open(os.path.join(output_dir, REQUEST_FILE), "w") as f:  # what attach() compares
+                json.dump({"request": request}, f)
         started.append((label, output_dir, seed, name, request, run, handle, start))
+    launcher.submit()  # a cluster's jobs all at once (one array); nothing for the local launcher
     runs = []
     for label, output_dir, seed, name, request, run, handle, start in started:
         if run is None:
             rc, detail = launcher.finish(handle)
             run = read_run(output_dir, label, rc)
-            run.detail = run.detail if not detail else f"{detail}; {run.detail}".rstrip("; ")
+            if detail:  # the launcher's reason replaces read_run's bare exit status
+                generic = run.detail == f"train_net exited with {rc}"
+                run.detail = detail if generic else f"{detail}; {run.detail}".rstrip("; ")
             run.seconds = time.perf_counter() - start
             with open(os.path.join(output_dir, REQUEST_FILE), "w") as f:
                 json.dump({"request": request, "seconds": run.seconds, "returncode": rc}, f)
@@ -679,6 +742,38 @@ def _parse_run(spec: str) -> Tuple[str, str]:
     return stem, path
 
 
+def submitit_resources(args) -> dict:
+    """
+    What each job of ``--launcher submitit`` asks for, from the command line: nodes, tasks
+    per node, GPUs per node (by default one per task on a SLURM partition with GPU GRES, none
+    on a CPU partition or without GRES; locally, where CUDA is), time limit, partition, CPUs
+    per task, array cap and requeues. ``ValueError`` naming the flag for what cannot work.
+    """
+    gpus = args.gpus_per_node
+    if gpus is None and args.cluster == "slurm":
+        from d2_batchnorm.engine.cluster import partition_gpus
+
+        gpus = args.num_gpus if partition_gpus(args.partition or None) > 0 else 0
+    elif gpus is None:
+        import torch
+
+        gpus = args.num_gpus if torch.cuda.is_available() else 0
+    tasks = args.tasks_per_node or gpus or args.num_gpus
+    if args.cluster == "local" and args.nodes != 1:
+        raise ValueError(f"--nodes = {args.nodes} is not allowed with --cluster local; it must be 1")
+    return dict(nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=gpus,
+                timeout_min=args.timeout_min or max(1, math.ceil(args.timeout / 60)),
+                partition=args.partition or None, cpus_per_task=args.cpus_per_task or None,
+                max_parallel=args.max_parallel or None, max_requeues=args.max_requeues)
+
+
+def _describe_resources(r: dict) -> str:
+    text = (f"{r['nodes']} node(s) x {r['tasks_per_node']} task(s), {r['gpus_per_node']} GPU(s) per node, "
+            f"{r['timeout_min']} min")
+    extras = [f"{k}={r[k]}" for k in ("partition", "cpus_per_task", "max_parallel") if r[k]]
+    return ", ".join([text] + extras) + f", requeued up to {r['max_requeues']} time(s)"
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts: List[str] = []
@@ -698,22 +793,33 @@ def main(argv=None) -> int:
                         help="with seeds: also report each variant's paired difference to LABEL")
     parser.add_argument("--launcher", choices=("local", "submitit"), default="local",
                         help="local: train_net.py processes here, one run after the other; submitit: "
-                             "one job per run (and seed) on --cluster")
+                             "one job per run (and seed) on --cluster, all submitted at once (a SLURM job array)")
     cluster = parser.add_argument_group("submitit launcher")
     cluster.add_argument("--cluster", choices=CLUSTERS, default="slurm",
                          help="slurm (sbatch), local (processes on this machine) or debug")
-    cluster.add_argument("--partition", default="", help="SLURM partition")
+    cluster.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default)")
     cluster.add_argument("--nodes", type=int, default=1, help="nodes per job")
-    cluster.add_argument("--gpus-per-node", type=int, default=0,
-                         help="tasks (GPUs) per node; default --num-gpus")
+    cluster.add_argument("--tasks-per-node", type=int, default=0,
+                         help="training processes per node; default: --gpus-per-node when GPUs are asked, "
+                              "else --num-gpus")
+    cluster.add_argument("--gpus-per-node", type=int, default=None,
+                         help="GPUs asked per node; 0 for CPU partitions; default: --num-gpus on a partition "
+                              "with GPU GRES (one task per GPU), else 0")
     cluster.add_argument("--timeout-min", type=int, default=0, help="job time limit; default --timeout")
     cluster.add_argument("--cpus-per-task", type=int, default=0, help="SLURM --cpus-per-task")
+    cluster.add_argument("--max-parallel", type=int, default=0,
+                         help="at most this many jobs of the array run at once (default: no cap)")
+    cluster.add_argument("--max-requeues", type=int, default=3,
+                         help="times a preempted or timed-out job is requeued to resume (submitit's max_num_timeout)")
     args = parser.parse_args(argv)
     try:
         for flag, value, minimum in (("--num-gpus", args.num_gpus, 1), ("--nodes", args.nodes, 1),
-                                     ("--gpus-per-node", args.gpus_per_node, 0),
+                                     ("--tasks-per-node", args.tasks_per_node, 0),
+                                     ("--gpus-per-node", 0 if args.gpus_per_node is None else args.gpus_per_node, 0),
                                      ("--timeout-min", args.timeout_min, 0),
-                                     ("--cpus-per-task", args.cpus_per_task, 0)):
+                                     ("--cpus-per-task", args.cpus_per_task, 0),
+                                     ("--max-parallel", args.max_parallel, 0),
+                                     ("--max-requeues", args.max_requeues, 0)):
             check_int(flag, value, minimum)
         seeds = parse_seeds(args.seeds)
         split_opts(opts)
@@ -726,10 +832,6 @@ def main(argv=None) -> int:
     if args.launcher == "submitit" and args.cluster == "slurm" and not shutil.which("srun"):
         print("error: --cluster slurm needs SLURM (srun, sbatch) on this machine's PATH; they were not "
               "found (--cluster local runs the jobs as processes here)", file=sys.stderr)
-        return 2
-    if args.launcher == "submitit" and args.cluster == "local" and args.nodes != 1:
-        print(f"error: --nodes = {args.nodes} is not allowed with --cluster local; it must be 1",
-              file=sys.stderr)
         return 2
     specs = [_parse_run(s) for s in args.runs]
     labels = [label for label, _ in specs]
@@ -747,9 +849,13 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     if args.launcher == "submitit":
-        launcher = SubmititLauncher(args.cluster, args.nodes, args.gpus_per_node or args.num_gpus,
-                                    args.timeout_min or max(1, math.ceil(args.timeout / 60)),
-                                    args.partition or None, args.cpus_per_task or None)
+        try:
+            resources = submitit_resources(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        launcher = SubmititLauncher(args.cluster, os.path.join(args.out, "submitit"), **resources)
+        print(f"[compare] each job ({args.cluster}): {_describe_resources(resources)}", flush=True)
     else:
         launcher = LocalLauncher(args.num_gpus, args.timeout)
     tasks = []
@@ -758,7 +864,11 @@ def main(argv=None) -> int:
             runs_dir = os.path.join(args.out, "runs", label)
             tasks += ([(label, path, runs_dir, None)] if not seeds else
                       [(label, path, os.path.join(runs_dir, f"seed{s}"), s) for s in seeds])
-    by_dir = {t[2]: r for t, r in zip(tasks, run_all(tasks, launcher, opts))}
+    try:
+        by_dir = {t[2]: r for t, r in zip(tasks, run_all(tasks, launcher, opts))}
+    except SubmissionRefused as e:
+        print(f"error: {args.cluster} refused the jobs: {e}", file=sys.stderr)
+        return 2
     runs = []
     for label, path in specs:
         if not path.endswith(CONFIG_SUFFIXES):
