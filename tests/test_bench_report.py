@@ -1,11 +1,13 @@
 """tools/bench_report.py: benchmarks write their latest output into README.md."""
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from bench_report import README, machine_description, write_readme_section  # noqa: E402
+from scripts import load_script
+
+bench_report = load_script("tools/bench_report.py")
+README, machine_description, write_readme_section = (
+    bench_report.README, bench_report.machine_description, bench_report.write_readme_section)
 
 
 def test_replaces_only_the_named_block(tmp_path):

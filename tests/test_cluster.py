@@ -12,9 +12,11 @@ import sys
 
 import pytest
 
+from d2_batchnorm import experiments
+from d2_batchnorm.cli.compare import main as compare_main
+from d2_batchnorm.cli.compare import submitit_resources
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import compare  # noqa: E402
 
 TOY_RETINANET = os.path.join(REPO, "configs", "Toy", "retinanet_R18_FPN_bn_head.yaml")
 
@@ -60,7 +62,7 @@ def test_tasks_and_gpus_per_node_are_separate_choices():
     def resources(**changes):
         import argparse
 
-        r = compare.submitit_resources(argparse.Namespace(**{**args, **changes}))
+        r = submitit_resources(argparse.Namespace(**{**args, **changes}))
         return r["nodes"], r["tasks_per_node"], r["gpus_per_node"]
 
     import torch
@@ -113,7 +115,7 @@ def test_compare_through_submitit_local_executor(tmp_path, capsys):
             "--seeds", "1", "--out", str(out), f"toy={TOY_RETINANET}", f"bad={bad}", "--",
             "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1",
             "SOLVER.STEPS", "()", "TEST.DETECTIONS_PER_IMAGE", "10"]
-    assert compare.main(argv) == 1  # the bad config's row
+    assert compare_main(argv) == 1  # the bad config's row
     printed = capsys.readouterr().out
     assert printed.count("[compare] submitted job") == 2
     with open(out / "compare.csv") as f:
@@ -124,9 +126,9 @@ def test_compare_through_submitit_local_executor(tmp_path, capsys):
     job = json.loads((run_dir / "submitit_job.json").read_text())
     assert job["state"] == "FINISHED" and job["cluster"] == "local"
     assert (run_dir / "log.txt.rank1").is_file(), "the second task trained too"
-    assert json.loads((run_dir / compare.REQUEST_FILE).read_text())["request"]["opts"][-2:] == ["SEED", "1"]
+    assert json.loads((run_dir / experiments.REQUEST_FILE).read_text())["request"]["opts"][-2:] == ["SEED", "1"]
     assert failed["status"] == "failed" and "job " in failed["detail"] and "_log.err" in failed["detail"]
     # a re-run reuses the finished job's run and submits the failed one again
-    assert compare.main(argv) == 1
+    assert compare_main(argv) == 1
     printed = capsys.readouterr().out
     assert "toy seed 1: reusing the finished run" in printed and printed.count("[compare] submitted job") == 1

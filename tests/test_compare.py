@@ -2,12 +2,11 @@
 import csv
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import compare  # noqa: E402
+from d2_batchnorm import experiments
+from d2_batchnorm.cli.compare import main as compare_main
 
 CONFIG_YAML = """MODEL:
   MASK_ON: true
@@ -51,11 +50,11 @@ def test_reads_finished_failed_unfinished_missing_and_eval_only_runs(tmp_path):
     unfinished = _run_dir(tmp_path, "running", metrics=[{"iteration": 9, "total_loss": 1.0}, ])
     eval_only = _run_dir(tmp_path, "batch_stats", stats="mini_batch", log=COPYPASTE)
     runs = [
-        compare.read_run(ok),
-        compare.read_run(failed),
-        compare.read_run(unfinished),
-        compare.read_run(eval_only, "bn head, batch stats"),
-        compare.read_run(str(tmp_path / "nowhere")),
+        experiments.read_run(ok),
+        experiments.read_run(failed),
+        experiments.read_run(unfinished),
+        experiments.read_run(eval_only, "bn head, batch stats"),
+        experiments.read_run(str(tmp_path / "nowhere")),
     ]
     assert [r.status for r in runs] == ["ok", "failed", "unfinished", "ok", "missing"]
     assert runs[0].metrics == {"bbox/AP": 31.5, "segm/AP": 29.25, "ema/bbox/AP": 30.0, "ema/segm/AP": 28.0}
@@ -64,7 +63,7 @@ def test_reads_finished_failed_unfinished_missing_and_eval_only_runs(tmp_path):
     assert runs[3].metrics == {"bbox/AP": 41.25, "segm/AP": 38.5}
     assert runs[3].statistics.startswith("mini-batch") and runs[3].mitigation.startswith("none")
 
-    markdown = compare.write_tables(runs, str(tmp_path))
+    markdown = experiments.write_tables(runs, str(tmp_path))
     lines = markdown.strip().splitlines()
     assert len(lines) == 2 + len(runs), "every run is a row, failed ones included"
     assert "bbox AP (EMA stats)" in lines[0]
@@ -75,7 +74,7 @@ def test_reads_finished_failed_unfinished_missing_and_eval_only_runs(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "failed", "unfinished", "ok", "missing"]
     assert float(rows[3]["segm/AP"]) == 38.5
 
-    compare.plot(runs, str(tmp_path / "compare.png"))
+    experiments.plot(runs, str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
 
@@ -85,7 +84,7 @@ def test_main_with_directories_and_a_failing_config(tmp_path, capsys):
     bad_config.write_text('_BASE_: "%s"\nMODEL:\n  ROI_BOX_HEAD:\n    LEAKAGE_MITIGATION: "shufle"\n'
                           % os.path.abspath("configs/Toy/mask_rcnn_R18_FPN_base.yaml"))
     out = tmp_path / "out"
-    rc = compare.main([f"bn={ok}", str(bad_config), "--out", str(out), "--timeout", "300"])
+    rc = compare_main([f"bn={ok}", str(bad_config), "--out", str(out), "--timeout", "300"])
     assert rc == 1
     printed = capsys.readouterr().out
     assert "| bn |" in printed and "failed" in printed
@@ -103,7 +102,7 @@ def test_main_lists_runs_with_corrupt_metrics_as_corrupt(tmp_path, capsys):
     (tmp_path / "garbage" / "metrics.json").write_text(
         '{"iteration": 9, "total_loss": 1.0}\nnot json at all\n{"bbox/AP": 21.0, "segm/AP": 19.0}\n')
     out = tmp_path / "cmp"
-    assert compare.main([ok, not_utf8, garbage, "--out", str(out)]) == 1
+    assert compare_main([ok, not_utf8, garbage, "--out", str(out)]) == 1
     assert "corrupt" in capsys.readouterr().out
     md_rows = (out / "compare.md").read_text().strip().splitlines()[2:]
     assert len(md_rows) == 3 and "corrupt: " in md_rows[1] and "corrupt: " in md_rows[2]
@@ -129,7 +128,7 @@ def test_last_line_of_metrics(tmp_path, tail, status):
     path = _run_dir(tmp_path, "run", metrics=[{"iteration": 19, "bbox/AP": 31.5, "segm/AP": 29.25}])
     with open(tmp_path / "run" / "metrics.json", "a") as f:
         f.write(tail)
-    run = compare.read_run(path)
+    run = experiments.read_run(path)
     assert run.status == status
     if status == "ok":
         assert run.metrics == {"bbox/AP": 31.5, "segm/AP": 29.25}
@@ -148,10 +147,10 @@ def test_last_line_of_metrics(tmp_path, tail, status):
 def test_corrupt_config_yaml(tmp_path, content, reason):
     path = _run_dir(tmp_path, "run", metrics=[{"bbox/AP": 20.0, "segm/AP": 18.0}])
     (tmp_path / "run" / "config.yaml").write_bytes(content)
-    run = compare.read_run(path)
+    run = experiments.read_run(path)
     assert run.status == "corrupt"
     assert run.detail.startswith(os.path.join(path, "config.yaml") + ": ") and reason in run.detail
-    assert compare._status_text(run).startswith("corrupt: ")
+    assert experiments.status_text(run).startswith("corrupt: ")
 
 
 @pytest.mark.parametrize(
@@ -164,7 +163,7 @@ def test_corrupt_config_yaml(tmp_path, content, reason):
     ],
 )
 def test_bad_arguments(tmp_path, capsys, argv, message):
-    assert compare.main(argv + ["--out", str(tmp_path)] if "--" not in argv else
+    assert compare_main(argv + ["--out", str(tmp_path)] if "--" not in argv else
                         argv[:argv.index("--")] + ["--out", str(tmp_path)] + argv[argv.index("--"):]) == 2
     assert message in capsys.readouterr().err
 
@@ -181,13 +180,13 @@ def _seed_runs(root, label, aps, mit="none"):
 def test_seeds_give_mean_sd_per_variant_and_paired_differences(tmp_path):
     bn = _seed_runs(tmp_path, "bn", {1: 50.0, 2: 54.0, 3: 52.0})
     shuffle = _seed_runs(tmp_path, "shuffle", {1: 53.0, 2: 55.0, 3: None}, mit="shuffle")
-    runs = compare.read_dir(bn, "bn") + compare.read_dir(shuffle, "shuffle")
+    runs = experiments.read_dir(bn, "bn") + experiments.read_dir(shuffle, "shuffle")
     assert [(r.label, r.seed, r.status) for r in runs] == [
         ("bn", 1, "ok"), ("bn", 2, "ok"), ("bn", 3, "ok"),
         ("shuffle", 1, "ok"), ("shuffle", 2, "ok"), ("shuffle", 3, "unfinished")]
     # paired by seed, only where both runs are ok: 53-50, 55-54
-    assert compare.paired_differences(runs, "bn", "bbox/AP") == {"shuffle": [3.0, 1.0]}
-    markdown = compare.write_seed_tables(runs, str(tmp_path), baseline="bn")
+    assert experiments.paired_differences(runs, "bn", "bbox/AP") == {"shuffle": [3.0, 1.0]}
+    markdown = experiments.write_seed_tables(runs, str(tmp_path), baseline="bn")
     header, _, bn_row, shuffle_row = markdown.strip().splitlines()
     assert "bbox AP (mean ± sd)" in header and "Δ bbox AP vs bn (paired, mean ± sd)" in header
     assert "| 3/3 | 52.0 ± 2.0 | 50.0 ± 2.0 | 1: 50.0, 2: 54.0, 3: 52.0 | (baseline) |" in bn_row
@@ -197,7 +196,7 @@ def test_seeds_give_mean_sd_per_variant_and_paired_differences(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["run"], r["seed"], r["status"]) for r in rows] == [
         (r.label, str(r.seed), r.status) for r in runs]
-    compare.plot(runs, str(tmp_path / "compare.png"))
+    experiments.plot(runs, str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
 
@@ -210,11 +209,11 @@ def test_seeds_reuse_finished_runs_and_rerun_the_rest(tmp_path, capsys):
     runs.mkdir(parents=True)
     done = _run_dir(runs, "seed1", metrics=[{"bbox/AP": 40.0, "segm/AP": 38.0}])
     request = {"config": str(config), "opts": ["SOLVER.MAX_ITER", "5", "SEED", "1"], "workers": 2}
-    with open(os.path.join(done, compare.REQUEST_FILE), "w") as f:
+    with open(os.path.join(done, experiments.REQUEST_FILE), "w") as f:
         json.dump({"request": request, "seconds": 12.0}, f)
     stale = _run_dir(runs, "seed2", metrics=[{"bbox/AP": 41.0}])  # made by another request
     argv = [f"bad={config}", "--seeds", "2", "--out", str(out), "--", "SOLVER.MAX_ITER", "5"]
-    assert compare.main(argv) == 1
+    assert compare_main(argv) == 1
     printed = capsys.readouterr().out
     assert "bad seed 1: reusing the finished run" in printed
     assert "is made by another request; running it again" in printed
@@ -229,10 +228,10 @@ def test_seeds_reuse_finished_runs_and_rerun_the_rest(tmp_path, capsys):
 
 @pytest.mark.parametrize("seeds, expected", [("3", [1, 2, 3]), ("7,0,11", [7, 0, 11]), ("", [])])
 def test_parse_seeds(seeds, expected):
-    assert compare.parse_seeds(seeds) == expected
+    assert experiments.parse_seeds(seeds) == expected
 
 
 @pytest.mark.parametrize("seeds", ["0", "two", "1,1", "-1,2"])
 def test_bad_seeds(tmp_path, capsys, seeds):
-    assert compare.main(["x", f"--seeds={seeds}", "--out", str(tmp_path)]) == 2
+    assert compare_main(["x", f"--seeds={seeds}", "--out", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err

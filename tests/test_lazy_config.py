@@ -5,7 +5,6 @@ each family (RetinaNet, FCOS, Mask R-CNN) trains and evaluates in 2 gloo process
 PreciseBN; FCOS's level statistics on 2 ranks equal an independent computation.
 """
 import os
-import sys
 
 import pytest
 import torch
@@ -19,9 +18,8 @@ from d2_batchnorm.modeling import build_model
 from tiny_datasets import TINY_VAL, register_tiny_val, write_tiny_val
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import lazyconfig_train_net  # noqa: E402
+from d2_batchnorm.cli import lazyconfig_train_net  # noqa: E402
 
 
 def _config(name):

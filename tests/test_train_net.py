@@ -9,9 +9,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_RETINANET = os.path.join(REPO, "configs", "Toy", "retinanet_R18_FPN_bn_head.yaml")
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import train_net  # noqa: E402
+from d2_batchnorm.cli import train_net  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 from bench_report import machine_description, write_readme_section  # tools/bench_report.py
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TIME_SHAPES = [(8, 64, 64, 64), (2, 256, 32, 32), (2, 256, 8, 8)]
 LEVEL_SIZES = [128, 64, 32, 16, 8]  # P3-P7 of a 1024x1024 image

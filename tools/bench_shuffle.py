@@ -28,7 +28,6 @@ W workers, and the machine it ran on; ``--out FILE`` also writes them.
 """
 import argparse
 import math
-import os
 import pickle
 import statistics
 import sys
@@ -39,7 +38,6 @@ from typing import Dict, List
 import torch
 from bench_report import machine_description, write_readme_section  # tools/bench_report.py
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 METHODS = ("bn", "shuffle (ours)", "shuffle (reference)", "syncbn")
 

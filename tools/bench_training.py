@@ -37,7 +37,6 @@ from typing import List
 import torch
 from bench_report import machine_description  # tools/bench_report.py
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Toy", "mask_rcnn_R18_FPN_bn_head.yaml")

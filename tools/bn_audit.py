@@ -31,8 +31,8 @@ import os
 import sys
 
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
-from compare import box_ap  # tools/compare.py
 from d2_batchnorm.audit import audit_config
+from d2_batchnorm.experiments import box_ap
 from d2_batchnorm.lazy_config import setting, setting_name
 
 

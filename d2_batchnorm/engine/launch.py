@@ -30,6 +30,10 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
 
+from ..data import prepare_datasets
+from ..lazy_config import dataset_names
+from .defaults import check_weights
+
 __all__ = ["check_launch_args", "launch", "launch_cli", "launched_by_torchrun", "run_on_local_workers"]
 
 
@@ -144,12 +148,14 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
                      dist_url=dist_url, args=(main_func, os.getpid(), threads) + tuple(args))
 
 
-def launch_cli(main_func, check_before_launch, argv=None) -> int:
+def launch_cli(main_func, load_config, argv=None) -> int:
     """
-    Parses detectron2's training arguments (``default_argument_parser``) from ``argv``,
-    calls ``check_before_launch(args, world_size)`` in this process — a ``ValueError`` ends
-    the run with one ``error: ...`` line on stderr and exit status 2, before any worker
-    starts — then runs ``main_func(args)`` in every worker (:func:`launch`). The world size
+    Parses detectron2's training arguments (``default_argument_parser``) from ``argv`` and
+    fails fast in this process, before any worker starts and before anything is written
+    into the output directory: ``load_config(args.config_file, args.opts, world_size)``
+    (a bad config), the checkpoint it will load and its datasets. A ``ValueError`` ends the
+    run with one ``error: ...`` line on stderr and exit status 2. Then runs
+    ``main_func(args)`` in every worker (:func:`launch`). The world size
     is ``--num-gpus × --num-machines`` (checked), or torchrun's ``WORLD_SIZE``. detectron2's
     default ``--dist-url`` (one fixed port per user) becomes "auto" on one machine, so two
     jobs at once do not collide. Returns the exit status.
@@ -167,7 +173,9 @@ def launch_cli(main_func, check_before_launch, argv=None) -> int:
         else:
             check_launch_args(args.num_gpus, args.num_machines)
             world_size = args.num_gpus * args.num_machines
-        check_before_launch(args, world_size)
+        cfg = load_config(args.config_file, args.opts, world_size)
+        check_weights(cfg, resume=args.resume)
+        prepare_datasets(dataset_names(cfg))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

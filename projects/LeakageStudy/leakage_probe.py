@@ -26,7 +26,6 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 SCALARS = ("loss_cls", "loss_box_reg", "loss_mask", "fast_rcnn/cls_accuracy", "fast_rcnn/fg_cls_accuracy")
 

@@ -20,9 +20,9 @@ import os
 import statistics
 import sys
 
+from d2_batchnorm.experiments import mean_sd, read_dir
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
-from compare import mean_sd, read_dir  # noqa: E402
 
 TASKS = (("bbox/AP", "bbox AP"), ("segm/AP", "segm AP"))
 

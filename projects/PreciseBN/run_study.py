@@ -47,11 +47,11 @@ from typing import Dict, List, Optional
 
 import torch
 
+from d2_batchnorm.experiments import LocalLauncher, box_ap, copypaste_blocks, mean_sd, parse_seeds, run_all
+from d2_batchnorm.experiments import read_run as read_compare_run
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-from compare import LocalLauncher, box_ap, copypaste_blocks, mean_sd, parse_seeds, read_run as read_compare_run  # noqa: E402
-from compare import run_all  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs/Toy/retinanet_R18_FPN_bn_head.yaml")
 BATCH, MAX_ITER, EVAL_PERIOD = 16, 80, 20
