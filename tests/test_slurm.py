@@ -108,7 +108,8 @@ def test_job_array_gives_the_local_launchers_table_and_reruns_only_what_is_missi
     rc, stdout, stderr = _compare(args)
     assert rc == 0, stdout + stderr
     assert stdout.count("reusing the finished run") == 3 and stdout.count("[compare] submitted job") == 1
-    assert _job(os.path.join(out, "runs", "b", "seed2"))["job_id"].endswith("_0")
+    resubmitted = _job(os.path.join(out, "runs", "b", "seed2"))
+    assert resubmitted["state"] == "COMPLETED" and resubmitted["job_id"] != jobs["b", 2]["job_id"]
     rerun = _rows(out)
     assert {k: [r[c] for c in METRIC_COLUMNS] for k, r in rerun.items()} == \
         {k: [r[c] for c in METRIC_COLUMNS] for k, r in slurm.items()}
@@ -191,7 +192,8 @@ def test_preempted_job_requeues_and_resumes_to_the_same_final_metrics(local_tabl
                             text=True, env=ENV)
     run_dir = out / "runs" / "a" / "seed1"
     try:
-        while not (run_dir / "model_final.pth").is_file():
+        last = run_dir / "last_checkpoint"  # written once model_final.pth is whole
+        while not last.is_file() or last.read_text().strip() != "model_final.pth":
             assert proc.poll() is None and time.monotonic() - start < 300, "no final checkpoint"
             time.sleep(0.1)
         job_id = _job(run_dir)["job_id"]
@@ -201,9 +203,12 @@ def test_preempted_job_requeues_and_resumes_to_the_same_final_metrics(local_tabl
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stdout
-    with open(_job(run_dir)["stderr"]) as f:
-        log = f.read()
-    assert f"Requeued job {job_id}" in log, "the job was preempted and requeued"
+    with open(_job(run_dir)["stdout"]) as f:
+        assert f"Requeued job {job_id}" in f.read(), "the job was preempted and requeued"
     assert _job(run_dir)["state"] == "COMPLETED"
+    with open(run_dir / "log.txt") as f:
+        log = f.read()
+    assert log.count("Starting training from iteration 0") == 1, "trained once"
+    assert log.count("Starting training from iteration 3") == 1, "the requeued job resumed from model_final.pth"
     resumed, reference = _rows(str(out))[("a", "1")], _rows(local_table)[("a", "1")]
     assert {c: resumed[c] for c in METRIC_COLUMNS} == {c: reference[c] for c in METRIC_COLUMNS}

@@ -137,6 +137,12 @@ cmd_start() {
     return 0
   fi
   install_packages
+  local p
+  for p in "$port" $((port + 1)); do  # another cluster (another checkout's) on these ports
+    if ! live_pid slurmctld >/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      die "port $p is in use (another SLURM? stop it, or choose other ports with D2BN_SLURM_PORT)"
+    fi
+  done
   mkdir -p "$dir"/{state,spool,log,run}
   chmod 0755 "$dir"
   live_pid munged >/dev/null || start_munged
