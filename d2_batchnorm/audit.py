@@ -25,7 +25,7 @@ head sees only foreground RoIs: at most ``positive_fraction`` of them).
 
 Everything about the model is read from the built modules, so yacs configs and LazyConfigs
 are audited alike; what only a config says (the training settings, batch, input size, LR
-steps) comes through :class:`ConfigView`.
+steps) comes through :class:`ConfigKind`.
 
 Population statistics: the EMA (momentum m: an average over roughly the last 1/m
 iterations) or PreciseBN (``TEST.PRECISE_BN``); for a head shared across FPN levels,
@@ -42,9 +42,10 @@ from detectron2.layers.batch_norm import LayerNorm as D2LayerNorm
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .config import NORM_KEYS, images_per_worker, split_batch
+from .config import NORM_KEYS
+from .config_kinds import ConfigKind, adapt
+from .engine.precise_bn_settings import PreciseBNSettings
 from .layers import GhostBatchNorm, LevelBatchNorm
-from .lazy_config import is_lazy_config, setting, setting_name
 from .modeling import BNConvFCHead, BNMaskRCNNConvUpsampleHead, BNRetinaNetHead
 from .modeling.build import modules_of_norm_key
 
@@ -164,89 +165,6 @@ def _num(x) -> str:
 
 # ------------------------------------------------------------------------ the config
 
-#: where a LazyConfig holds what these yacs keys configure (the model is built by
-#: d2_batchnorm's configs/common models: our heads under these names)
-LAZY_PATHS = {
-    "SOLVER.IMS_PER_BATCH": "dataloader.train.total_batch_size",
-    "MODEL.RESNETS.NORM": "model.backbone.bottom_up.stages.norm",
-    "MODEL.FPN.NORM": "model.backbone.norm",
-    "MODEL.RETINANET.NORM": "model.head.norm",
-    "MODEL.RETINANET.NORM_STATS": "model.head.norm_stats",
-    "MODEL.RETINANET.POPULATION_STATS": "model.head.population_stats",
-    "MODEL.ROI_BOX_HEAD.NORM": "model.roi_heads.box_head.conv_norm",
-    "MODEL.ROI_MASK_HEAD.NORM": "model.roi_heads.mask_head.conv_norm",
-    "MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION": "model.roi_heads.box_head.leakage_mitigation",
-    "MODEL.ROI_MASK_HEAD.LEAKAGE_MITIGATION": "model.roi_heads.mask_head.leakage_mitigation",
-    "MODEL.ROI_BOX_HEAD.NAME": "model.roi_heads.box_head._target_",
-    "MODEL.ROI_MASK_HEAD.NAME": "model.roi_heads.mask_head._target_",
-    "MODEL.META_ARCHITECTURE": "model.head._target_",
-}
-#: yacs names of d2_batchnorm's classes -> their LazyConfig ``_target_``
-LAZY_TARGETS = {
-    "BNConvFCHead": "d2_batchnorm.modeling.BNConvFCHead",
-    "BNMaskRCNNConvUpsampleHead": "d2_batchnorm.modeling.BNMaskRCNNConvUpsampleHead",
-    "BNRetinaNet": "d2_batchnorm.modeling.BNRetinaNetHead",
-}
-
-
-class ConfigView:
-    """
-    What the audit reads from a config, a yacs ``CfgNode`` or a LazyConfig alike: the
-    training settings (``lazy_config.setting``), the training batch, the input size and the
-    learning-rate steps; and how a fix names a key (``KEY VALUE`` for yacs, ``path=value``
-    for LazyConfig overrides).
-    """
-
-    def __init__(self, cfg, world_size: int):
-        self.cfg, self.world_size, self.lazy = cfg, world_size, is_lazy_config(cfg)
-
-    def setting(self, key: str):
-        return setting(self.cfg, key)
-
-    def name(self, key: str) -> str:
-        if not self.lazy:
-            return key
-        return LAZY_PATHS.get(key) or setting_name(self.cfg, key)
-
-    def fix(self, *pairs) -> str:
-        """``fix(("KEY", value), ...)``: the config line that sets them."""
-        if self.lazy:
-            return " ".join(f"{self.name(k)}={LAZY_TARGETS.get(v, v) if v != '' else repr('')}" for k, v in pairs)
-        return " ".join(f"{k} {v if v != '' else repr('')}" for k, v in pairs)
-
-    def images_per_worker(self) -> int:
-        if self.lazy:
-            return split_batch(self.cfg.dataloader.train.total_batch_size, self.world_size, 0,
-                               ("dataloader.train.total_batch_size", "reference_world_size"))
-        return images_per_worker(self.cfg, self.world_size)
-
-    def input_size(self) -> Tuple[int, int]:
-        """(H, W) of a typical training image: the largest short edge, 4:3, capped by the long edge."""
-        if self.lazy:
-            short, longest = 800, 1333  # detectron2's defaults, if no ResizeShortestEdge is found
-            for aug in self.cfg.dataloader.train.mapper.get("augmentations", []):
-                if "short_edge_length" in aug:
-                    edge = aug.short_edge_length
-                    short = edge if isinstance(edge, int) else max(edge)
-                    longest = aug.get("max_size", longest)
-        else:
-            short, longest = max(self.cfg.INPUT.MIN_SIZE_TRAIN), self.cfg.INPUT.MAX_SIZE_TRAIN
-        return short, min(round(short * 4 / 3), longest)
-
-    def lr_steps(self) -> List[int]:
-        if self.lazy:
-            from omegaconf import OmegaConf
-
-            return list(OmegaConf.select(self.cfg, "lr_multiplier.scheduler.milestones", default=[]) or [])
-        return list(self.cfg.SOLVER.STEPS)
-
-    def group_config(self, key: str) -> str:
-        """How the report names what configures a group's norms."""
-        if self.lazy:
-            return f"`{LAZY_PATHS[f'MODEL.{key}.NORM']}`"
-        return f"`MODEL.{key}.NORM` = {self.cfg.MODEL[key].NORM!r}"
-
-
 # ------------------------------------------------------------------------------ groups
 
 def _is_norm(m: nn.Module) -> bool:
@@ -316,16 +234,7 @@ def _pair(size) -> Tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def precise_bn_samples(view: ConfigView) -> int:
-    """Images over all workers per PreciseBN run (``NUM_SAMPLES``, else ``NUM_ITER`` batches)."""
-    samples = view.setting("TEST.PRECISE_BN.NUM_SAMPLES")
-    if samples > 0:
-        return samples
-    batch = view.setting("TEST.PRECISE_BN.IMS_PER_BATCH") or view.images_per_worker()
-    return view.setting("TEST.PRECISE_BN.NUM_ITER") * batch * view.world_size
-
-
-def collect_groups(view: ConfigView, model: nn.Module) -> List[NormGroup]:
+def collect_groups(view: ConfigKind, model: nn.Module) -> List[NormGroup]:
     """The :class:`NormGroup` of every ``MODEL.<key>.NORM`` that configures modules of ``model``."""
     owned: Dict[str, List[Tuple[str, nn.Module]]] = {}
     names = {id(m): n for n, m in model.named_modules()}
@@ -344,7 +253,7 @@ def collect_groups(view: ConfigView, model: nn.Module) -> List[NormGroup]:
         stat_modules = [(n, m) for n, m in found if _has_batch_statistics(m)]
         name = "FCOS head" if key == "RETINANET" and "FCOS" in type(model).__name__ else GROUP_NAMES[key]
         group = NormGroup(
-            name=name, key=key, norm=view.group_config(key),
+            name=name, key=key, norm=view.describe_norm(key),
             types=dict(Counter(type(m).__name__ for m in modules)),
             batch_statistics=len(stat_modules), modules=[n for n, _ in found],
         )
@@ -360,7 +269,7 @@ def _head_module(model: nn.Module, key: str) -> Optional[nn.Module]:
     return roots[0] if roots else None
 
 
-def _describe_batch(group, view: ConfigView, model, stat_modules, calls) -> None:
+def _describe_batch(group, view: ConfigKind, model, stat_modules, calls) -> None:
     per_worker = view.images_per_worker()
     workers = max(_workers(m, view.world_size) for _, m in stat_modules)
     images = float(per_worker * workers)
@@ -381,12 +290,12 @@ def _describe_batch(group, view: ConfigView, model, stat_modules, calls) -> None
     group.workers_per_normalization, group.images_per_normalization = workers, images
 
 
-def _describe_population(group, view: ConfigView, stat_modules, calls) -> None:
+def _describe_population(group, view: ConfigKind, stat_modules, calls) -> None:
     group.momenta = sorted({float(m.momentum) for _, m in stat_modules if m.momentum is not None})
-    if view.setting("TEST.PRECISE_BN.ENABLED"):
-        period = view.setting("TEST.PRECISE_BN.PERIOD") or view.setting("TEST.EVAL_PERIOD")
-        every = f"every {period} iterations and " if period else ""
-        group.population = f"PreciseBN: {precise_bn_samples(view)} images, {every}after the last iteration"
+    precise = PreciseBNSettings.from_config(view.cfg, view.world_size)
+    if precise.enabled:
+        every = f"every {precise.period} iterations and " if precise.period else ""
+        group.population = f"PreciseBN: {precise.images} images, {every}after the last iteration"
     else:
         group.population = ", ".join(f"EMA, momentum {m:g} (≈ the last {1 / m:.0f} iterations)" for m in group.momenta)
     problems = []
@@ -407,7 +316,7 @@ def _describe_population(group, view: ConfigView, stat_modules, calls) -> None:
 
 @dataclass
 class _Context:
-    view: ConfigView
+    view: ConfigKind
     model: nn.Module
     groups: List[NormGroup]
 
@@ -448,11 +357,9 @@ def _level_statistics(ctx: _Context) -> List[Finding]:
         head = getattr(ctx.model, "head", None)
         if isinstance(head, BNRetinaNetHead):  # BNFCOSHead too
             fix = view.fix(*stats)
-        elif view.lazy:
-            ours = "BNFCOSHead" if "FCOS" in type(ctx.model).__name__ else "BNRetinaNetHead"
-            fix = f"model.head._target_=d2_batchnorm.modeling.{ours} " + view.fix(*stats)
-        else:
-            fix = view.fix(("MODEL.META_ARCHITECTURE", "BNRetinaNet"), *stats)
+        else:  # a LazyConfig names the head's class; yacs, the meta-architecture
+            ours = "BNFCOS" if "FCOS" in type(ctx.model).__name__ else "BNRetinaNet"
+            fix = view.fix(("MODEL.META_ARCHITECTURE", ours), *stats)
         out.append(Finding(
             "level_statistics", g.name,
             f"its population statistics are not computed like its training statistics: {g.inconsistency}",
@@ -464,17 +371,17 @@ def _level_statistics(ctx: _Context) -> List[Finding]:
     return out
 
 
-def _last_lr_change(view: ConfigView) -> int:
-    max_iter = view.setting("SOLVER.MAX_ITER")
+def _last_lr_change(view: ConfigKind) -> int:
+    max_iter = view.get("SOLVER.MAX_ITER")
     return max([s for s in view.lr_steps() if s < max_iter], default=0)
 
 
 def _ema_lag(ctx: _Context) -> List[Finding]:
     view = ctx.view
-    if view.setting("TEST.PRECISE_BN.ENABLED") or view.setting("TEST.BN_STATS") != "population":
+    if view.get("TEST.PRECISE_BN.ENABLED") or view.get("TEST.BN_STATS") != "population":
         return []
     last = _last_lr_change(view)
-    since = view.setting("SOLVER.MAX_ITER") - last
+    since = view.get("SOLVER.MAX_ITER") - last
     out = []
     for g in ctx.trainable():
         if not g.momenta:
@@ -495,8 +402,8 @@ def _ema_lag(ctx: _Context) -> List[Finding]:
 
 def _few_precise_samples(ctx: _Context) -> List[Finding]:
     view = ctx.view
-    samples = precise_bn_samples(view)
-    if not view.setting("TEST.PRECISE_BN.ENABLED") or not ctx.trainable() or samples >= PRECISE_MIN_SAMPLES:
+    samples = PreciseBNSettings.from_config(view.cfg, view.world_size).images
+    if not view.get("TEST.PRECISE_BN.ENABLED") or not ctx.trainable() or samples >= PRECISE_MIN_SAMPLES:
         return []
     return [Finding(
         "few_precise_samples", "all",
@@ -528,8 +435,8 @@ def _small_batch(ctx: _Context) -> List[Finding]:
 
 def _contradictions(ctx: _Context) -> List[Finding]:
     view, out = ctx.view, []
-    mini = view.setting("TEST.BN_STATS") == "mini_batch"
-    frozen, datasets = view.setting("BN.FROZEN_LAST_ITERS"), list(view.setting("TEST.PRECISE_BN.DATASETS"))
+    mini = view.get("TEST.BN_STATS") == "mini_batch"
+    frozen, datasets = view.get("BN.FROZEN_LAST_ITERS"), list(view.get("TEST.PRECISE_BN.DATASETS"))
     if mini and frozen > 0:
         out.append(Finding(
             "frozen_then_mini_batch", "all",
@@ -539,7 +446,7 @@ def _contradictions(ctx: _Context) -> List[Finding]:
             "inference then uses others, re-creating the inconsistency FrozenBN removed (paper, Sec. 4)",
             view.fix(("TEST.BN_STATS", "population")) + "   (or " + view.fix(("BN.FROZEN_LAST_ITERS", 0)) + ")",
         ))
-    if datasets and (mini or not view.setting("TEST.PRECISE_BN.ENABLED")):
+    if datasets and (mini or not view.get("TEST.PRECISE_BN.ENABLED")):
         why = "inference uses mini-batch statistics" if mini else "PreciseBN is off"
         out.append(Finding(
             "new_domain_unused", "all",
@@ -569,7 +476,7 @@ RULES: Tuple[Callable[[_Context], List[Finding]], ...] = (
 
 def audit_model(cfg, model: nn.Module, world_size: int = 1, config_name: str = "") -> Audit:
     """The :class:`Audit` of a model built from ``cfg`` (yacs or LazyConfig, validated for ``world_size``)."""
-    view = ConfigView(cfg, world_size)
+    view = adapt(cfg, world_size)
     groups = collect_groups(view, model)
     ctx = _Context(view, model, groups)
     findings = [f for rule in RULES for f in rule(ctx)]
@@ -583,10 +490,10 @@ def audit_config(config_file: str, opts: Sequence[str] = (), world_size: int = 1
     ``ValueError`` naming the key, path or file), builds its model on CPU and audits it.
     Returns (audit, cfg, model).
     """
-    from .engine.defaults import is_lazy_config_file, load_any_config
+    from .config_kinds import config_kind
     from .engine.lazy import build_any_model
 
-    cpu = ["train.device=cpu"] if is_lazy_config_file(config_file) else ["MODEL.DEVICE", "cpu"]
-    cfg = load_any_config(config_file, list(opts) + cpu, world_size)
+    kind = config_kind(config_file)
+    cfg = kind.load(config_file, list(opts) + kind.opts("MODEL.DEVICE", "cpu"), world_size)
     model = build_any_model(cfg)
     return audit_model(cfg, model, world_size, config_file), cfg, model

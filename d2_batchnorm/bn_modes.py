@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checks import check_choice
-from .precise_bn import saved_bn_state
+from .module_state import saved_bn_state
 
 __all__ = ["TEST_BN_STATS", "force_bn_mode", "inference_statistics", "mini_batch_statistics"]
 

@@ -31,7 +31,7 @@ from .modeling.roi_heads import leakage_args_from_config
 
 __all__ = [
     "add_batchnorm_config", "validate_batchnorm_config", "images_per_worker", "split_batch",
-    "check_frozen_last_iters", "config_value", "TRAIN_SETTINGS",
+    "check_frozen_last_iters", "config_value", "SETTINGS",
 ]
 
 # Keys naming a norm (d2_batchnorm.layers.get_norm's names), and those whose norm sees a
@@ -51,29 +51,45 @@ def _at_least(minimum: int):
     return lambda name, value: check_int(name, value, minimum)
 
 
-#: The training settings both kinds of config have, each once: (yacs key, path in a
-#: LazyConfig's ``train`` section, LazyConfig default, check(name, value)). A default of
-#: None marks detectron2's own settings (detectron2's ``configs/common/train.py`` has them;
-#: it lacks ``seed``, which detectron2's ``default_setup`` reads). yacs defaults are set by
-#: ``_add_keys`` (or detectron2's ``get_cfg``).
-TRAIN_SETTINGS = (
-    ("SOLVER.MAX_ITER", "max_iter", None, _at_least(1)),
-    ("SOLVER.CHECKPOINT_PERIOD", "checkpointer.period", None, _at_least(1)),
-    ("TEST.EVAL_PERIOD", "eval_period", None, _at_least(0)),
-    ("TEST.PRECISE_BN.ENABLED", "precise_bn.enabled", False, check_bool),
-    ("TEST.PRECISE_BN.NUM_ITER", "precise_bn.num_iter", 200, _at_least(1)),
-    ("TEST.PRECISE_BN.NUM_SAMPLES", "precise_bn.num_samples", 0, _at_least(0)),
-    ("TEST.PRECISE_BN.PERIOD", "precise_bn.period", 0, _at_least(0)),
-    ("TEST.PRECISE_BN.IMS_PER_BATCH", "precise_bn.ims_per_batch", 0, _at_least(0)),
-    ("TEST.PRECISE_BN.EVAL_EMA", "precise_bn.eval_ema", True, check_bool),
-    ("TEST.PRECISE_BN.DATASETS", "precise_bn.datasets", [], _check_dataset_list),
-    ("TEST.BN_STATS", "bn_stats", "population", lambda name, value: check_choice(name, value, TEST_BN_STATS)),
-    ("BN.FROZEN_LAST_ITERS", "frozen_bn_last_iters", 0, _at_least(0)),
-    ("BN.MOMENTUM", "bn_momentum", 0.0, lambda name, value: check_float(name, value, 0.0, 1.0)),
-    ("SEED", "seed", -1, None),
-    ("OUTPUT_DIR", "output_dir", None, None),
-    ("MODEL.WEIGHTS", "init_checkpoint", None, None),
-    ("MODEL.DEVICE", "device", None, None),
+#: The one table of settings, for both kinds of config: (yacs key, where a LazyConfig
+#: holds it, LazyConfig default, check(name, value)). Settings in ``train.*`` with a
+#: default are d2_batchnorm's, added by ``lazy_config.add_batchnorm_train_config``; a
+#: default of None marks detectron2's own (its ``configs/common/train.py`` has them; it
+#: lacks ``seed``, which detectron2's ``default_setup`` reads) and the model's arguments,
+#: as d2_batchnorm's ``configs/common/models`` name them. yacs defaults are set by
+#: ``_add_keys`` (or detectron2's ``get_cfg``). ``config_kinds`` reads and writes them.
+SETTINGS = (
+    ("SOLVER.MAX_ITER", "train.max_iter", None, _at_least(1)),
+    ("SOLVER.CHECKPOINT_PERIOD", "train.checkpointer.period", None, _at_least(1)),
+    ("TEST.EVAL_PERIOD", "train.eval_period", None, _at_least(0)),
+    ("TEST.PRECISE_BN.ENABLED", "train.precise_bn.enabled", False, check_bool),
+    ("TEST.PRECISE_BN.NUM_ITER", "train.precise_bn.num_iter", 200, _at_least(1)),
+    ("TEST.PRECISE_BN.NUM_SAMPLES", "train.precise_bn.num_samples", 0, _at_least(0)),
+    ("TEST.PRECISE_BN.PERIOD", "train.precise_bn.period", 0, _at_least(0)),
+    ("TEST.PRECISE_BN.IMS_PER_BATCH", "train.precise_bn.ims_per_batch", 0, _at_least(0)),
+    ("TEST.PRECISE_BN.EVAL_EMA", "train.precise_bn.eval_ema", True, check_bool),
+    ("TEST.PRECISE_BN.DATASETS", "train.precise_bn.datasets", [], _check_dataset_list),
+    ("TEST.BN_STATS", "train.bn_stats", "population", lambda name, value: check_choice(name, value, TEST_BN_STATS)),
+    ("BN.FROZEN_LAST_ITERS", "train.frozen_bn_last_iters", 0, _at_least(0)),
+    ("BN.MOMENTUM", "train.bn_momentum", 0.0, lambda name, value: check_float(name, value, 0.0, 1.0)),
+    ("SEED", "train.seed", -1, None),
+    ("OUTPUT_DIR", "train.output_dir", None, None),
+    ("MODEL.WEIGHTS", "train.init_checkpoint", None, None),
+    ("MODEL.DEVICE", "train.device", None, None),
+    ("SOLVER.IMS_PER_BATCH", "dataloader.train.total_batch_size", None, None),
+    ("TEST.IMS_PER_BATCH", "dataloader.test.batch_size", None, None),
+    ("MODEL.META_ARCHITECTURE", "model.head._target_", None, None),
+    ("MODEL.RESNETS.NORM", "model.backbone.bottom_up.stages.norm", None, None),
+    ("MODEL.FPN.NORM", "model.backbone.norm", None, None),
+    ("MODEL.RETINANET.NORM", "model.head.norm", None, None),
+    ("MODEL.RETINANET.NORM_STATS", "model.head.norm_stats", None, None),
+    ("MODEL.RETINANET.POPULATION_STATS", "model.head.population_stats", None, None),
+    ("MODEL.ROI_BOX_HEAD.NAME", "model.roi_heads.box_head._target_", None, None),
+    ("MODEL.ROI_BOX_HEAD.NORM", "model.roi_heads.box_head.conv_norm", None, None),
+    ("MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION", "model.roi_heads.box_head.leakage_mitigation", None, None),
+    ("MODEL.ROI_MASK_HEAD.NAME", "model.roi_heads.mask_head._target_", None, None),
+    ("MODEL.ROI_MASK_HEAD.NORM", "model.roi_heads.mask_head.conv_norm", None, None),
+    ("MODEL.ROI_MASK_HEAD.LEAKAGE_MITIGATION", "model.roi_heads.mask_head.leakage_mitigation", None, None),
 )
 
 
@@ -160,7 +176,7 @@ def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
         world_size: the number of training processes, for keys that must divide it.
     """
     check_batchnorm_keys(cfg)
-    for key, _, _, check in TRAIN_SETTINGS:  # the schedule first: other checks use it
+    for key, _, _, check in SETTINGS:  # the schedule first: other checks use it
         if check is not None:
             check(key, config_value(cfg, key))
     images_per_worker(cfg, world_size)

@@ -5,84 +5,36 @@ d2_batchnorm for detectron2's LazyConfig (Python configs): the counterpart of
 A LazyConfig builds our modules with keyword arguments (``L(BNRetinaNetHead)(norm="SyncBN",
 norm_stats="shared")``), the same classes and checks the yacs path uses. What yacs keeps
 under ``TEST.PRECISE_BN``, ``TEST.BN_STATS`` and ``BN.FROZEN_LAST_ITERS`` lives in the
-config's ``train`` section; :data:`d2_batchnorm.config.TRAIN_SETTINGS` pairs every such
-setting with its yacs key, its default and its check, once for both kinds of config:
+config's ``train`` section; :data:`d2_batchnorm.config.SETTINGS` pairs every such
+setting with its yacs key, its default and its check, once for both kinds of config
+(:mod:`d2_batchnorm.config_kinds` reads them from either):
 
 * :func:`add_batchnorm_train_config` adds our settings with their defaults to ``train``;
-* :func:`setting` / :func:`setting_name` read a setting (named by its yacs key) from a yacs
-  config or a LazyConfig — the hooks are built from either through them;
 * :func:`validate_lazy_config` checks values before any model, loader or process group is
   built, and raises ``ValueError`` naming the config path (``model.head.norm_stats``,
   ``train.precise_bn.num_iter``, ``dataloader.train.total_batch_size``).
 """
-import copy
 import inspect
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .checks import check_bool, check_choice, check_int
-from .config import TRAIN_SETTINGS, check_frozen_last_iters, config_value, split_batch
+from .config import SETTINGS, check_frozen_last_iters
+from .config_kinds import LazyConfig
 from .distributed import check_sync_group_size
 from .layers import D2BN_NORM_NAMES, LEVEL_STATS, NORM_NAMES, LevelBatchNorm
 from .modeling.retinanet import BNRetinaNetHead
 from .modeling.roi_heads import check_leakage_mitigation
 
-__all__ = [
-    "is_lazy_config", "setting", "setting_name", "set_setting", "copy_config", "add_batchnorm_train_config",
-    "validate_lazy_config", "train_datasets", "test_datasets", "dataset_names", "DETECTRON2_NORM_NAMES",
-]
+__all__ = ["add_batchnorm_train_config", "validate_lazy_config", "DETECTRON2_NORM_NAMES"]
 
 #: the norm names detectron2's own modules resolve (its ``get_norm``); models built from a
 #: LazyConfig get d2_batchnorm's SyncBatchNorm for "SyncBN" / "nnSyncBN" (converted after
 #: building), and other norms of ours as callables (e.g. ``lambda c: GhostBatchNorm(c, 2)``)
 DETECTRON2_NORM_NAMES = tuple(n for n in NORM_NAMES if n not in D2BN_NORM_NAMES)
 
-_PATHS = {key: path for key, path, _, _ in TRAIN_SETTINGS}
 _MISSING = object()
-
-
-def is_lazy_config(cfg) -> bool:
-    """True for a LazyConfig (an omegaconf ``DictConfig``), False for a yacs ``CfgNode``."""
-    return isinstance(cfg, DictConfig)
-
-
-def setting_name(cfg, key: str) -> str:
-    """How errors call setting ``key`` (a yacs key of ``TRAIN_SETTINGS``) in ``cfg``."""
-    return f"train.{_PATHS[key]}" if is_lazy_config(cfg) else key
-
-
-def setting(cfg, key: str):
-    """
-    The value of the training setting ``key`` (its yacs key in ``TRAIN_SETTINGS``, e.g.
-    "TEST.PRECISE_BN.NUM_ITER") in a yacs config or in a LazyConfig's ``train`` section.
-    """
-    if is_lazy_config(cfg):
-        value = OmegaConf.select(cfg, setting_name(cfg, key), default=_MISSING)
-        if value is _MISSING:
-            raise ValueError(f"{setting_name(cfg, key)} is missing: call add_batchnorm_train_config(cfg.train)")
-        return value
-    return config_value(cfg, key)
-
-
-def set_setting(cfg, key: str, value) -> None:
-    """Sets ``key`` (as :func:`setting`) in ``cfg``, which must not be frozen."""
-    if is_lazy_config(cfg):
-        OmegaConf.update(cfg, setting_name(cfg, key), value, merge=False)
-        return
-    *parents, last = key.split(".")
-    for part in parents:
-        cfg = cfg[part]
-    cfg[last] = value
-
-
-def copy_config(cfg):
-    """A modifiable copy of either kind of config (a yacs clone, unfrozen; a LazyConfig deep copy)."""
-    if is_lazy_config(cfg):
-        return copy.deepcopy(cfg)
-    cfg = cfg.clone()
-    cfg.defrost()
-    return cfg
 
 
 def add_batchnorm_train_config(train: DictConfig) -> DictConfig:
@@ -92,10 +44,12 @@ def add_batchnorm_train_config(train: DictConfig) -> DictConfig:
     kept. Returns ``train``. Refuses a key under ``train.precise_bn`` that is not a setting
     (a typo would otherwise be ignored).
     """
-    for _, path, default, _ in TRAIN_SETTINGS:
-        if default is not None and OmegaConf.select(train, path, default=_MISSING) is _MISSING:
+    ours = {path.split(".", 1)[1]: default for _, path, default, _ in SETTINGS
+            if path.startswith("train.") and default is not None}
+    for path, default in ours.items():
+        if OmegaConf.select(train, path, default=_MISSING) is _MISSING:
             OmegaConf.update(train, path, default, merge=True)
-    known = {p.split(".", 1)[1] for p in _PATHS.values() if p.startswith("precise_bn.")}
+    known = {p.split(".", 1)[1] for p in ours if p.startswith("precise_bn.")}
     unknown = sorted(set(train.precise_bn) - known)
     if unknown:
         raise ValueError(
@@ -112,40 +66,14 @@ def validate_lazy_config(cfg: DictConfig, world_size: int = 1) -> None:
     arguments of every object ``cfg.model`` instantiates — norm names, the sync-group size,
     RetinaNet/FCOS head statistics, leakage mitigations — with the checks their classes use.
     """
-    for key, _, _, check in TRAIN_SETTINGS:
+    kind = LazyConfig(cfg)
+    for key, _, _, check in SETTINGS:
         if check is not None:
-            check(setting_name(cfg, key), setting(cfg, key))
-    split_batch(cfg.dataloader.train.total_batch_size, world_size, 0,
-                ("dataloader.train.total_batch_size", "reference_world_size"))
-    check_frozen_last_iters(setting(cfg, "BN.FROZEN_LAST_ITERS"), setting(cfg, "SOLVER.MAX_ITER"),
-                            ("train.frozen_bn_last_iters", "train.max_iter"))
+            check(kind.name(key), kind.get(key))
+    kind.images_per_worker(world_size)
+    check_frozen_last_iters(kind.get("BN.FROZEN_LAST_ITERS"), kind.get("SOLVER.MAX_ITER"),
+                            (kind.name("BN.FROZEN_LAST_ITERS"), kind.name("SOLVER.MAX_ITER")))
     _check_node(cfg.model, "model", world_size)
-
-
-def train_datasets(cfg) -> List[str]:
-    """The training datasets of either kind of config (``DATASETS.TRAIN``; ``dataloader.train``)."""
-    if is_lazy_config(cfg):
-        return _names(OmegaConf.select(cfg, "dataloader.train.dataset.names", default=None))
-    return list(cfg.DATASETS.TRAIN)
-
-
-def test_datasets(cfg) -> List[str]:
-    """The test datasets of either kind of config (``DATASETS.TEST``; ``dataloader.test``)."""
-    if is_lazy_config(cfg):
-        return _names(OmegaConf.select(cfg, "dataloader.test.dataset.names", default=None))
-    return list(cfg.DATASETS.TEST)
-
-
-def dataset_names(cfg) -> List[str]:
-    """The datasets a config of either kind reads: training, test and PreciseBN's."""
-    return train_datasets(cfg) + test_datasets(cfg) + list(setting(cfg, "TEST.PRECISE_BN.DATASETS"))
-
-
-def _names(node) -> List[str]:
-    """A LazyConfig's dataset ``names``: one name, a list of names, or none."""
-    if node is None:
-        return []
-    return [node] if isinstance(node, str) else list(node)
 
 
 # ---------------------------------------------------------------------------------------

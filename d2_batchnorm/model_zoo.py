@@ -13,8 +13,8 @@ import os
 
 __all__ = ["CONFIG_DIR", "get_config", "get_config_file"]
 
-#: this repository's configs (the package is used from its checkout: ``pip install -e .``)
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+#: the configs shipped with the package (package data; ``configs/`` in the checkout links here)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 def get_config_file(config_path: str) -> str:
@@ -33,17 +33,11 @@ def get_config(config_path: str, trained: bool = False):
     it (a yacs config for ``.yaml``, with d2_batchnorm's keys; a LazyConfig for ``.py``).
     ``trained`` is detectron2's (its model zoo weights), for detectron2's configs only.
     """
-    from .engine.defaults import get_bn_cfg, is_lazy_config_file
+    from .config_kinds import config_kind
 
     path = get_config_file(config_path)
-    if is_lazy_config_file(path):
-        from detectron2.config import LazyConfig
-
-        return LazyConfig.load(path)
     if not path.startswith(CONFIG_DIR):
         from detectron2.model_zoo import get_config as d2_get_config
 
         return d2_get_config(config_path, trained)
-    cfg = get_bn_cfg()
-    cfg.merge_from_file(path)
-    return cfg
+    return config_kind(path).read(path)

@@ -12,8 +12,9 @@ The math. A call of a BN module with input ``x`` of shape (N, C, *) contributes,
 channel, ``n = N * prod(*)`` samples summarized as float64 moments (count, mean, sum of
 squared deviations ``M2``), which pool exactly (Chan et al.; the batched form
 :meth:`d2_batchnorm.layers.batch_stats.ChannelMoments.pooled`). At the end every rank's
-moments are placed in its own row of a (world_size, K) zero tensor, ONE all-reduce (sum)
-gathers the rows on every rank, and every rank pools the rows — the same float64
+moments are placed in its own row of a (world_size, K) zero tensor, one all-reduce (sum)
+gathers the rows on every rank (besides a two-number all-reduce per batch, by which the
+ranks agree to go on), and every rank pools the rows — the same float64
 operations on the same numbers, so all ranks end with bitwise-identical buffers::
 
     running_mean = mean        running_var = M2 / n     (population / biased variance)
@@ -33,8 +34,6 @@ tensor i pools into row i (per-level statistics of a head shared across L featur
 """
 import logging
 import time
-import weakref
-from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -43,9 +42,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as dist_utils
 from .checks import check_int
+from .early_exit import EarlyExit, StopPlans
 from .layers.batch_stats import ChannelMoments
+from .module_state import saved_bn_state
 
-__all__ = ["update_bn_stats", "get_bn_modules", "count_samples", "saved_bn_state", "PreciseBNResult"]
+__all__ = ["update_bn_stats", "get_bn_modules", "count_samples", "PreciseBNResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +140,10 @@ class _StatisticsRecorder:
     :meth:`measure_input` (the rounded batch mean as shift: :meth:`ChannelMoments.of` with
     all samples).
 
-    A hook does only what cannot wait: it copies a torch BN's buffers (one (2C,) float32
-    copy; the next call overwrites them) or measures a custom norm's input. The float64
-    pooling of a module's calls, :meth:`ChannelMoments.pooled`, runs once per
-    ``POOL_EVERY`` calls and at the end, a fixed number of operations per module instead
-    of a sequential merge per call.
+    Either way a call becomes one :class:`ChannelMoments` (a torch BN's buffers copied to
+    float64; the next call overwrites them). The float64 pooling of a module's calls,
+    :meth:`ChannelMoments.pooled`, runs once per ``POOL_EVERY`` calls and at the end, a
+    fixed number of operations per module instead of a sequential merge per call.
     """
 
     POOL_EVERY = 64  # calls of one module kept before they are pooled (bounds the memory)
@@ -154,9 +154,8 @@ class _StatisticsRecorder:
             id(m): ChannelMoments.zeros(m.running_mean.shape[:-1] or (1,), m.running_mean.shape[-1], device)
             for m in modules
         }
-        # per module, the calls not pooled yet: (n, cat(mean, unbiased var)) of a torch BN,
-        # the ChannelMoments of a measured input otherwise
-        self._pending: Dict[int, List[Any]] = {id(m): [] for m in modules}
+        # per module, the moments of the calls not pooled yet
+        self._pending: Dict[int, List[ChannelMoments]] = {id(m): [] for m in modules}
         self._handles = []
 
     def __enter__(self) -> "_StatisticsRecorder":
@@ -178,7 +177,7 @@ class _StatisticsRecorder:
             self._pool(m)
         return [self._pooled[id(m)] for m in self.modules]
 
-    def _add(self, module: _BatchNorm, call: Any) -> None:
+    def _add(self, module: _BatchNorm, call: ChannelMoments) -> None:
         pending = self._pending[id(module)]
         pending.append(call)
         if len(pending) >= self.POOL_EVERY:
@@ -189,12 +188,7 @@ class _StatisticsRecorder:
         pending, pooled = self._pending[id(module)], self._pooled[id(module)]
         if not pending:
             return
-        if isinstance(pending[0], ChannelMoments):
-            calls = ChannelMoments(*(torch.stack(field) for field in zip(*pending)))
-        else:  # torch BN: unbiased variance, so M2 = var * (n - 1)
-            count = torch.tensor([n for n, _ in pending], dtype=torch.float64, device=pooled.count.device)
-            mean, var = torch.stack([s for _, s in pending]).double().unsqueeze(1).chunk(2, dim=-1)
-            calls = ChannelMoments(count.unsqueeze(1), mean, var * (count - 1).view(-1, 1, 1))
+        calls = ChannelMoments(*(torch.stack(field) for field in zip(*pending)))
         pending.clear()
         self._pooled[id(module)] = ChannelMoments(
             *(torch.cat([a.unsqueeze(0), b]) for a, b in zip(pooled, calls))
@@ -231,8 +225,10 @@ class _StatisticsRecorder:
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{type(module).__name__} must be called with a Tensor; got {type(x).__name__}")
         n = x.numel() // module.num_features
-        if n > 0:
-            self._add(module, (n, torch.cat([module.running_mean, module.running_var])))
+        if n > 0:  # one row; float64 copies, as the next call overwrites the buffers
+            mean = module.running_mean.to(torch.float64, copy=True).unsqueeze(0)
+            m2 = module.running_var.to(torch.float64, copy=True).unsqueeze(0).mul_(n - 1)
+            self._add(module, ChannelMoments(mean.new_full((1,), float(n)), mean, m2))
 
 
 def _measure(module: _BatchNorm, *xs: torch.Tensor) -> ChannelMoments:
@@ -247,191 +243,6 @@ def _measure(module: _BatchNorm, *xs: torch.Tensor) -> ChannelMoments:
     return ChannelMoments.of(*xs, shift_samples=None)
 
 
-class _StopForward(Exception):
-    """Raised by a forward hook once the last BN call of a forward has completed."""
-
-
-class _StopPlan(NamedTuple):
-    """Where the forwards of a model stop (learned by :class:`_EarlyExit`)."""
-
-    modules: Tuple[nn.Module, ...]  # the statistics modules it was learned for, in order
-    calls: Tuple[nn.Module, ...]  # the statistics modules in the order they are called
-    stop_module: nn.Module  # the forward stops at the stop_count-th end of stop_module
-    stop_count: int
-
-
-# The plan of each model seen (keyed by the unwrapped model, forgotten with it), so that
-# later calls of update_bn_stats on the same model (e.g. PreciseBN's periodic runs in a
-# training) need no full forward.
-_PLANS: "weakref.WeakKeyDictionary[nn.Module, _StopPlan]" = weakref.WeakKeyDictionary()
-
-
-def forget_stop_plans() -> None:
-    """Forgets every model's stop plan: the next :func:`update_bn_stats` learns it anew."""
-    _PLANS.clear()
-
-
-class _EarlyExit:
-    """
-    Runs forwards of ``net`` that stop after the last call of a statistics module (within
-    its ``with`` block, which removes its hooks at the end).
-
-    A forward with no plan runs the whole model while :meth:`_learn` logs the start ("pre")
-    and end ("post") of every module's forward. The stop point is the end of the last BN
-    call, extended over the ends of its callers that return right after it with no other
-    module starting in between (e.g. ``CycleBatchNormList``, which advances its position
-    after its BN returns). Later forwards raise :class:`_StopForward` at that point — the
-    k-th end of the stop module — so the layers and losses after the last BN are not
-    computed, and the modules that wrap it finish their bookkeeping.
-
-    The plan is kept per model across calls (:data:`_PLANS`) and used again when the
-    statistics modules are the same objects in the same order. It is never trusted
-    blindly: a forward stops only if the statistics modules were called exactly in the
-    planned order up to the stop point; otherwise, or if it never reaches the stop point,
-    the forward runs to its end (every call recorded, statistics exact) and the next
-    forward learns the plan anew. What no check before the stop point can see is a batch
-    that would call statistics modules *after* it that the learned batch did not; the
-    detection models of detectron2 call the same BN modules in the same order for every
-    batch.
-    """
-
-    def __init__(self, net: nn.Module, modules: Sequence[nn.Module]):
-        self._net = net
-        self._modules = tuple(modules)
-        self._watched = {id(m) for m in modules}
-        plan = _PLANS.get(net)
-        same = plan is not None and len(plan.modules) == len(self._modules) and all(
-            a is b for a, b in zip(plan.modules, self._modules)
-        )
-        self.plan: Optional[_StopPlan] = plan if same else None
-        self._calls: List[nn.Module] = []  # statistics modules called in this forward
-        self._ends = 0
-        self._handles = []
-        self._stop_handle = None
-
-    def __enter__(self) -> "_EarlyExit":
-        log = self._calls.append
-        for m in self._modules:
-            self._handles.append(m.register_forward_pre_hook(lambda mod, args: log(mod)))
-        if self.plan is not None:
-            self._set_plan(self.plan)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._set_plan(None)
-
-    def _set_plan(self, plan: Optional[_StopPlan]) -> None:
-        if self._stop_handle is not None:
-            self._stop_handle.remove()
-            self._stop_handle = None
-        self.plan = plan
-        if plan is not None:
-            self._stop_handle = plan.stop_module.register_forward_hook(self._maybe_stop)
-
-    def run(self, batch: Any) -> None:
-        """``net(batch)``, stopping at the plan's stop point (learning the plan if needed)."""
-        self._calls.clear()
-        if self.plan is None:
-            self._learn(batch)
-            return
-        self._ends = 0
-        try:
-            self._net(batch)
-        except _StopForward:
-            return
-        logger.info("update_bn_stats: a forward did not stop where planned; learning the plan again")
-        _PLANS.pop(self._net, None)
-        self._set_plan(None)
-
-    def _learn(self, batch: Any) -> None:
-        """Runs the whole ``net(batch)`` and sets the plan from the order of calls."""
-        events: List[Tuple[bool, nn.Module]] = []  # (is_start, module)
-        handles = []
-        for m in self._net.modules():
-            handles.append(m.register_forward_pre_hook(lambda mod, a: events.append((True, mod))))
-            handles.append(m.register_forward_hook(lambda mod, a, o: events.append((False, mod))))
-        try:
-            self._net(batch)
-        finally:
-            for h in handles:
-                h.remove()
-        # index of the end event of each start event, by matching a stack
-        end_of, stack, last_bn_start = {}, [], None
-        for i, (is_start, m) in enumerate(events):
-            if is_start:
-                stack.append(i)
-                if id(m) in self._watched:
-                    last_bn_start = i
-            elif stack:
-                end_of[stack.pop()] = i
-        if last_bn_start is None or last_bn_start not in end_of:
-            return
-        stop = end_of[last_bn_start]
-        while stop + 1 < len(events) and not events[stop + 1][0]:
-            stop += 1
-        module = events[stop][1]
-        plan = _StopPlan(
-            modules=self._modules,
-            calls=tuple(m for is_start, m in events[: stop + 1] if is_start and id(m) in self._watched),
-            stop_module=module,
-            stop_count=sum(1 for is_start, m in events[: stop + 1] if not is_start and m is module),
-        )
-        _PLANS[self._net] = plan
-        self._set_plan(plan)
-
-    def _maybe_stop(self, module, args, output) -> None:
-        self._ends += 1
-        if self._ends == self.plan.stop_count and len(self._calls) == len(self.plan.calls) and all(
-            a is b for a, b in zip(self._calls, self.plan.calls)
-        ):
-            raise _StopForward()
-
-
-@contextmanager
-def saved_bn_state(model: nn.Module, modules: Optional[Sequence[_BatchNorm]] = None):
-    """
-    Saves the buffers (running statistics, ``num_batches_tracked``) of each BN module in
-    ``modules`` (default: every ``_BatchNorm`` of ``model``) and the plain Python scalars of
-    every module of ``model`` (:func:`_module_scalars`: its train/eval mode, a BN's momentum,
-    and state a forward updates outside buffers, such as the ``loss_normalizer`` EMA that
-    detectron2's RetinaNet and FCOS update in every training forward). Yields
-    ``restore_buffers()``, a function that copies the saved buffers back (in place; callable
-    any number of times). If the block raises, the buffers are restored and the error
-    propagates; the scalars are restored whenever the block ends (and scalars the block
-    created are removed), so forwards inside it leave no trace in later training. Used by
-    :func:`update_bn_stats` and by ``bn_modes.mini_batch_statistics`` (which calls
-    ``restore_buffers`` in a finally).
-    """
-    if modules is None:
-        modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    scalars = [(m, _module_scalars(m)) for m in model.modules()]
-    saved = [(m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for m in modules]
-
-    def restore_buffers():
-        for m, buffers in saved:
-            for k, b in m.named_buffers(recurse=False):
-                b.copy_(buffers[k])
-
-    try:
-        yield restore_buffers
-    except BaseException:
-        restore_buffers()
-        raise
-    finally:
-        for m, before in scalars:
-            for name in set(_module_scalars(m)) - set(before):
-                delattr(m, name)
-            for name, value in before.items():
-                setattr(m, name, value)
-
-
-def _module_scalars(module: nn.Module) -> Dict[str, Any]:
-    """The attributes of ``module`` itself that are plain Python scalars (None, bool, int, float)."""
-    return {k: v for k, v in vars(module).items() if v is None or type(v) in (bool, int, float)}
-
-
 @torch.no_grad()
 def update_bn_stats(
     model: nn.Module,
@@ -440,6 +251,7 @@ def update_bn_stats(
     progress: Optional[str] = None,
     *,
     num_samples: Optional[int] = None,
+    stop_plans: Optional[StopPlans] = None,
 ) -> PreciseBNResult:
     """
     Replaces the running statistics of every BN module of ``model`` in training mode by the
@@ -456,6 +268,9 @@ def update_bn_stats(
         progress: "tqdm" for a progress bar, or None.
         num_samples: images over all workers together (see :func:`count_samples`); batches
             are used until the global count reaches it (the last batch is used whole).
+        stop_plans: where the model's stop plan is kept for later calls (a caller that runs
+            it again on the same model, like the PreciseBN hook, keeps one); default: a
+            plan for this call only.
 
     Every call of a BN module is a batch of its own (a BN reused within one forward counts
     once per call). Ranks agree on each batch with a small all-reduce of
@@ -463,9 +278,9 @@ def update_bn_stats(
     statistics of the batches used so far are kept (with a warning). The first batch ever
     seen by a model runs the whole model and learns where the last BN call (and the
     modules wrapping it) ends; later forwards stop there, so the layers and losses after
-    it are not computed. The plan is kept for later calls on the same model while its BN
-    modules in training mode stay the same, and each forward checks the order of BN calls
-    against it before stopping (:class:`_EarlyExit`).
+    it are not computed. The plan serves later calls with the same ``stop_plans`` while
+    the model's BN modules in training mode stay the same, and each forward checks the
+    order of BN calls against it before stopping (:class:`~d2_batchnorm.early_exit.EarlyExit`).
     Torch's own BN modules run with momentum 1.0 and their batch statistics are read from
     their buffers after each call (no second pass over the input); the buffers, momenta
     and modes are restored at the end, and also if anything raises (then the error
@@ -493,7 +308,7 @@ def update_bn_stats(
     device = modules[0].running_mean.device
 
     with saved_bn_state(net, modules) as restore_buffers:
-        with _StatisticsRecorder(modules, device) as recorder, _EarlyExit(net, modules) as early_exit:
+        with _StatisticsRecorder(modules, device) as recorder, EarlyExit(net, modules, stop_plans or StopPlans()) as early_exit:
             iters, seen = _run_batches(data_loader, early_exit, device, num_iters, num_samples, progress)
         if iters == 0:
             logger.warning(
@@ -528,7 +343,7 @@ def update_bn_stats(
     return PreciseBNResult(iters, seen, updated, seconds, tuple(uncalled))
 
 
-def _run_batches(data_loader, early_exit: _EarlyExit, device, num_iters, num_samples, progress):
+def _run_batches(data_loader, early_exit: EarlyExit, device, num_iters, num_samples, progress):
     """
     Runs ``net(batch)`` until ``num_iters`` batches (or ``num_samples`` global images) are
     used or some rank runs out of batches. Returns (batches used, global images used).

@@ -3,6 +3,7 @@ d2_batchnorm.audit and tools/bn_audit.py: every finding with and without its pro
 shipped configs' findings, the batch arithmetic, and the command line.
 """
 import glob
+import importlib
 import json
 import os
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from d2_batchnorm.audit import audit_config
-from scripts import load_script
+
 from tiny_datasets import TINY_VAL, register_tiny_val, write_tiny_val
 
 TOY_MASK = "configs/Toy/mask_rcnn_R18_FPN_bn_head.yaml"
@@ -170,7 +171,7 @@ def test_batch_arithmetic_and_values_per_channel():
 
 
 def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
-    tool = load_script("tools/bn_audit.py")
+    tool = importlib.import_module("d2_batchnorm.cli.bn_audit")
     assert tool.cli(["--config-file", str(tmp_path / "missing.yaml")]) == 2
     assert tool.cli(["--config-file", TOY_RETINA, "MODEL.RETINANET.NORM_STATS", "perlevel"]) == 2
     assert tool.cli(["--config-file", TOY_RETINA, "--eval"]) == 2
@@ -189,7 +190,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
 def test_cli_writes_the_audit_and_measures_a_checkpoint(tmp_path, capsys):
     from d2_batchnorm.modeling import build_model
 
-    tool = load_script("tools/bn_audit.py")
+    tool = importlib.import_module("d2_batchnorm.cli.bn_audit")
     out = tmp_path / "audit"
     assert tool.cli(["--config-file", TOY_MASK, "--num-gpus", "2", "--output", str(out)]) == 1  # findings
     data = json.loads((out / "bn_audit.json").read_text())

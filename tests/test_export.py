@@ -5,6 +5,7 @@ and Mask R-CNN (shuffle heads) export to TorchScript with the eager model's dete
 and ``tools/export_model.py`` does so for a checkpoint.
 """
 import copy
+import importlib
 import subprocess
 import sys
 
@@ -17,7 +18,6 @@ from detectron2.layers import CycleBatchNormList, NaiveSyncBatchNorm, ShapeSpec
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead, MaskRCNNConvUpsampleHead
 from detectron2.structures import Instances
 from PIL import Image
-from scripts import load_script
 from torch import nn
 
 import d2_batchnorm
@@ -287,7 +287,7 @@ def test_export_tool_writes_a_model_that_needs_no_d2_batchnorm(tmp_path):
     torch.save({"model": model.state_dict()}, weights)
     image = tmp_path / "image.png"
     Image.fromarray((np.random.RandomState(0).rand(100, 150, 3) * 255).astype("uint8")).save(image)
-    export_model = load_script("tools/export_model.py")
+    export_model = importlib.import_module("d2_batchnorm.cli.export_model")
     args = ["--config-file", MASK_RCNN, "--output", str(tmp_path / "out"), "--sample-image", str(image),
             "MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"]
     assert export_model.main(args) == 0
@@ -312,7 +312,7 @@ def test_export_tool_with_a_lazy_config_and_bad_input(tmp_path, capsys):
     torch.save({"model": build_any_model(load_any_config(config, ["train.device=cpu"])).state_dict()}, weights)
     image = tmp_path / "image.png"
     Image.fromarray((np.random.RandomState(0).rand(100, 150, 3) * 255).astype("uint8")).save(image)
-    export_model = load_script("tools/export_model.py")
+    export_model = importlib.import_module("d2_batchnorm.cli.export_model")
     args = ["--config-file", config, "--output", str(tmp_path / "out"), "--sample-image", str(image),
             f"train.init_checkpoint={weights}", "train.device=cpu"]
     assert export_model.main(args) == 0

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from d2_batchnorm import update_bn_stats
+from d2_batchnorm.early_exit import StopPlans
 from d2_batchnorm.precise_bn import count_samples, get_bn_modules
 
 
@@ -243,13 +244,13 @@ def test_uncalled_bn_kept_with_warning_and_forward_stops_after_last_bn(caplog):
 
 
 def test_stop_plan_kept_across_calls_and_relearned_when_the_bn_set_changes():
-    model = _Branchy()
-    update_bn_stats(model, _batches(6, 3, (4, 3)), 3)
-    update_bn_stats(model, _batches(7, 3, (4, 3)), 3)
+    model, plans = _Branchy(), StopPlans()
+    update_bn_stats(model, _batches(6, 3, (4, 3)), 3, stop_plans=plans)
+    update_bn_stats(model, _batches(7, 3, (4, 3)), 3, stop_plans=plans)
     assert len(model.tail_calls) == 1  # the second call stops from its first batch
     model.a.eval()  # the set of BN modules in training mode changes: the plan is learned anew
     data = _batches(8, 3, (4, 3))
-    update_bn_stats(model, data, 3)
+    update_bn_stats(model, data, 3, stop_plans=plans)
     assert len(model.tail_calls) == 2
     _assert_stats(model.c, torch.cat([model.frozen(model.a(x)) for x in data]))
 
@@ -274,13 +275,13 @@ class _Ordered(nn.Module):
 def test_stop_plan_not_trusted_when_the_call_order_changes():
     from fvcore.nn.precise_bn import update_bn_stats as fvcore_update
 
-    model = _Ordered()
-    update_bn_stats(model, _batches(9, 2, (4, 3)), 2)
+    model, plans = _Ordered(), StopPlans()
+    update_bn_stats(model, _batches(9, 2, (4, 3)), 2, stop_plans=plans)
     assert len(model.tail_calls) == 1
     model.swap = True
     ref = copy.deepcopy(model)
     data = _batches(10, 4, (4, 3))
-    update_bn_stats(model, data, 4)
+    update_bn_stats(model, data, 4, stop_plans=plans)
     # batch 1 does not match the plan and runs to its end, batch 2 learns the new order
     assert len(model.tail_calls) == 3
     fvcore_update(ref, data, 4)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
 Benchmarks d2_batchnorm's norms, side by side in one run, and prints Markdown tables of
-ratios and the machine they ran on (README.md quotes the latest output):
+ratios and the machine they ran on (docs/benchmarks.md quotes the latest output):
 
 1. time of one training iteration (forward + backward) of ``SyncBatchNorm`` versus plain
    ``nn.BatchNorm2d`` (no communication) and detectron2's ``NaiveSyncBatchNorm`` (both
@@ -29,7 +29,7 @@ import time
 
 import torch
 from torch import nn
-from bench_report import machine_description, write_readme_section  # tools/bench_report.py
+from bench_report import machine_description, write_section  # tools/bench_report.py
 
 
 TIME_SHAPES = [(8, 64, 64, 64), (2, 256, 32, 32), (2, 256, 8, 8)]
@@ -159,7 +159,7 @@ def main(argv=None):
                         help="independent pairs of processes the timing is repeated in (their spread is printed)")
     parser.add_argument("--no-pin", action="store_true", help="let the scheduler place the 2 processes")
     parser.add_argument("--quick", action="store_true", help="2 shapes, 5 repetitions, 1 round")
-    parser.add_argument("--no-readme", action="store_true", help="do not write the output into README.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not write the output into docs/benchmarks.md")
     parser.add_argument("--rss-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_worker:
@@ -215,7 +215,7 @@ def main(argv=None):
           f"forward {ratios[1]:.2f}x, peak {ratios[2]:.2f}x")
 
     if not args.no_readme:
-        write_readme_section("bench_norms", "\n".join(lines))
+        write_section("bench_norms", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 import bench_training  # tools/bench_training.py
-from bench_report import machine_description, write_readme_section  # tools/bench_report.py
+from bench_report import machine_description, write_section  # tools/bench_report.py
 from torch.nn.modules.batchnorm import _BatchNorm
 
 CASES = ("maskrcnn_a", "maskrcnn_b", "retinanet")
@@ -169,20 +169,28 @@ def relative_errors(model, exact) -> Dict[str, float]:
     return err
 
 
-def run_ours(model, batches):
-    """A first call: the model's stop plan is forgotten before."""
-    from d2_batchnorm import update_bn_stats
-    from d2_batchnorm.precise_bn import forget_stop_plans
+#: the stop plans of the models seen, as the PreciseBN hook keeps them across its runs
+SEEN = None
 
-    forget_stop_plans()
-    update_bn_stats(model, seeded(batches), len(batches))
+
+def run_ours(model, batches):
+    """A first call: the model's stop plan is learned anew (and kept for :func:`run_ours_seen`)."""
+    global SEEN
+    from d2_batchnorm import update_bn_stats
+    from d2_batchnorm.early_exit import StopPlans
+
+    SEEN = StopPlans()
+    update_bn_stats(model, seeded(batches), len(batches), stop_plans=SEEN)
 
 
 def run_ours_seen(model, batches):
     """A call on a model seen before (its stop plan kept from an earlier call)."""
+    global SEEN
     from d2_batchnorm import update_bn_stats
+    from d2_batchnorm.early_exit import StopPlans
 
-    update_bn_stats(model, seeded(batches), len(batches))
+    SEEN = SEEN or StopPlans()
+    update_bn_stats(model, seeded(batches), len(batches), stop_plans=SEEN)
 
 
 def run_fvcore(model, batches):
@@ -300,7 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=128, help="image side (pixels)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--no-readme", action="store_true", help="do not write the output into README.md")
+    p.add_argument("--no-readme", action="store_true", help="do not write the output into docs/benchmarks.md")
     p.add_argument("--world-size", type=int, default=2, help="processes for the rank check; 1 skips it")
     p.add_argument("--ranks-iters", type=int, default=3, help="batches per rank in the rank check")
     p.add_argument("--no-training", action="store_true",
@@ -371,7 +379,7 @@ def main(argv=None) -> int:
         tables += [""] + bench_training.training_table(training)
     print("\n".join(tables))
     if not args.no_readme:
-        write_readme_section("bench_precise_bn", "\n".join(header_lines + tables))
+        write_section("bench_precise_bn", "\n".join(header_lines + tables))
     return 0
 
 

@@ -1,15 +1,15 @@
 """
 What every benchmark in tools/ reports besides its own numbers: the machine it ran on
-(:func:`machine_description`), and its latest output written into README.md between the
-markers ``<!-- output:NAME -->`` and ``<!-- /output:NAME -->`` (:func:`write_readme_section`),
-so the README always quotes what the script printed last.
+(:func:`machine_description`), and its latest output written into docs/benchmarks.md
+between the markers ``<!-- output:NAME -->`` and ``<!-- /output:NAME -->``
+(:func:`write_section`), so the page always quotes what the script printed last.
 """
 import os
 import platform
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
 
-__all__ = ["machine_description", "write_readme_section"]
+__all__ = ["machine_description", "write_section"]
 
 
 def machine_description(detail: str = "") -> str:
@@ -29,9 +29,10 @@ def machine_description(detail: str = "") -> str:
     return f"{text}, {detail}" if detail else text
 
 
-def write_readme_section(name: str, text: str, readme: str = README) -> None:
+def write_section(name: str, text: str, readme: str = BENCHMARKS) -> None:
     """
-    Replaces what stands between the two markers of ``name`` in ``readme`` by ``text``.
+    Replaces what stands between the two markers of ``name`` in ``readme`` (default:
+    docs/benchmarks.md) by ``text``.
 
     Raises:
         ValueError: the markers are missing or out of order (the file is left as it was).

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from typing import Dict, List
 
 import torch
-from bench_report import machine_description, write_readme_section  # tools/bench_report.py
+from bench_report import machine_description, write_section  # tools/bench_report.py
 
 
 METHODS = ("bn", "shuffle (ours)", "shuffle (reference)", "syncbn")
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--bytes-workers", type=int, nargs="*", default=[2, 4, 8],
                         help="W values of the bytes-only table (one iteration each; RoIs: the first --rois)")
-    parser.add_argument("--no-readme", action="store_true", help="do not write the output into README.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not write the output into docs/benchmarks.md")
     parser.add_argument("--out", default="", help="also write the table and formulas to this Markdown file")
     args = parser.parse_args(argv)
     if any(w < 2 for w in args.bytes_workers):
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n\n" + formulas() + f"\n\nMachine: {machine}.\n"
     print(text)
     if not args.no_readme:
-        write_readme_section("bench_shuffle", text)
+        write_section("bench_shuffle", text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)

@@ -24,7 +24,7 @@ per-iteration and per-batch cost ratio).
     python tools/bench_training.py [--max-iter 60] [--num-iter 20] [--runs 3] [--repeats 2]
 
 tools/bench_precise_bn.py runs it too (options prefixed ``--training-``) and quotes its table
-in README with its own output.
+in docs/benchmarks.md with its own output.
 """
 import argparse
 import logging

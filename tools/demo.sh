@@ -2,11 +2,12 @@
 # The main job on the embedded default: generates the toy COCO-format dataset, trains a
 # small RetinaNet with BatchNorm in its head in 2 CPU processes (gloo) through
 # tools/train_net.py, evaluates it with detectron2's COCOEvaluator and prints the bbox AP
-# table; then compares the leakage mitigations of R-CNN BN heads on the toy data.
-#   bash tools/demo.sh            (about 30 minutes on an idle 2-core machine)
+# table; then compares the leakage mitigations of R-CNN BN heads where BN leaks
+# (tools/demo_compare.sh: toy_coco_relative, 1 image per worker).
+#   bash tools/demo.sh
 #   D2BN_DEMO_OUTPUT=dir          where runs are written (default: output/demo)
-#   D2BN_COMPARE_ITERS=N          training iterations of each compared variant (default: 300)
-#   D2BN_COMPARE_SEEDS=K|S1,...   seeds of the comparison (default: 3; 1 for a quick look)
+#   D2BN_COMPARE_ITERS=N          training iterations of each compared run (default: 2000)
+#   D2BN_COMPARE_SEEDS=K|S1,...   seeds of the comparison (default: 2; 1 for a quicker look)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/bootstrap_env.sh
@@ -26,6 +27,6 @@ echo "   evaluated with the EMA statistics (ema/bbox/AP) and with PreciseBN's (b
   --title "Toy RetinaNet, BN head: EMA vs precise statistics" "retinanet_bn_head=$out/retinanet_bn_head"
 
 if [ -f tools/demo_compare.sh ]; then
-  echo "== 2/2: leakage mitigations of BN in R-CNN heads, toy data, 2 CPU processes"
-  D2BN_COMPARE_ITERS=${D2BN_COMPARE_ITERS:-300} bash tools/demo_compare.sh "$out/leakage"
+  echo "== 2/2: BN in R-CNN heads leaks with 1 image per worker; SyncBN and the RoI shuffle fix it (2 CPU processes)"
+  bash tools/demo_compare.sh "$out/leakage"
 fi

@@ -10,7 +10,7 @@ Each RUN is ``[LABEL=]PATH``:
   LazyConfig ``.py`` by ``tools/lazyconfig_train_net.py``, with ``--num-gpus N`` into
   ``DIR/runs/<LABEL>``, then read like a directory. The options after ``--`` go to every
   such run: yacs ``KEY VALUE`` pairs (to a LazyConfig run as their ``train.*`` names, for
-  the keys of ``d2_batchnorm.config.TRAIN_SETTINGS``, e.g. ``SOLVER.MAX_ITER`` is
+  the keys of ``d2_batchnorm.config.SETTINGS``, e.g. ``SOLVER.MAX_ITER`` is
   ``train.max_iter``) and LazyConfig ``key=value`` overrides (to LazyConfig runs only);
 * a finished (or failed, or unfinished) output directory: read as it is.
 

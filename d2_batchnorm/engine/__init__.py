@@ -4,7 +4,6 @@ from .defaults import (
     check_checkpoint,
     check_weights,
     get_bn_cfg,
-    is_lazy_config_file,
     load_any_config,
     load_config,
     load_lazy_config,

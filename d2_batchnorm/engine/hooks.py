@@ -14,64 +14,28 @@ detectron2's ``@configurable`` classes) or from keyword arguments;
 :class:`d2_batchnorm.engine.BNTrainer`, the LazyConfig trainer and custom trainers. The contexts that choose which statistics BN uses are in
 :mod:`d2_batchnorm.bn_modes`.
 """
-import copy
 import logging
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-import torch
 from detectron2.config import configurable
 from detectron2.engine import HookBase
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..bn_modes import force_bn_mode
 from ..checks import check_int
-from ..lazy_config import is_lazy_config, setting
+from ..config_kinds import adapt
+from ..early_exit import StopPlans
+from ..module_state import bn_statistics_distance, snapshot_bn_statistics
 from ..precise_bn import PreciseBNResult, get_bn_modules, update_bn_stats
 from ..rng import RandomStream, derive_seed
+from .precise_bn_settings import PreciseBNSettings
 
-__all__ = ["PreciseBN", "FrozenBNLate", "build_batchnorm_hooks", "bn_statistics_distance", "snapshot_bn_statistics"]
+__all__ = ["PreciseBN", "FrozenBNLate", "build_batchnorm_hooks"]
 
 logger = logging.getLogger(__name__)
-
-
-def snapshot_bn_statistics(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """
-    ``{"<module>.running_mean": tensor, "<module>.running_var": tensor}`` (clones) of every
-    BN module of ``model`` that tracks running statistics, in any mode.
-    """
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm) and m.running_mean is not None:
-            out[f"{name}.running_mean"] = m.running_mean.detach().clone()
-            out[f"{name}.running_var"] = m.running_var.detach().clone()
-    return out
-
-
-def bn_statistics_distance(
-    before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]
-) -> Dict[str, float]:
-    """
-    Relative distance of two :func:`snapshot_bn_statistics`, per kind of buffer, over all
-    modules together::
-
-        d_mean = ||mean_before - mean_after||_2 / ||mean_after||_2   (same for var)
-
-    Returns ``{"mean": d_mean, "var": d_var}`` (NaN where there is nothing to compare).
-    """
-    out = {}
-    for kind in ("mean", "var"):
-        keys = [k for k in after if k.endswith(f".running_{kind}") and k in before]
-        if not keys:
-            out[kind] = float("nan")
-            continue
-        a = torch.cat([after[k].double().flatten() for k in keys])
-        b = torch.cat([before[k].double().flatten() for k in keys])
-        out[kind] = float((b - a).norm() / a.norm().clamp(min=1e-12))
-    return out
 
 
 class PreciseBN(HookBase):
@@ -138,6 +102,7 @@ class PreciseBN(HookBase):
         self._ema_eval_period = ema_eval_period
         self._iter = None
         self._rng = RandomStream(seed)
+        self._stop_plans = StopPlans()  # where each run's forwards stop, learned at the first
         self._disabled_reason = ""
         self.last_ema_distance: Dict[str, float] = {}  # bn_statistics_distance of the last run
         if not get_bn_modules(model):
@@ -147,7 +112,7 @@ class PreciseBN(HookBase):
     def from_config(cls, cfg, model: nn.Module, ema_eval_function: Optional[Callable[[], Dict]] = None):
         """
         The hook of ``TEST.PRECISE_BN`` (a LazyConfig: ``train.precise_bn``, see
-        :data:`d2_batchnorm.config.TRAIN_SETTINGS`): every ``PERIOD`` (0: the evaluation
+        :data:`d2_batchnorm.config.SETTINGS`): every ``PERIOD`` (0: the evaluation
         period) iterations, ``NUM_SAMPLES`` images over all workers (0: ``NUM_ITER``
         batches per worker) drawn from the training loader (training augmentations, 0
         loader workers) over ``DATASETS`` (empty: the training datasets) with
@@ -156,25 +121,17 @@ class PreciseBN(HookBase):
         is on, inference uses population statistics and there is a test set. The random
         stream is seeded from the config's seed and the rank.
         """
-        def value(key):
-            return setting(cfg, key)
-
-        if is_lazy_config(cfg):
-            has_test_set = "evaluator" in cfg.dataloader
-            build_loader = _build_lazy_loader
-        else:
-            has_test_set = len(cfg.DATASETS.TEST) > 0
-            build_loader = _build_loader
-        evaluates_ema = value("TEST.PRECISE_BN.EVAL_EMA") and value("TEST.BN_STATS") == "population" and has_test_set
+        kind, world_size = adapt(cfg), comm.get_world_size()
+        settings = PreciseBNSettings.from_config(cfg, world_size)
         return {
-            "period": value("TEST.PRECISE_BN.PERIOD") or value("TEST.EVAL_PERIOD"),
+            "period": settings.period,
             "model": model,
-            "data_loader": lambda: build_loader(cfg),
-            "num_iter": value("TEST.PRECISE_BN.NUM_ITER"),
-            "num_samples": value("TEST.PRECISE_BN.NUM_SAMPLES") or None,
-            "ema_eval_function": ema_eval_function if evaluates_ema else None,
-            "ema_eval_period": value("TEST.EVAL_PERIOD"),
-            "seed": derive_seed("PreciseBN", value("SEED"), comm.get_rank()),
+            "data_loader": lambda: kind.train_loader(settings.datasets, settings.ims_per_batch, world_size),
+            "num_iter": settings.num_iter,
+            "num_samples": settings.num_samples,
+            "ema_eval_function": ema_eval_function if settings.eval_ema else None,
+            "ema_eval_period": kind.get("TEST.EVAL_PERIOD"),
+            "seed": derive_seed("PreciseBN", kind.get("SEED"), comm.get_rank()),
         }
 
     def disable(self, reason: str) -> None:
@@ -193,18 +150,24 @@ class PreciseBN(HookBase):
         if self.disabled or not (is_final or (self._period > 0 and next_iter % self._period == 0)):
             return
         evaluates = is_final or (self._ema_eval_period > 0 and next_iter % self._ema_eval_period == 0)
-        if self._ema_eval is not None and evaluates:
-            self.evaluate_ema()
-        self.update_stats()
-
-    def evaluate_ema(self) -> None:
-        """Evaluates with the current (EMA) statistics and logs the results as ``ema/*``."""
-        with self._rng:
-            results = self._ema_eval()
-        if results:
+        results, _ = self.recompute(evaluate_first=evaluates)
+        if results:  # the evaluation with the EMA statistics, as ema/*
             flat = {f"ema/{k}": float(v) for k, v in flatten_results_dict(results).items()}
             self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
-        comm.synchronize()
+
+    def recompute(self, evaluate_first: bool) -> Tuple[Optional[Dict], Optional[PreciseBNResult]]:
+        """
+        One run of the hook: with ``evaluate_first`` and an ``ema_eval_function``, evaluates
+        with the statistics the model holds now (in the hook's random stream), then
+        computes and writes precise statistics (:meth:`update_stats`). Returns (the
+        evaluation's results or None, :meth:`update_stats`'s result).
+        """
+        results = None
+        if evaluate_first and self._ema_eval is not None and not self.disabled:
+            with self._rng:
+                results = self._ema_eval()
+            comm.synchronize()
+        return results, self.update_stats()
 
     def _batches(self):
         """Batches from the one iterator kept across runs, until the loader ends."""
@@ -236,6 +199,7 @@ class PreciseBN(HookBase):
                 self._num_iter,
                 progress="tqdm" if comm.is_main_process() else None,
                 num_samples=self._num_samples,
+                stop_plans=self._stop_plans,
             )
         dist = self.last_ema_distance = bn_statistics_distance(ema, snapshot_bn_statistics(self._model))
         logger.info(
@@ -308,47 +272,11 @@ def build_batchnorm_hooks(cfg, model: nn.Module, evaluate: Optional[Callable[[],
     """
     hooks: List[HookBase] = []
     precise = None
-    if setting(cfg, "TEST.PRECISE_BN.ENABLED") and get_bn_modules(model):
+    value = adapt(cfg).get
+    if value("TEST.PRECISE_BN.ENABLED") and get_bn_modules(model):
         precise = PreciseBN(cfg, model, ema_eval_function=evaluate)
         hooks.append(precise)
-    frozen = setting(cfg, "BN.FROZEN_LAST_ITERS")
+    frozen = value("BN.FROZEN_LAST_ITERS")
     if frozen > 0:
-        hooks.append(FrozenBNLate(model, setting(cfg, "SOLVER.MAX_ITER") - frozen, precise))
+        hooks.append(FrozenBNLate(model, value("SOLVER.MAX_ITER") - frozen, precise))
     return hooks
-
-
-def _build_lazy_loader(cfg):
-    """
-    :func:`_build_loader` for a LazyConfig: ``dataloader.train`` with 0 loader workers, over
-    ``train.precise_bn.datasets`` (empty: its own datasets), ``train.precise_bn.ims_per_batch``
-    images per worker (0: the training batch per worker).
-    """
-    from detectron2.config import instantiate
-
-    pbn = cfg.train.precise_bn
-    loader = copy.deepcopy(cfg.dataloader.train)
-    loader.num_workers = 0
-    if len(pbn.datasets):
-        loader.dataset.names = list(pbn.datasets)
-    if pbn.ims_per_batch > 0:
-        loader.total_batch_size = pbn.ims_per_batch * comm.get_world_size()
-    return instantiate(loader)
-
-
-def _build_loader(cfg):
-    """
-    The data loader PreciseBN draws its batches from: detectron2's training loader (an
-    infinite stream with training augmentations) over ``TEST.PRECISE_BN.DATASETS`` (empty:
-    ``DATASETS.TRAIN``), ``TEST.PRECISE_BN.IMS_PER_BATCH`` images per worker (0: the
-    training batch per worker), and 0 loader workers.
-    """
-    from detectron2.data import build_detection_train_loader
-
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.DATALOADER.NUM_WORKERS = 0
-    if len(cfg.TEST.PRECISE_BN.DATASETS):
-        cfg.DATASETS.TRAIN = tuple(cfg.TEST.PRECISE_BN.DATASETS)
-    if cfg.TEST.PRECISE_BN.IMS_PER_BATCH > 0:
-        cfg.SOLVER.IMS_PER_BATCH = cfg.TEST.PRECISE_BN.IMS_PER_BATCH * comm.get_world_size()
-    return build_detection_train_loader(cfg)

@@ -31,7 +31,7 @@ from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
 
 from ..data import prepare_datasets
-from ..lazy_config import dataset_names
+from ..config_kinds import adapt
 from .defaults import check_weights
 
 __all__ = ["check_launch_args", "launch", "launch_cli", "launched_by_torchrun", "run_on_local_workers"]
@@ -175,7 +175,7 @@ def launch_cli(main_func, load_config, argv=None) -> int:
             world_size = args.num_gpus * args.num_machines
         cfg = load_config(args.config_file, args.opts, world_size)
         check_weights(cfg, resume=args.resume)
-        prepare_datasets(dataset_names(cfg))
+        prepare_datasets(adapt(cfg).dataset_names())
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

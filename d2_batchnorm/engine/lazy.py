@@ -6,7 +6,7 @@ evaluation with the statistics ``train.bn_stats`` selects and without perturbing
 
 The config defines ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
 ``lr_multiplier`` and ``train`` (detectron2's ``configs/common/train.py`` plus d2_batchnorm's
-settings, :data:`d2_batchnorm.config.TRAIN_SETTINGS`), as for detectron2's
+settings, :data:`d2_batchnorm.config.SETTINGS`), as for detectron2's
 ``tools/lazyconfig_train_net.py``.
 """
 import logging
@@ -22,7 +22,7 @@ from torch import nn
 
 from ..bn_modes import inference_statistics
 from ..layers import convert_sync_batchnorm, set_ema_momentum
-from ..lazy_config import is_lazy_config, setting
+from ..config_kinds import adapt
 from ..rng import preserved_rng_state
 from .hooks import build_batchnorm_hooks
 from .trainer import create_ddp_model
@@ -40,10 +40,10 @@ def build_lazy_model(cfg) -> nn.Module:
     BatchNorm set by ``train.bn_momentum`` when > 0 — as ``build_model`` does for yacs.
     """
     model = convert_sync_batchnorm(instantiate(cfg.model))
-    momentum = setting(cfg, "BN.MOMENTUM")
+    momentum = adapt(cfg).get("BN.MOMENTUM")
     if momentum > 0:
         set_ema_momentum(model, momentum)
-    model.to(setting(cfg, "MODEL.DEVICE"))
+    model.to(adapt(cfg).get("MODEL.DEVICE"))
     logger.info("Model:\n%s", model)
     return model
 
@@ -52,14 +52,16 @@ def build_any_model(cfg) -> nn.Module:
     """The model of either kind of config: :func:`build_lazy_model` or ``BNTrainer.build_model``."""
     from .trainer import BNTrainer
 
-    return build_lazy_model(cfg) if is_lazy_config(cfg) else BNTrainer.build_model(cfg)
+    build = {"lazy-train": build_lazy_model, "train": BNTrainer.build_model}[adapt(cfg).kind]
+    return build(cfg)
 
 
 def test_any(cfg, model: nn.Module) -> Dict:
     """The evaluation of either kind of config: :func:`lazy_test` or ``BNTrainer.test``."""
     from .trainer import BNTrainer
 
-    return lazy_test(cfg, model) if is_lazy_config(cfg) else BNTrainer.test(cfg, model)
+    test = {"lazy-train": lazy_test, "train": BNTrainer.test}[adapt(cfg).kind]
+    return test(cfg, model)
 
 
 def lazy_test(cfg, model: nn.Module) -> Dict:
@@ -70,7 +72,7 @@ def lazy_test(cfg, model: nn.Module) -> Dict:
     """
     if "evaluator" not in cfg.dataloader:
         return {}
-    with preserved_rng_state(), inference_statistics(model, setting(cfg, "TEST.BN_STATS")):
+    with preserved_rng_state(), inference_statistics(model, adapt(cfg).get("TEST.BN_STATS")):
         results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)

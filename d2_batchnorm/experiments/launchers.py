@@ -13,14 +13,15 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-from .runs import RunResult, read_run, status_text
+from ..config_kinds import config_kind
+from .runs import RunResult, read_run, status_text, training_progress
 
 __all__ = ["CONFIG_SUFFIXES", "REQUEST_FILE", "split_opts", "train_command", "run_config", "LocalLauncher",
            "SubmititLauncher", "reusable_run", "run_all"]
 
 _CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cli")
-TRAIN_NET = os.path.join(_CLI, "train_net.py")  # ``d2bn train``: yacs configs
-LAZY_TRAIN_NET = os.path.join(_CLI, "lazyconfig_train_net.py")  # ``d2bn lazy-train``: LazyConfigs
+#: the script that trains each kind of config (``ConfigKind.kind``)
+TRAIN_SCRIPTS = {"train": os.path.join(_CLI, "train_net.py"), "lazy-train": os.path.join(_CLI, "lazyconfig_train_net.py")}
 CONFIG_SUFFIXES = (".yaml", ".yml", ".py")
 
 
@@ -47,40 +48,52 @@ def split_opts(opts: List[str]) -> Tuple[List[str], List[str]]:
 def train_command(config: str, output_dir: str, opts: List[str]) -> Tuple[str, List[str]]:
     """
     (script, arguments) that train and evaluate ``config`` into ``output_dir``: a ``.yaml``
-    with tools/train_net.py and the yacs pairs of ``opts``; a LazyConfig ``.py`` with
-    tools/lazyconfig_train_net.py, the overrides of ``opts`` and its yacs pairs under their
-    LazyConfig names (``SEED`` is ``train.seed``: d2_batchnorm.config.TRAIN_SETTINGS).
+    with ``d2bn train`` and the yacs pairs of ``opts``; a LazyConfig ``.py`` with
+    ``d2bn lazy-train``, the overrides of ``opts`` and its yacs pairs under their LazyConfig
+    names (``SEED`` is ``train.seed``: :data:`d2_batchnorm.config.SETTINGS`).
     ``ValueError`` for a yacs key a LazyConfig does not have.
     """
-    from d2_batchnorm.engine.defaults import is_lazy_config_file
-
+    kind = config_kind(config)
     pairs, overrides = split_opts(opts)
-    if not is_lazy_config_file(config):
-        return TRAIN_NET, ["--config-file", config, *pairs, "OUTPUT_DIR", output_dir]
-    from d2_batchnorm.config import TRAIN_SETTINGS
-
-    paths = {key: path for key, path, _, _ in TRAIN_SETTINGS}
-    for key, value in zip(pairs[::2], pairs[1::2]):
-        if key not in paths:
-            raise ValueError(f"{key} has no LazyConfig name for {config}; allowed yacs keys: "
-                             f"{sorted(paths)}, or give key=value overrides")
-        overrides.append(f"train.{paths[key]}={value}")
-    return LAZY_TRAIN_NET, ["--config-file", config, *overrides, f"train.output_dir={output_dir}"]
+    try:
+        args = kind.command_opts(pairs, overrides) + kind.opts("OUTPUT_DIR", output_dir)
+    except ValueError as e:
+        raise ValueError(f"{config}: {e}") from None
+    return TRAIN_SCRIPTS[kind.kind], ["--config-file", config, *args]
 
 
-def run_config(config: str, output_dir: str, num_gpus: int, opts: List[str], timeout: float) -> int:
-    """Trains and evaluates ``config`` (:func:`train_command`); returns its exit status."""
+#: seconds between two progress lines of a run that trains here
+PROGRESS_SECONDS = 30.0
+
+
+def run_config(config: str, output_dir: str, num_gpus: int, opts: List[str], timeout: float,
+               progress: str = "") -> int:
+    """
+    Trains and evaluates ``config`` (:func:`train_command`); returns its exit status. With
+    ``progress`` (e.g. "run 2 of 6, shuffle seed 1"), prints the run's iteration and ETA
+    every :data:`PROGRESS_SECONDS` while it trains (:func:`~.runs.training_progress`).
+    """
     os.makedirs(output_dir, exist_ok=True)
     script, args = train_command(config, output_dir, opts)
     cmd = [sys.executable, script, "--num-gpus", str(num_gpus), "--dist-url", "auto", *args]
+    deadline, shown = time.monotonic() + timeout, None
     with open(os.path.join(output_dir, "train_net.log"), "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        try:
-            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            log.write(f"\ncompare.py: killed after the --timeout of {timeout:.0f} s\n")
-            return 124
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                return proc.wait(timeout=min(PROGRESS_SECONDS, max(deadline - time.monotonic(), 0.0)))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    proc.kill()
+                    proc.wait()
+                    log.write(f"\ncompare.py: killed after the --timeout of {timeout:.0f} s\n")
+                    return 124
+            now = training_progress(output_dir)
+            if progress and now is not None and now != shown:
+                shown = now
+                print(f"[compare] {progress}: iteration {now[0]}, ETA {now[1]}", flush=True)
 
 
 REQUEST_FILE = "compare_request.json"
@@ -93,8 +106,8 @@ class LocalLauncher:
         self.num_gpus, self.timeout = num_gpus, timeout
         self.workers = num_gpus
 
-    def start(self, config: str, output_dir: str, opts: List[str]):
-        return run_config(config, output_dir, self.num_gpus, opts, self.timeout)
+    def start(self, config: str, output_dir: str, opts: List[str], name: str = ""):
+        return run_config(config, output_dir, self.num_gpus, opts, self.timeout, progress=name)
 
     def attach(self, output_dir: str, request: dict, name: str) -> None:
         """Nothing outlives this process: a run of an earlier call is never waited for."""
@@ -124,7 +137,7 @@ class SubmititLauncher:
         self._pending: List[Tuple[str, object]] = []  # (run folder, TrainNetJob) to submit
         self._jobs: Dict[str, object] = {}  # run folder -> submitit job
 
-    def start(self, config: str, output_dir: str, opts: List[str]) -> str:
+    def start(self, config: str, output_dir: str, opts: List[str], name: str = "") -> str:
         from d2_batchnorm.engine.cluster import TrainNetJob
 
         os.makedirs(output_dir, exist_ok=True)
@@ -233,7 +246,7 @@ def run_all(tasks: List[Tuple[str, str, str, Optional[int]]], launcher, opts: Li
     in order.
     """
     started = []
-    for label, config, output_dir, seed in tasks:
+    for k, (label, config, output_dir, seed) in enumerate(tasks, 1):
         name = label if seed is None else f"{label} seed {seed}"
         run_opts = list(opts) + ([] if seed is None else ["SEED", str(seed)])
         request = {"config": os.path.abspath(config), "opts": run_opts, "workers": launcher.workers}
@@ -242,7 +255,8 @@ def run_all(tasks: List[Tuple[str, str, str, Optional[int]]], launcher, opts: Li
             run = reusable_run(label, output_dir, request, name)
         if run is None and handle is None:
             print(f"[compare] running {name}: {config} -> {output_dir}", flush=True)
-            handle = launcher.start(config, output_dir, run_opts)  # the local launcher runs it now
+            # the local launcher runs it now, printing its progress
+            handle = launcher.start(config, output_dir, run_opts, name=f"run {k} of {len(tasks)}, {name}")
             with open(os.path.join(output_dir, REQUEST_FILE), "w") as f:  # what attach() compares
                 json.dump({"request": request}, f)
         started.append((label, output_dir, seed, name, request, run, handle, start))

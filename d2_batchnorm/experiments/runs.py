@@ -6,11 +6,14 @@ Reading detection runs: what a run is (from its ``config.yaml``) and what it mea
 """
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from ..config_kinds import describe_dump
+
 __all__ = ["RunResult", "CorruptFile", "METRICS", "COLUMNS", "box_ap", "copypaste_blocks", "read_run",
-           "read_dir", "status_text"]
+           "read_dir", "status_text", "training_progress"]
 
 METRICS = ("bbox/AP", "segm/AP")
 COLUMNS = (
@@ -154,7 +157,7 @@ def _describe(config_yaml: str) -> Tuple[str, str]:
         raise CorruptFile(config_yaml, reason) from None
     if not isinstance(cfg, dict):
         raise CorruptFile(config_yaml, "not a YAML mapping")
-    run = _lazy_config_facts(cfg) if "model" in cfg else _yacs_config_facts(cfg)
+    run = describe_dump(cfg)
     mitigation, mask_mitigation = run["mitigation"], run["mask_mitigation"] or run["mitigation"]
     mitigation = mitigation if mask_mitigation == mitigation else f"{mitigation}/{mask_mitigation}"
     arch = run["arch"]
@@ -171,36 +174,20 @@ def _describe(config_yaml: str) -> Tuple[str, str]:
     return mitigation, statistics
 
 
-def _yacs_config_facts(cfg: dict) -> dict:
-    """What :func:`_describe` reports, from a yacs run's config.yaml."""
-    model, test = cfg.get("MODEL", {}), cfg.get("TEST", {})
-    box, mask = model.get("ROI_BOX_HEAD", {}), model.get("ROI_MASK_HEAD", {})
-    return {
-        "arch": model.get("META_ARCHITECTURE", "GeneralizedRCNN"),
-        "norm": box.get("NORM", ""),
-        "mitigation": box.get("LEAKAGE_MITIGATION", "none"),
-        "mask_mitigation": mask.get("LEAKAGE_MITIGATION", "none") if model.get("MASK_ON") else None,
-        "bn_stats": test.get("BN_STATS"),
-        "test_batch": test.get("IMS_PER_BATCH"),
-        "precise_bn": test.get("PRECISE_BN", {}).get("ENABLED"),
-    }
-
-
-def _lazy_config_facts(cfg: dict) -> dict:
-    """What :func:`_describe` reports, from a LazyConfig run's config.yaml (lowercase sections)."""
-    model, train = cfg.get("model") or {}, cfg.get("train") or {}
-    roi_heads = model.get("roi_heads") or {}
-    box, mask = roi_heads.get("box_head") or {}, roi_heads.get("mask_head")
-    test = (cfg.get("dataloader") or {}).get("test") or {}
-    return {
-        "arch": str(model.get("_target_", "")).rsplit(".", 1)[-1],
-        "norm": box.get("conv_norm", ""),
-        "mitigation": box.get("leakage_mitigation", "none"),
-        "mask_mitigation": mask.get("leakage_mitigation", "none") if isinstance(mask, dict) else None,
-        "bn_stats": train.get("bn_stats"),
-        "test_batch": test.get("batch_size", 1),
-        "precise_bn": (train.get("precise_bn") or {}).get("enabled"),
-    }
+def training_progress(path: str) -> Optional[Tuple[int, str]]:
+    """
+    (iterations done, detectron2's ETA such as "0:03:21") of a training writing into
+    ``path``, from the last ``eta: ... iter: N`` line of its ``log.txt``; None before the
+    first.
+    """
+    log_txt = os.path.join(path, "log.txt")
+    if not os.path.isfile(log_txt):
+        return None
+    with open(log_txt, "rb") as f:
+        f.seek(max(os.path.getsize(log_txt) - 20000, 0))
+        tail = f.read().decode("utf-8", errors="replace")
+    found = re.findall(r"eta: (\S+)\s+iter: (\d+)", tail)
+    return (int(found[-1][1]) + 1, found[-1][0]) if found else None
 
 
 def read_run(path: str, label: Optional[str] = None, returncode: Optional[int] = None) -> RunResult:

@@ -22,25 +22,4 @@ from .level_norm import LEVEL_STATS, LevelBatchNorm, PerLevelNorms
 from .roi_shuffle import RoIShuffleState, shuffle_rois, unshuffle_rois
 from .sync_batch_norm import SyncBatchNorm
 
-__all__ = [
-    "D2BN_NORM_NAMES",
-    "NORM_NAMES",
-    "get_norm",
-    "norm_options_from_config",
-    "convert_batchnorm",
-    "convert_sync_batchnorm",
-    "convert_for_inference",
-    "INFERENCE_CONVERTED_NORMS",
-    "set_ema_momentum",
-    "SyncBatchNorm",
-    "GhostBatchNorm",
-    "LEVEL_STATS",
-    "LevelBatchNorm",
-    "PerLevelNorms",
-    "ChannelMoments",
-    "batch_norm_over_parts",
-    "update_running_stats_",
-    "RoIShuffleState",
-    "shuffle_rois",
-    "unshuffle_rois",
-]
+__all__ = [k for k, v in globals().items() if not k.startswith("_") and not isinstance(v, type(batch_norm))]

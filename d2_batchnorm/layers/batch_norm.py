@@ -7,7 +7,8 @@ conversions of the norms of a module tree: of one built by detectron2
 """
 from typing import Callable, Optional, Tuple, Type, Union
 
-from detectron2.layers.batch_norm import FrozenBatchNorm2d, LayerNorm, NaiveSyncBatchNorm
+from detectron2.layers.batch_norm import NaiveSyncBatchNorm
+from detectron2.layers.batch_norm import get_norm as d2_get_norm
 from torch import nn
 
 from .batch_stats import row_of
@@ -45,23 +46,12 @@ NORM_NAMES = (
 
 
 def _build(name: str, channels: int, sync_group_size: int, ghost_batch_size: int) -> nn.Module:
-    if name == "BN":
-        return nn.BatchNorm2d(channels)
+    """Our names ("SyncBN", "GhostBN") here; every other name is detectron2's ``get_norm``'s."""
     if name == "SyncBN":
         return SyncBatchNorm(channels, sync_group_size=sync_group_size)
     if name == "GhostBN":
         return GhostBatchNorm(channels, ghost_batch_size=ghost_batch_size)
-    if name == "FrozenBN":
-        return FrozenBatchNorm2d(channels)
-    if name == "GN":
-        return nn.GroupNorm(32, channels)
-    if name == "nnSyncBN":
-        return nn.SyncBatchNorm(channels)
-    if name == "naiveSyncBN":
-        return NaiveSyncBatchNorm(channels)
-    if name == "naiveSyncBN_N":
-        return NaiveSyncBatchNorm(channels, stats_mode="N")
-    return LayerNorm(channels)  # "LN"
+    return d2_get_norm(name, channels)
 
 
 def get_norm(

@@ -8,34 +8,23 @@ head (``configs/common/models/fcos.py``).
 from typing import List, Tuple
 
 import torch
-from detectron2.layers import ShapeSpec
-from torch import nn
+from detectron2.modeling.meta_arch.fcos import FCOSHead
 
 from .retinanet import BNRetinaNetHead
 
 __all__ = ["BNFCOSHead"]
 
 
-class BNFCOSHead(BNRetinaNetHead):
+class BNFCOSHead(FCOSHead, BNRetinaNetHead):
     """
     detectron2's ``FCOSHead`` — the RetinaNet head with one "anchor" per location and a
-    centerness branch on the box subnet's features (same layers, names and initialization)
-    — over :class:`BNRetinaNetHead`, so its norms have the same statistics modes:
-    ``norm`` "BN" or "SyncBN" with ``norm_stats`` "per_level" / "shared" (one
+    centerness branch on the box subnet's features (its layers and initialization) — whose
+    norms are :class:`BNRetinaNetHead`'s, with the same statistics modes: ``norm`` "BN" or
+    "SyncBN" with ``norm_stats`` "per_level" / "shared" (one
     :class:`~d2_batchnorm.layers.LevelBatchNorm` per conv, called with all levels) or
     "naive" (one plain BN applied per level), and ``population_stats`` / ``share_affine``.
+    Its arguments are :class:`BNRetinaNetHead`'s without ``num_anchors``.
     """
-
-    def __init__(self, *, input_shape: List[ShapeSpec], conv_dims: List[int], **kwargs):
-        """
-        Args:
-            input_shape, conv_dims, kwargs: as :class:`BNRetinaNetHead`, without
-                ``num_anchors`` (FCOS predicts one box per location).
-        """
-        super().__init__(input_shape=input_shape, conv_dims=conv_dims, num_anchors=1, **kwargs)
-        self.ctrness = nn.Conv2d(conv_dims[-1], 1, kernel_size=3, stride=1, padding=1)
-        nn.init.normal_(self.ctrness.weight, std=0.01)
-        nn.init.constant_(self.ctrness.bias, 0)
 
     def forward(
         self, features: List[torch.Tensor]

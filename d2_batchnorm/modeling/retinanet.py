@@ -4,8 +4,7 @@ naive statistics (``MODEL.RETINANET.NORM_STATS`` / ``POPULATION_STATS``), regist
 the meta-architecture ``"BNRetinaNet"``.
 """
 import logging
-import math
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -48,12 +47,12 @@ class LevelSequential(nn.Sequential):
         return features
 
 
-class BNRetinaNetHead(nn.Module):
+class BNRetinaNetHead(RetinaNetHead):
     """
-    detectron2's RetinaNet head (two subnets of ``NUM_CONVS`` 3x3 conv + norm + ReLU, then
-    the classification and box-regression convs; same attribute names and
-    initialization), with explicit statistics for the norm layers shared across the L FPN
-    levels.
+    detectron2's ``RetinaNetHead`` (two subnets of ``NUM_CONVS`` 3x3 conv + norm + ReLU,
+    then the classification and box-regression convs: its layers and initialization), with
+    other norms and a different way to call them: explicit statistics for the norm layers
+    shared across the L FPN levels, whose subnets are called with all levels at once.
 
     With ``norm`` "BN" (per-worker) or "SyncBN" (synchronized over workers, sync groups of
     ``sync_group_size``) and ``norm_stats``:
@@ -103,9 +102,10 @@ class BNRetinaNetHead(nn.Module):
             sync_group_size, ghost_batch_size: options of "SyncBN" / "GhostBN".
             prior_prob: initial foreground probability of the classification output.
         """
-        super().__init__()
         self.check_stats(norm_stats, population_stats)
-        self._num_features = len(input_shape)
+        # detectron2's layers and initialization, without norms; ours go after each conv
+        super().__init__(input_shape=input_shape, num_classes=num_classes, num_anchors=num_anchors,
+                         conv_dims=conv_dims, norm="", prior_prob=prior_prob)
         level_stats = norm in LEVEL_STATS_NORMS and norm_stats != "naive"
         if norm:
             logger.info(
@@ -122,26 +122,17 @@ class BNRetinaNetHead(nn.Module):
                 )
             return get_norm(norm, channels, sync_group_size=sync_group_size, ghost_batch_size=ghost_batch_size)
 
-        in_dims = [input_shape[0].channels] + list(conv_dims)
-        self.cls_subnet = self._subnet(in_dims, make_norm if norm else None)
-        self.bbox_subnet = self._subnet(in_dims, make_norm if norm else None)
-        self.cls_score = nn.Conv2d(conv_dims[-1], num_anchors * num_classes, 3, padding=1)
-        self.bbox_pred = nn.Conv2d(conv_dims[-1], num_anchors * 4, 3, padding=1)
-
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, mean=0, std=0.01)
-                nn.init.constant_(module.bias, 0)
-        nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.cls_subnet = self._with_norms(self.cls_subnet, make_norm if norm else None)
+        self.bbox_subnet = self._with_norms(self.bbox_subnet, make_norm if norm else None)
 
     @staticmethod
-    def _subnet(in_dims: Sequence[int], make_norm) -> LevelSequential:
+    def _with_norms(subnet: nn.Sequential, make_norm) -> LevelSequential:
+        """``subnet``'s layers with a norm after each conv, called with all levels at once."""
         layers = []
-        for c_in, c_out in zip(in_dims[:-1], in_dims[1:]):
-            layers.append(nn.Conv2d(c_in, c_out, 3, padding=1))
-            if make_norm is not None:
-                layers.append(make_norm(c_out))
-            layers.append(nn.ReLU())
+        for layer in subnet:
+            layers.append(layer)
+            if make_norm is not None and isinstance(layer, nn.Conv2d):
+                layers.append(make_norm(layer.out_channels))
         return LevelSequential(*layers)
 
     @classmethod

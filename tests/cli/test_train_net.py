@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import REPO
+
 TOY_RETINANET = os.path.join(REPO, "configs", "Toy", "retinanet_R18_FPN_bn_head.yaml")
 
 from d2_batchnorm.cli import train_net  # noqa: E402
@@ -99,12 +100,12 @@ def test_two_process_training_writes_metrics_with_bbox_ap(tmp_path):
 
 
 def test_readme_own_trainer_snippet_works_without_cuda(tmp_path, monkeypatch):
-    """README's "In your own trainer" snippet, as written, on a machine without CUDA."""
+    """docs/getting-started.md's "In your own trainer" snippet, as written, on a machine without CUDA."""
     import re
 
     import torch
 
-    readme = open(os.path.join(REPO, "README.md")).read()
+    readme = open(os.path.join(REPO, "docs", "getting-started.md")).read()
     snippet = re.search(r"### In your own trainer\n```python\n(.*?)```", readme, re.S).group(1)
     assert 'merge_from_file("my.yaml")' in snippet and "BNTrainer(cfg)" in snippet
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -1,4 +1,4 @@
-"""tools/bench_report.py: benchmarks write their latest output into README.md."""
+"""tools/bench_report.py: benchmarks write their latest output into docs/benchmarks.md."""
 import os
 
 import pytest
@@ -6,14 +6,14 @@ import pytest
 from scripts import load_script
 
 bench_report = load_script("tools/bench_report.py")
-README, machine_description, write_readme_section = (
-    bench_report.README, bench_report.machine_description, bench_report.write_readme_section)
+BENCHMARKS, machine_description, write_section = (
+    bench_report.BENCHMARKS, bench_report.machine_description, bench_report.write_section)
 
 
 def test_replaces_only_the_named_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- output:x -->\nold\n<!-- /output:x -->\nb\n<!-- output:y -->\nkeep\n<!-- /output:y -->\n")
-    write_readme_section("x", "new table\n", str(readme))
+    write_section("x", "new table\n", str(readme))
     assert readme.read_text() == (
         "a\n<!-- output:x -->\nnew table\n<!-- /output:x -->\nb\n<!-- output:y -->\nkeep\n<!-- /output:y -->\n"
     )
@@ -23,12 +23,12 @@ def test_missing_markers_leave_the_file_unchanged(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("<!-- /output:x -->\n<!-- output:x -->\n")
     with pytest.raises(ValueError, match="no '<!-- output:x -->'"):
-        write_readme_section("x", "t", str(readme))
+        write_section("x", "t", str(readme))
     assert readme.read_text() == "<!-- /output:x -->\n<!-- output:x -->\n"
 
 
-def test_every_benchmark_has_its_block_in_the_project_readme():
-    text = open(README).read()
+def test_every_benchmark_has_its_block_in_the_benchmarks_page():
+    text = open(BENCHMARKS).read()
     for name in ("bench_norms", "bench_shuffle", "bench_precise_bn"):
         assert f"<!-- output:{name} -->" in text and f"<!-- /output:{name} -->" in text
 

@@ -1,6 +1,6 @@
 """
 The submitit launcher (d2_batchnorm.engine.cluster, tools/compare.py --launcher submitit):
-what is submitted to SLURM and what each task sees (without a cluster: tests/test_slurm.py
+what is submitted to SLURM and what each task sees (without a cluster: tests/experiments/test_slurm.py
 runs against a real one), and a toy comparison end to end through submitit's local
 executor (real processes, gloo).
 """
@@ -16,7 +16,8 @@ from d2_batchnorm import experiments
 from d2_batchnorm.cli.compare import main as compare_main
 from d2_batchnorm.cli.compare import submitit_resources
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import REPO
+
 
 TOY_RETINANET = os.path.join(REPO, "configs", "Toy", "retinanet_R18_FPN_bn_head.yaml")
 

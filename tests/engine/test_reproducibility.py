@@ -9,7 +9,8 @@ import os
 
 from tiny_datasets import TINY_VAL, register_tiny_val, write_tiny_val
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import REPO
+
 CONFIG = os.path.join(REPO, "configs", "Toy", "mask_rcnn_R18_FPN_shuffle_head.yaml")
 MAX_ITER = 6
 COMMON = [

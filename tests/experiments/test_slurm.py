@@ -22,9 +22,10 @@ import time
 
 import pytest
 
+from scripts import REPO
+
 pytestmark = pytest.mark.slurm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARE = os.path.join(REPO, "tools", "compare.py")
 TOY = os.path.join(REPO, "configs", "Toy", "retinanet_R18_FPN_bn_head.yaml")
 TOY_SYNC = os.path.join(REPO, "configs", "Toy", "retinanet_R18_FPN_syncbn_head_naive.yaml")

@@ -1,6 +1,6 @@
 # detectron2's training settings (its configs/common/train.py: output_dir, init_checkpoint,
 # max_iter, eval_period, checkpointer, ddp, device, ...) with d2_batchnorm's settings and their
-# defaults, the LazyConfig names of the yacs keys (d2_batchnorm.config.TRAIN_SETTINGS):
+# defaults, the LazyConfig names of the yacs keys (d2_batchnorm.config.SETTINGS):
 #   train.precise_bn = dict(enabled=False, num_iter=200, num_samples=0, period=0,
 #                           ims_per_batch=0, datasets=[], eval_ema=True)
 #   train.bn_stats = "population"        # or "mini_batch": test batches' own statistics

@@ -235,3 +235,12 @@ def test_parse_seeds(seeds, expected):
 def test_bad_seeds(tmp_path, capsys, seeds):
     assert compare_main(["x", f"--seeds={seeds}", "--out", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_training_progress_reads_the_last_eta_line_of_log_txt(tmp_path):
+    assert experiments.training_progress(str(tmp_path)) is None
+    (tmp_path / "log.txt").write_text(
+        "[12/03 12:00:01 d2.utils.events]:  eta: 0:04:10  iter: 19  total_loss: 2.1\n"
+        "[12/03 12:00:09 d2.utils.events]:  eta: 0:03:21  iter: 39  total_loss: 1.7\n"
+    )
+    assert experiments.training_progress(str(tmp_path)) == (40, "0:03:21")

@@ -11,7 +11,8 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from d2_batchnorm.bn_modes import force_bn_mode, mini_batch_statistics
-from d2_batchnorm.engine.hooks import FrozenBNLate, PreciseBN, bn_statistics_distance, snapshot_bn_statistics
+from d2_batchnorm.engine.hooks import FrozenBNLate, PreciseBN
+from d2_batchnorm.module_state import bn_statistics_distance, snapshot_bn_statistics
 
 
 class _Net(nn.Module):

@@ -1,0 +1,505 @@
+"""
+One adapter per kind of config: a yacs ``CfgNode`` (:class:`YacsConfig`) and a LazyConfig,
+detectron2's Python configs (:class:`LazyConfig`). Nothing else asks which kind a config is:
+
+    kind = adapt(cfg)                      # or config_kind(path).load(path, opts, world_size)
+    kind.get("TEST.PRECISE_BN.NUM_ITER")   # a setting, named by its yacs key
+    kind.name("TEST.PRECISE_BN.NUM_ITER")  # how errors and fixes call it: the key, or
+                                           # "train.precise_bn.num_iter"
+    kind.fix(("MODEL.RETINANET.NORM", "SyncBN"))   # the config line that sets it
+
+Where a LazyConfig holds what a yacs key configures is :data:`d2_batchnorm.config.SETTINGS`,
+the one table of settings (with their LazyConfig defaults and checks).
+"""
+import copy
+import logging
+import os
+from typing import Dict, List, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import SETTINGS, add_batchnorm_config, config_value, images_per_worker, split_batch, validate_batchnorm_config
+
+__all__ = ["ConfigKind", "YacsConfig", "LazyConfig", "adapt", "config_kind", "describe_dump", "get_bn_cfg",
+           "LAZY_CONFIG_PARTS"]
+
+logger = logging.getLogger(__name__)
+_PATHS = {key: path for key, path, _, _ in SETTINGS}
+_MISSING = object()
+
+#: yacs names of d2_batchnorm's classes -> their LazyConfig ``_target_`` (for fix lines)
+LAZY_TARGETS = {
+    "BNConvFCHead": "d2_batchnorm.modeling.BNConvFCHead",
+    "BNMaskRCNNConvUpsampleHead": "d2_batchnorm.modeling.BNMaskRCNNConvUpsampleHead",
+    "BNRetinaNet": "d2_batchnorm.modeling.BNRetinaNetHead",
+    "BNFCOS": "d2_batchnorm.modeling.BNFCOSHead",
+}
+#: what a LazyConfig for ``d2bn lazy-train`` defines (detectron2's convention)
+LAZY_CONFIG_PARTS = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+
+
+def get_bn_cfg():
+    """detectron2's default config extended with d2_batchnorm's keys."""
+    from detectron2.config import get_cfg
+
+    return add_batchnorm_config(get_cfg())
+
+
+class ConfigKind:
+    """
+    What d2_batchnorm reads and writes in a config, whatever its kind. Subclasses wrap
+    ``cfg`` (``self.cfg``) and say where each setting lives.
+    """
+
+    #: the kind's name; the training command that runs it (``d2bn <name>``)
+    kind: str = ""
+    #: the file suffixes of this kind of config
+    suffixes: Tuple[str, ...] = ()
+
+    def __init__(self, cfg, world_size: int = 1):
+        self.cfg, self.world_size = cfg, world_size
+
+    @staticmethod
+    def read(config_file: str):
+        """The config of ``config_file`` as it is written (no options, no checks)."""
+        raise NotImplementedError
+
+    # ---- settings, named by their yacs key (d2_batchnorm.config.SETTINGS)
+    def get(self, key: str):
+        raise NotImplementedError
+
+    def set(self, key: str, value) -> None:
+        """Sets ``key`` in the config, which must not be frozen."""
+        raise NotImplementedError
+
+    @classmethod
+    def name(cls, key: str) -> str:
+        """How errors and fix lines call setting ``key``."""
+        raise NotImplementedError
+
+    @classmethod
+    def fix(cls, *pairs) -> str:
+        """``fix(("KEY", value), ...)``: the config line (command-line options) that sets them."""
+        raise NotImplementedError
+
+    @classmethod
+    def opts(cls, key: str, value) -> List[str]:
+        """The command-line options that set ``key`` to ``value``."""
+        raise NotImplementedError
+
+    @classmethod
+    def given(cls, key: str, opts: List[str]) -> bool:
+        """Whether the command-line options ``opts`` set ``key``."""
+        raise NotImplementedError
+
+    @classmethod
+    def command_opts(cls, pairs: List[str], overrides: List[str]) -> List[str]:
+        """
+        The command-line options of this kind from yacs ``KEY VALUE`` ``pairs`` and
+        LazyConfig ``key=value`` ``overrides``: what applies to it, in its own names.
+        """
+        raise NotImplementedError
+
+    def copy(self) -> "ConfigKind":
+        """An adapter of a modifiable copy of the config."""
+        raise NotImplementedError
+
+    # ---- data
+    def train_datasets(self) -> List[str]:
+        raise NotImplementedError
+
+    def test_datasets(self) -> List[str]:
+        raise NotImplementedError
+
+    def dataset_names(self) -> List[str]:
+        """The datasets the config reads: training, test and PreciseBN's."""
+        return self.train_datasets() + self.test_datasets() + list(self.get("TEST.PRECISE_BN.DATASETS"))
+
+    def has_test_set(self) -> bool:
+        raise NotImplementedError
+
+    def images_per_worker(self, world_size: int = 0) -> int:
+        """
+        Training images per worker of ``world_size`` (0: the adapter's) workers
+        (``ValueError`` naming the batch when it does not split evenly).
+        """
+        raise NotImplementedError
+
+    def test_images_per_worker(self) -> int:
+        raise NotImplementedError
+
+    def train_loader(self, datasets: Sequence[str], ims_per_batch: int, world_size: int):
+        """
+        The training loader (an infinite stream with training augmentations) with 0 loader
+        workers over ``datasets``, ``ims_per_batch`` images per worker of ``world_size``:
+        what PreciseBN draws its batches from.
+        """
+        raise NotImplementedError
+
+    def test_loader(self):
+        """The loader of the (first) test dataset, as evaluation builds it."""
+        raise NotImplementedError
+
+    def test_transform(self) -> Tuple[str, list]:
+        """(image format, augmentations) that turn a test image file into the model's input."""
+        raise NotImplementedError
+
+    def input_size(self) -> Tuple[int, int]:
+        """(H, W) of a typical training image: the largest short edge, 4:3, capped by the long edge."""
+        short, longest = self._edges()
+        return short, min(round(short * 4 / 3), longest)
+
+    def lr_steps(self) -> List[int]:
+        raise NotImplementedError
+
+    def describe_norm(self, node: str) -> str:
+        """How a report names what configures the norms of ``MODEL.<node>``."""
+        raise NotImplementedError
+
+    def resolve_device(self) -> "ConfigKind":
+        """
+        This adapter when the config's device can be used here; on a machine without CUDA,
+        one whose device is "cpu" instead of a CUDA device (logged), so a config written
+        for GPUs runs as is: a copy of a yacs config, a LazyConfig changed in place.
+        """
+        import torch
+
+        device = self.get("MODEL.DEVICE")
+        if torch.cuda.is_available() or not str(device).startswith("cuda"):
+            return self
+        logger.info("%s = %r but CUDA is not available: using 'cpu'", self.name("MODEL.DEVICE"), device)
+        return self._with_device("cpu")
+
+    def _with_device(self, device: str) -> "ConfigKind":
+        raise NotImplementedError
+
+
+class YacsConfig(ConfigKind):
+    """A yacs ``CfgNode`` extended by :func:`~d2_batchnorm.config.add_batchnorm_config`."""
+
+    kind = "train"
+    suffixes = (".yaml", ".yml")
+
+    @staticmethod
+    def load(config_file: str, opts=(), world_size: int = 1):
+        """
+        Reads ``config_file`` and ``opts`` (``KEY VALUE`` pairs) into a frozen config, and
+        validates it for ``world_size`` workers. Without CUDA, ``MODEL.DEVICE`` becomes "cpu".
+
+        Raises:
+            ValueError: a missing config file, an unknown key, or a bad value — the message
+            names it.
+        """
+        cfg = get_bn_cfg()
+        if config_file:
+            _check_file(config_file)
+            try:
+                cfg = YacsConfig.read(config_file)
+            except KeyError as e:
+                raise ValueError(f"{config_file}: {e.args[0] if e.args else e}") from None
+        if len(opts) % 2:
+            raise ValueError(f"command-line opts must be KEY VALUE pairs; got {list(opts)}")
+        try:
+            cfg.merge_from_list(list(opts))
+        except (KeyError, ValueError, AssertionError) as e:
+            raise ValueError(f"command-line opts: {e.args[0] if e.args else e}") from None
+        cfg = YacsConfig(cfg).resolve_device().cfg
+        validate_batchnorm_config(cfg, world_size)
+        cfg.freeze()
+        return cfg
+
+    @staticmethod
+    def read(config_file):
+        cfg = get_bn_cfg()
+        cfg.merge_from_file(config_file)
+        return cfg
+
+    def get(self, key):
+        return config_value(self.cfg, key)
+
+    def _with_device(self, device):
+        changed = self.copy()
+        changed.cfg.MODEL.DEVICE = device
+        if self.cfg.is_frozen():
+            changed.cfg.freeze()
+        return changed
+
+    def set(self, key, value):
+        *parents, last = key.split(".")
+        node = self.cfg
+        for part in parents:
+            node = node[part]
+        node[last] = value
+
+    @classmethod
+    def name(cls, key):
+        return key
+
+    @classmethod
+    def fix(cls, *pairs):
+        return " ".join(f"{k} {v if v != '' else repr('')}" for k, v in pairs)
+
+    @classmethod
+    def opts(cls, key, value):
+        return [key, str(value)]
+
+    @classmethod
+    def given(cls, key, opts):
+        return key in opts[::2]
+
+    @classmethod
+    def command_opts(cls, pairs, overrides):
+        return list(pairs)  # overrides are for LazyConfigs
+
+    def copy(self):
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        return YacsConfig(cfg, self.world_size)
+
+    def train_datasets(self):
+        return list(self.cfg.DATASETS.TRAIN)
+
+    def test_datasets(self):
+        return list(self.cfg.DATASETS.TEST)
+
+    def has_test_set(self):
+        return len(self.cfg.DATASETS.TEST) > 0
+
+    def images_per_worker(self, world_size=0):
+        return images_per_worker(self.cfg, world_size or self.world_size)
+
+    def test_images_per_worker(self):
+        return self.cfg.TEST.IMS_PER_BATCH
+
+    def train_loader(self, datasets, ims_per_batch, world_size):
+        from detectron2.data import build_detection_train_loader
+
+        cfg = self.copy().cfg
+        cfg.DATALOADER.NUM_WORKERS = 0
+        cfg.DATASETS.TRAIN = tuple(datasets)
+        cfg.SOLVER.IMS_PER_BATCH = ims_per_batch * world_size
+        cfg.SOLVER.REFERENCE_WORLD_SIZE = 0
+        return build_detection_train_loader(cfg)
+
+    def test_loader(self):
+        from detectron2.data import build_detection_test_loader
+
+        return build_detection_test_loader(self.cfg, self.cfg.DATASETS.TEST[0])
+
+    def test_transform(self):
+        from detectron2.data import transforms as T
+
+        size = self.cfg.INPUT.MIN_SIZE_TEST
+        return self.cfg.INPUT.FORMAT, [T.ResizeShortestEdge([size, size], self.cfg.INPUT.MAX_SIZE_TEST)]
+
+    def _edges(self):
+        return max(self.cfg.INPUT.MIN_SIZE_TRAIN), self.cfg.INPUT.MAX_SIZE_TRAIN
+
+    def lr_steps(self):
+        return list(self.cfg.SOLVER.STEPS)
+
+    def describe_norm(self, node):
+        return f"`MODEL.{node}.NORM` = {self.cfg.MODEL[node].NORM!r}"
+
+
+class LazyConfig(ConfigKind):
+    """
+    A LazyConfig (an omegaconf ``DictConfig``) whose ``train`` went through
+    :func:`~d2_batchnorm.lazy_config.add_batchnorm_train_config`.
+    """
+
+    kind = "lazy-train"
+    suffixes = (".py",)
+
+    @staticmethod
+    def load(config_file: str, overrides=(), world_size: int = 1):
+        """
+        :meth:`YacsConfig.load` for a LazyConfig: reads ``config_file``, applies
+        ``overrides`` (``key=value``), adds d2_batchnorm's settings to ``train``, picks the
+        device and validates for ``world_size`` workers.
+
+        Raises:
+            ValueError: a missing file, a config that fails to load or lacks one of
+            :data:`LAZY_CONFIG_PARTS`, a bad override or a bad value — the message names it.
+        """
+        from detectron2.config import LazyConfig as D2LazyConfig
+
+        from .lazy_config import add_batchnorm_train_config, validate_lazy_config
+
+        _check_file(config_file)
+        try:
+            cfg = LazyConfig.read(config_file)
+        except Exception as e:  # the config is Python: any error is the config's
+            raise ValueError(f"{config_file}: {type(e).__name__}: {e}") from None
+        missing = [part for part in LAZY_CONFIG_PARTS if part not in cfg]
+        if missing:
+            raise ValueError(f"{config_file} does not define {missing}; it must define {list(LAZY_CONFIG_PARTS)}")
+        try:
+            cfg = D2LazyConfig.apply_overrides(cfg, list(overrides))
+        except Exception as e:
+            raise ValueError(f"command-line overrides: {type(e).__name__}: {e}") from None
+        add_batchnorm_train_config(cfg.train)
+        LazyConfig(cfg).resolve_device()
+        validate_lazy_config(cfg, world_size)
+        return cfg
+
+    @staticmethod
+    def read(config_file):
+        from detectron2.config import LazyConfig as D2LazyConfig
+
+        return D2LazyConfig.load(config_file)
+
+    def get(self, key):
+        value = OmegaConf.select(self.cfg, self.name(key), default=_MISSING)
+        if value is _MISSING:
+            raise ValueError(f"{self.name(key)} is missing: call add_batchnorm_train_config(cfg.train)")
+        return value
+
+    def set(self, key, value):
+        OmegaConf.update(self.cfg, self.name(key), value, merge=False)
+
+    def _with_device(self, device):
+        self.set("MODEL.DEVICE", device)
+        return self
+
+    @classmethod
+    def name(cls, key):
+        if key not in _PATHS:
+            raise ValueError(f"{key} has no LazyConfig name; allowed yacs keys: {sorted(_PATHS)}, "
+                             "or give key=value overrides")
+        return _PATHS[key]
+
+    @classmethod
+    def fix(cls, *pairs):
+        return " ".join(f"{cls.name(k)}={LAZY_TARGETS.get(v, v) if v != '' else repr('')}" for k, v in pairs)
+
+    @classmethod
+    def opts(cls, key, value):
+        return [f"{cls.name(key)}={value}"]
+
+    @classmethod
+    def given(cls, key, opts):
+        return any(o.startswith(f"{cls.name(key)}=") for o in opts)
+
+    @classmethod
+    def command_opts(cls, pairs, overrides):
+        return list(overrides) + [o for k, v in zip(pairs[::2], pairs[1::2]) for o in cls.opts(k, v)]
+
+    def copy(self):
+        return LazyConfig(copy.deepcopy(self.cfg), self.world_size)
+
+    def train_datasets(self):
+        return _names(OmegaConf.select(self.cfg, "dataloader.train.dataset.names", default=None))
+
+    def test_datasets(self):
+        return _names(OmegaConf.select(self.cfg, "dataloader.test.dataset.names", default=None))
+
+    def has_test_set(self):
+        return "evaluator" in self.cfg.dataloader
+
+    def images_per_worker(self, world_size=0):
+        return split_batch(self.cfg.dataloader.train.total_batch_size, world_size or self.world_size, 0,
+                           ("dataloader.train.total_batch_size", "reference_world_size"))
+
+    def test_images_per_worker(self):
+        return self.cfg.dataloader.test.batch_size
+
+    def train_loader(self, datasets, ims_per_batch, world_size):
+        from detectron2.config import instantiate
+
+        loader = copy.deepcopy(self.cfg.dataloader.train)
+        loader.num_workers = 0
+        loader.dataset.names = list(datasets)
+        loader.total_batch_size = ims_per_batch * world_size
+        return instantiate(loader)
+
+    def test_loader(self):
+        from detectron2.config import instantiate
+
+        return instantiate(self.cfg.dataloader.test)
+
+    def test_transform(self):
+        from detectron2.config import instantiate
+
+        mapper = self.cfg.dataloader.test.mapper
+        return mapper.image_format, list(instantiate(mapper.augmentations))
+
+    def _edges(self):
+        short, longest = 800, 1333  # detectron2's defaults, if no ResizeShortestEdge is found
+        for aug in self.cfg.dataloader.train.mapper.get("augmentations", []):
+            if "short_edge_length" in aug:
+                edge = aug.short_edge_length
+                short = edge if isinstance(edge, int) else max(edge)
+                longest = aug.get("max_size", longest)
+        return short, longest
+
+    def lr_steps(self):
+        return list(OmegaConf.select(self.cfg, "lr_multiplier.scheduler.milestones", default=[]) or [])
+
+    def describe_norm(self, node):
+        return f"`{self.name(f'MODEL.{node}.NORM')}`"
+
+
+def adapt(cfg, world_size: int = 1) -> ConfigKind:
+    """
+    The adapter of ``cfg`` — a LazyConfig (omegaconf ``DictConfig``) or a yacs ``CfgNode`` —
+    for ``world_size`` workers.
+    """
+    if isinstance(cfg, ConfigKind):
+        return cfg
+    return (LazyConfig if isinstance(cfg, DictConfig) else YacsConfig)(cfg, world_size)
+
+
+def config_kind(config_file: str) -> type:
+    """The adapter class of a config file: :class:`LazyConfig` for ``.py``, else :class:`YacsConfig`."""
+    return LazyConfig if config_file.endswith(LazyConfig.suffixes) else YacsConfig
+
+
+def describe_dump(cfg: Dict) -> Dict:
+    """
+    What a comparison reports of a run, from the ``config.yaml`` either training command
+    writes (a plain mapping: a LazyConfig's has lowercase sections): its architecture, the
+    box head's norm and leakage mitigations, the inference statistics and whether
+    PreciseBN ran.
+    """
+    lazy = "model" in cfg
+
+    def get(key, default=None):
+        return _select(cfg, _PATHS[key] if lazy else key, default)
+
+    if lazy:
+        mask_on = isinstance(_select(cfg, "model.roi_heads.mask_head"), dict)
+        arch = str(_select(cfg, "model._target_", "")).rsplit(".", 1)[-1]
+    else:
+        mask_on, arch = get("MODEL.MASK_ON"), get("MODEL.META_ARCHITECTURE", "GeneralizedRCNN")
+    return {
+        "arch": arch,
+        "norm": get("MODEL.ROI_BOX_HEAD.NORM", ""),
+        "mitigation": get("MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION", "none"),
+        "mask_mitigation": get("MODEL.ROI_MASK_HEAD.LEAKAGE_MITIGATION", "none") if mask_on else None,
+        "bn_stats": get("TEST.BN_STATS"),
+        "test_batch": get("TEST.IMS_PER_BATCH", 1),
+        "precise_bn": get("TEST.PRECISE_BN.ENABLED"),
+    }
+
+
+def _select(mapping: Dict, path: str, default=None):
+    """The value at dotted ``path`` of nested mappings, or ``default``."""
+    for part in path.split("."):
+        mapping = mapping.get(part) if isinstance(mapping, dict) else None
+        if mapping is None:
+            return default
+    return mapping
+
+
+def _check_file(config_file: str) -> None:
+    if not os.path.isfile(config_file):
+        raise ValueError(f"--config-file {config_file!r} does not exist")
+
+
+def _names(node) -> List[str]:
+    """A LazyConfig's dataset ``names``: one name, a list of names, or none."""
+    if node is None:
+        return []
+    return [node] if isinstance(node, str) else list(node)
+
