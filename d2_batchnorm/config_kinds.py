@@ -14,18 +14,17 @@ the one table of settings (with their LazyConfig defaults and checks).
 import copy
 import logging
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import SETTINGS, add_batchnorm_config, config_value, images_per_worker, split_batch, validate_batchnorm_config
+from .config import add_batchnorm_config, config_value, images_per_worker, split_batch, validate_batchnorm_config
+from .lazy_config import add_batchnorm_train_config, lazy_name, lazy_setting, validate_lazy_config
 
 __all__ = ["ConfigKind", "YacsConfig", "LazyConfig", "adapt", "config_kind", "describe_dump", "get_bn_cfg",
            "LAZY_CONFIG_PARTS"]
 
 logger = logging.getLogger(__name__)
-_PATHS = {key: path for key, path, _, _ in SETTINGS}
-_MISSING = object()
 
 #: yacs names of d2_batchnorm's classes -> their LazyConfig ``_target_`` (for fix lines)
 LAZY_TARGETS = {
@@ -47,11 +46,33 @@ def get_bn_cfg():
 
 class ConfigKind:
     """
-    What d2_batchnorm reads and writes in a config, whatever its kind. Subclasses wrap
-    ``cfg`` (``self.cfg``) and say where each setting lives.
+    What d2_batchnorm reads and writes in a config, whatever its kind; a subclass wraps
+    ``cfg`` for ``world_size`` workers and says where each setting lives:
+
+    ==============================  =========================================================
+    ``read(file)``, ``load(file,    the config as written; validated with command-line
+    opts, world_size)``             options, device resolved (``ValueError`` naming the key)
+    ``get(key)``, ``set(key, v)``   a setting, named by its yacs key (``config.SETTINGS``)
+    ``name(key)``, ``fix(*pairs)``  how errors and fix lines call it: ``KEY VALUE`` or
+                                    ``path=value``
+    ``opts(key, v)``, ``given(key,  the command-line options that set it; whether ``opts``
+    opts)``, ``command_opts(pairs,  set it; the options of this kind from yacs pairs and
+    overrides)``                    LazyConfig overrides
+    ``copy()``                      an adapter of a modifiable copy
+    ``train_datasets()``,           dataset names; whether there is an evaluator
+    ``test_datasets()``,
+    ``has_test_set()``
+    ``images_per_worker(w)``,       the training batch per worker (``ValueError`` when it
+    ``test_images_per_worker()``    does not split evenly); the inference batch
+    ``train_loader(datasets, ims,   the training stream with 0 loader workers (PreciseBN's);
+    w)``, ``test_loader()``,        the test loader; (image format, augmentations) of a
+    ``test_transform()``            test image file
+    ``lr_steps()``, ``_edges()``    LR milestones; (largest short edge, long edge) of training
+    ``describe_norm(node)``         how a report names what configures ``MODEL.<node>.NORM``
+    ==============================  =========================================================
     """
 
-    #: the kind's name; the training command that runs it (``d2bn <name>``)
+    #: the kind's training command (``d2bn <kind>``)
     kind: str = ""
     #: the file suffixes of this kind of config
     suffixes: Tuple[str, ...] = ()
@@ -59,108 +80,20 @@ class ConfigKind:
     def __init__(self, cfg, world_size: int = 1):
         self.cfg, self.world_size = cfg, world_size
 
-    @staticmethod
-    def read(config_file: str):
-        """The config of ``config_file`` as it is written (no options, no checks)."""
-        raise NotImplementedError
-
-    # ---- settings, named by their yacs key (d2_batchnorm.config.SETTINGS)
-    def get(self, key: str):
-        raise NotImplementedError
-
-    def set(self, key: str, value) -> None:
-        """Sets ``key`` in the config, which must not be frozen."""
-        raise NotImplementedError
-
-    @classmethod
-    def name(cls, key: str) -> str:
-        """How errors and fix lines call setting ``key``."""
-        raise NotImplementedError
-
-    @classmethod
-    def fix(cls, *pairs) -> str:
-        """``fix(("KEY", value), ...)``: the config line (command-line options) that sets them."""
-        raise NotImplementedError
-
-    @classmethod
-    def opts(cls, key: str, value) -> List[str]:
-        """The command-line options that set ``key`` to ``value``."""
-        raise NotImplementedError
-
-    @classmethod
-    def given(cls, key: str, opts: List[str]) -> bool:
-        """Whether the command-line options ``opts`` set ``key``."""
-        raise NotImplementedError
-
-    @classmethod
-    def command_opts(cls, pairs: List[str], overrides: List[str]) -> List[str]:
-        """
-        The command-line options of this kind from yacs ``KEY VALUE`` ``pairs`` and
-        LazyConfig ``key=value`` ``overrides``: what applies to it, in its own names.
-        """
-        raise NotImplementedError
-
-    def copy(self) -> "ConfigKind":
-        """An adapter of a modifiable copy of the config."""
-        raise NotImplementedError
-
-    # ---- data
-    def train_datasets(self) -> List[str]:
-        raise NotImplementedError
-
-    def test_datasets(self) -> List[str]:
-        raise NotImplementedError
-
     def dataset_names(self) -> List[str]:
         """The datasets the config reads: training, test and PreciseBN's."""
         return self.train_datasets() + self.test_datasets() + list(self.get("TEST.PRECISE_BN.DATASETS"))
-
-    def has_test_set(self) -> bool:
-        raise NotImplementedError
-
-    def images_per_worker(self, world_size: int = 0) -> int:
-        """
-        Training images per worker of ``world_size`` (0: the adapter's) workers
-        (``ValueError`` naming the batch when it does not split evenly).
-        """
-        raise NotImplementedError
-
-    def test_images_per_worker(self) -> int:
-        raise NotImplementedError
-
-    def train_loader(self, datasets: Sequence[str], ims_per_batch: int, world_size: int):
-        """
-        The training loader (an infinite stream with training augmentations) with 0 loader
-        workers over ``datasets``, ``ims_per_batch`` images per worker of ``world_size``:
-        what PreciseBN draws its batches from.
-        """
-        raise NotImplementedError
-
-    def test_loader(self):
-        """The loader of the (first) test dataset, as evaluation builds it."""
-        raise NotImplementedError
-
-    def test_transform(self) -> Tuple[str, list]:
-        """(image format, augmentations) that turn a test image file into the model's input."""
-        raise NotImplementedError
 
     def input_size(self) -> Tuple[int, int]:
         """(H, W) of a typical training image: the largest short edge, 4:3, capped by the long edge."""
         short, longest = self._edges()
         return short, min(round(short * 4 / 3), longest)
 
-    def lr_steps(self) -> List[int]:
-        raise NotImplementedError
-
-    def describe_norm(self, node: str) -> str:
-        """How a report names what configures the norms of ``MODEL.<node>``."""
-        raise NotImplementedError
-
     def resolve_device(self) -> "ConfigKind":
         """
         This adapter when the config's device can be used here; on a machine without CUDA,
         one whose device is "cpu" instead of a CUDA device (logged), so a config written
-        for GPUs runs as is: a copy of a yacs config, a LazyConfig changed in place.
+        for GPUs runs as is.
         """
         import torch
 
@@ -168,10 +101,7 @@ class ConfigKind:
         if torch.cuda.is_available() or not str(device).startswith("cuda"):
             return self
         logger.info("%s = %r but CUDA is not available: using 'cpu'", self.name("MODEL.DEVICE"), device)
-        return self._with_device("cpu")
-
-    def _with_device(self, device: str) -> "ConfigKind":
-        raise NotImplementedError
+        return self._with_device("cpu")  # a copy of a yacs config; a LazyConfig changed in place
 
 
 class YacsConfig(ConfigKind):
@@ -324,8 +254,6 @@ class LazyConfig(ConfigKind):
         """
         from detectron2.config import LazyConfig as D2LazyConfig
 
-        from .lazy_config import add_batchnorm_train_config, validate_lazy_config
-
         _check_file(config_file)
         try:
             cfg = LazyConfig.read(config_file)
@@ -350,10 +278,7 @@ class LazyConfig(ConfigKind):
         return D2LazyConfig.load(config_file)
 
     def get(self, key):
-        value = OmegaConf.select(self.cfg, self.name(key), default=_MISSING)
-        if value is _MISSING:
-            raise ValueError(f"{self.name(key)} is missing: call add_batchnorm_train_config(cfg.train)")
-        return value
+        return lazy_setting(self.cfg, key)
 
     def set(self, key, value):
         OmegaConf.update(self.cfg, self.name(key), value, merge=False)
@@ -364,10 +289,7 @@ class LazyConfig(ConfigKind):
 
     @classmethod
     def name(cls, key):
-        if key not in _PATHS:
-            raise ValueError(f"{key} has no LazyConfig name; allowed yacs keys: {sorted(_PATHS)}, "
-                             "or give key=value overrides")
-        return _PATHS[key]
+        return lazy_name(key)
 
     @classmethod
     def fix(cls, *pairs):
@@ -465,7 +387,7 @@ def describe_dump(cfg: Dict) -> Dict:
     lazy = "model" in cfg
 
     def get(key, default=None):
-        return _select(cfg, _PATHS[key] if lazy else key, default)
+        return _select(cfg, lazy_name(key) if lazy else key, default)
 
     if lazy:
         mask_on = isinstance(_select(cfg, "model.roi_heads.mask_head"), dict)

@@ -20,14 +20,13 @@ from typing import Any, Dict
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .checks import check_bool, check_choice, check_int
-from .config import SETTINGS, check_frozen_last_iters
-from .config_kinds import LazyConfig
+from .config import SETTINGS, check_frozen_last_iters, split_batch
 from .distributed import check_sync_group_size
 from .layers import D2BN_NORM_NAMES, LEVEL_STATS, NORM_NAMES, LevelBatchNorm
 from .modeling.retinanet import BNRetinaNetHead
 from .modeling.roi_heads import check_leakage_mitigation
 
-__all__ = ["add_batchnorm_train_config", "validate_lazy_config", "DETECTRON2_NORM_NAMES"]
+__all__ = ["add_batchnorm_train_config", "validate_lazy_config", "lazy_setting", "lazy_name", "DETECTRON2_NORM_NAMES"]
 
 #: the norm names detectron2's own modules resolve (its ``get_norm``); models built from a
 #: LazyConfig get d2_batchnorm's SyncBatchNorm for "SyncBN" / "nnSyncBN" (converted after
@@ -35,6 +34,23 @@ __all__ = ["add_batchnorm_train_config", "validate_lazy_config", "DETECTRON2_NOR
 DETECTRON2_NORM_NAMES = tuple(n for n in NORM_NAMES if n not in D2BN_NORM_NAMES)
 
 _MISSING = object()
+_PATHS = {key: path for key, path, _, _ in SETTINGS}
+
+
+def lazy_name(key: str) -> str:
+    """Where a LazyConfig holds the setting of yacs key ``key`` (:data:`~d2_batchnorm.config.SETTINGS`)."""
+    if key not in _PATHS:
+        raise ValueError(f"{key} has no LazyConfig name; allowed yacs keys: {sorted(_PATHS)}, "
+                         "or give key=value overrides")
+    return _PATHS[key]
+
+
+def lazy_setting(cfg: DictConfig, key: str):
+    """The value of the setting of yacs key ``key`` in the LazyConfig ``cfg``."""
+    value = OmegaConf.select(cfg, lazy_name(key), default=_MISSING)
+    if value is _MISSING:
+        raise ValueError(f"{lazy_name(key)} is missing: call add_batchnorm_train_config(cfg.train)")
+    return value
 
 
 def add_batchnorm_train_config(train: DictConfig) -> DictConfig:
@@ -66,13 +82,13 @@ def validate_lazy_config(cfg: DictConfig, world_size: int = 1) -> None:
     arguments of every object ``cfg.model`` instantiates — norm names, the sync-group size,
     RetinaNet/FCOS head statistics, leakage mitigations — with the checks their classes use.
     """
-    kind = LazyConfig(cfg)
-    for key, _, _, check in SETTINGS:
+    for key, path, _, check in SETTINGS:
         if check is not None:
-            check(kind.name(key), kind.get(key))
-    kind.images_per_worker(world_size)
-    check_frozen_last_iters(kind.get("BN.FROZEN_LAST_ITERS"), kind.get("SOLVER.MAX_ITER"),
-                            (kind.name("BN.FROZEN_LAST_ITERS"), kind.name("SOLVER.MAX_ITER")))
+            check(path, lazy_setting(cfg, key))
+    split_batch(cfg.dataloader.train.total_batch_size, world_size, 0,
+                ("dataloader.train.total_batch_size", "reference_world_size"))
+    check_frozen_last_iters(lazy_setting(cfg, "BN.FROZEN_LAST_ITERS"), lazy_setting(cfg, "SOLVER.MAX_ITER"),
+                            (lazy_name("BN.FROZEN_LAST_ITERS"), lazy_name("SOLVER.MAX_ITER")))
     _check_node(cfg.model, "model", world_size)
 
 

@@ -193,6 +193,11 @@ def run_ours_seen(model, batches):
     update_bn_stats(model, seeded(batches), len(batches), stop_plans=SEEN)
 
 
+def _row(*cells) -> str:
+    """One row of a Markdown table."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def run_fvcore(model, batches):
     from fvcore.nn.precise_bn import update_bn_stats
 
@@ -353,20 +358,20 @@ def main(argv=None) -> int:
             diff = f"{d['ours']:.3g} ({d['fvcore']:.3g})"
         else:
             diff = "n/a"
-        rows.append(
-            f"| {case} | {r['bn_modules']} | {r['t_fvcore']:.2f} | {r['t_ours']:.2f} | {r['t_backbone']:.2f} "
-            f"| {r['t_fvcore'] / r['t_ours']:.2f}x | {r['t_ours'] / r['t_backbone']:.2f}x "
-            f"| {r['err_ours']['mean']:.2g} ({r['err_fvcore']['mean']:.2g}) "
-            f"| {r['err_ours']['var']:.2g} ({r['err_fvcore']['var']:.2g}) | {diff} |"
-        )
+        rows.append(_row(
+            case, r["bn_modules"], f"{r['t_fvcore']:.2f}", f"{r['t_ours']:.2f}", f"{r['t_backbone']:.2f}",
+            f"{r['t_fvcore'] / r['t_ours']:.2f}x", f"{r['t_ours'] / r['t_backbone']:.2f}x",
+            f"{r['err_ours']['mean']:.2g} ({r['err_fvcore']['mean']:.2g})",
+            f"{r['err_ours']['var']:.2g} ({r['err_fvcore']['var']:.2g})", diff,
+        ))
         print(rows[-1], flush=True)
         if "s_ours" in r:
-            short_rows.append(
-                f"| {case} | {r['s_fvcore']:.2f} | {r['s_ours']:.2f} | {r['s_ours_seen']:.2f} "
-                f"| {r['s_backbone']:.2f} | {r['s_fvcore'] / r['s_ours']:.2f}x "
-                f"| {r['s_fvcore'] / r['s_ours_seen']:.2f}x | {r['s_ours'] / r['s_backbone']:.2f}x "
-                f"| {r['s_ours_seen'] / r['s_backbone']:.2f}x |"
-            )
+            s = {k: r[f"s_{k}"] for k in ("fvcore", "ours", "ours_seen", "backbone")}
+            short_rows.append(_row(
+                case, *(f"{s[k]:.2f}" for k in s), f"{s['fvcore'] / s['ours']:.2f}x",
+                f"{s['fvcore'] / s['ours_seen']:.2f}x", f"{s['ours'] / s['backbone']:.2f}x",
+                f"{s['ours_seen'] / s['backbone']:.2f}x",
+            ))
             print(short_rows[-1], flush=True)
         if "t_ours_long" in r:
             longs.append(f"{case}: over {args.floor_iters} batches, ours {r['t_ours_long']:.2f} s, "
