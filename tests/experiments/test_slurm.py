@@ -159,6 +159,11 @@ def test_cancelled_and_timed_out_jobs_become_rows_while_the_others_finish(tmp_pa
     proc = subprocess.Popen([sys.executable, COMPARE, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=ENV)
     try:
+        attached = []  # its first lines: every job found still queued or running
+        while sum("submitted by an earlier call" in line for line in attached) < 3:
+            line = proc.stdout.readline()
+            assert line and "[compare] running" not in line, "".join(attached + [line])
+            attached.append(line)
         job_id = _job(record.parent)["job_id"]
         while subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
                              text=True).stdout.strip() != "RUNNING":
@@ -169,7 +174,8 @@ def test_cancelled_and_timed_out_jobs_become_rows_while_the_others_finish(tmp_pa
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert stdout.count("submitted by an earlier call") == 3 and "[compare] submitted job" not in stdout, stdout
+    stdout = "".join(attached) + stdout
+    assert "[compare] submitted job" not in stdout, stdout
     assert proc.returncode == 1, stdout
     rows = _rows(str(out))
     assert rows[("ok", "1")]["status"] == "ok", stdout
