@@ -137,11 +137,12 @@ def _variant(tmp_path, name, max_iter):
 def test_cancelled_and_timed_out_jobs_become_rows_while_the_others_finish(tmp_path):
     """One-task jobs, two at a time on 2 CPUs, submitted by a compare.py that is then
     killed; the same command again waits for them. 'cancelled' is scancel-ed once it runs,
-    'timeout' trains past its 4-minute limit, 'ok' finishes; compare.py ends soon after.
-    (SLURM signals USR2 24 s before the limit, and up to 60 s earlier still: 4 minutes
-    leave 'ok' 2.5 minutes to finish, on a loaded machine, before it could be signalled.)"""
+    'timeout' trains past its 5-minute limit, 'ok' finishes; compare.py ends soon after.
+    (SLURM signals USR2 30 s before the limit, and up to 60 s earlier still: 5 minutes
+    leave 'ok' 3.5 minutes to finish before it could be signalled; with three test suites
+    sharing 2 cores it took 3 min 13 s.)"""
     out = tmp_path / "cmp"
-    args = [*_slurm(num_gpus=1, timeout_min=4), "--max-requeues", "0", "--seeds", "1", "--out", str(out),
+    args = [*_slurm(num_gpus=1, timeout_min=5), "--max-requeues", "0", "--seeds", "1", "--out", str(out),
             _variant(tmp_path, "cancelled", 100000), _variant(tmp_path, "timeout", 100000),
             _variant(tmp_path, "ok", 3), "--", *TRAINING]
     start = time.monotonic()
