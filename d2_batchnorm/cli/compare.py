@@ -41,6 +41,13 @@ Resuming. A config run whose folder holds a finished run (status ok) of the same
 (config, options, seed, processes; recorded in ``compare_request.json``) is reused, and
 said so; a missing, failed, unfinished, corrupt or differently requested run is deleted
 and run again. Re-running an interrupted command therefore only runs what is left.
+
+On a cluster. ``--launcher submitit --cluster slurm`` submits the runs as one SLURM job
+array (``--nodes`` × ``--tasks-per-node`` processes and ``--gpus-per-node`` GPUs per job,
+``--max-parallel`` at a time) and waits for them; a refused submission is one ``error:``
+line, a cancelled or timed-out job a row that says so, a preempted one resumes; a re-run
+also waits for jobs an earlier call left running. docs/slurm.md has the COCO command and
+a single-node SLURM to try it on (tools/local_slurm.sh).
 """
 import argparse
 import math
@@ -50,7 +57,7 @@ import sys
 from typing import List, Tuple
 
 from d2_batchnorm.checks import check_int
-from d2_batchnorm.engine.cluster import CLUSTERS
+from d2_batchnorm.engine.cluster import CLUSTERS, SubmissionRefused
 from d2_batchnorm.experiments import (CONFIG_SUFFIXES, LocalLauncher, SubmititLauncher, parse_seeds, plot,
                                       read_dir, run_all, split_opts, train_command, write_seed_tables,
                                       write_tables)
@@ -63,6 +70,38 @@ def _parse_run(spec: str) -> Tuple[str, str]:
     path = spec
     stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     return stem, path
+
+
+def submitit_resources(args) -> dict:
+    """
+    What each job of ``--launcher submitit`` asks for, from the command line: nodes, tasks
+    per node, GPUs per node (by default one per task on a SLURM partition with GPU GRES, none
+    on a CPU partition or without GRES; locally, where CUDA is), time limit, partition, CPUs
+    per task, array cap and requeues. ``ValueError`` naming the flag for what cannot work.
+    """
+    gpus = args.gpus_per_node
+    if gpus is None and args.cluster == "slurm":
+        from d2_batchnorm.engine.cluster import partition_gpus
+
+        gpus = args.num_gpus if partition_gpus(args.partition or None) > 0 else 0
+    elif gpus is None:
+        import torch
+
+        gpus = args.num_gpus if torch.cuda.is_available() else 0
+    tasks = args.tasks_per_node or gpus or args.num_gpus
+    if args.cluster == "local" and args.nodes != 1:
+        raise ValueError(f"--nodes = {args.nodes} is not allowed with --cluster local; it must be 1")
+    return dict(nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=gpus,
+                timeout_min=args.timeout_min or max(1, math.ceil(args.timeout / 60)),
+                partition=args.partition or None, cpus_per_task=args.cpus_per_task or None,
+                max_parallel=args.max_parallel or None, max_requeues=args.max_requeues)
+
+
+def _describe_resources(r: dict) -> str:
+    text = (f"{r['nodes']} node(s) x {r['tasks_per_node']} task(s), {r['gpus_per_node']} GPU(s) per node, "
+            f"{r['timeout_min']} min")
+    extras = [f"{k}={r[k]}" for k in ("partition", "cpus_per_task", "max_parallel") if r[k]]
+    return ", ".join([text] + extras) + f", requeued up to {r['max_requeues']} time(s)"
 
 
 def main(argv=None) -> int:
@@ -84,22 +123,33 @@ def main(argv=None) -> int:
                         help="with seeds: also report each variant's paired difference to LABEL")
     parser.add_argument("--launcher", choices=("local", "submitit"), default="local",
                         help="local: train_net.py processes here, one run after the other; submitit: "
-                             "one job per run (and seed) on --cluster")
+                             "one job per run (and seed) on --cluster, all submitted at once (a SLURM job array)")
     cluster = parser.add_argument_group("submitit launcher")
     cluster.add_argument("--cluster", choices=CLUSTERS, default="slurm",
                          help="slurm (sbatch), local (processes on this machine) or debug")
-    cluster.add_argument("--partition", default="", help="SLURM partition")
+    cluster.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default)")
     cluster.add_argument("--nodes", type=int, default=1, help="nodes per job")
-    cluster.add_argument("--gpus-per-node", type=int, default=0,
-                         help="tasks (GPUs) per node; default --num-gpus")
+    cluster.add_argument("--tasks-per-node", type=int, default=0,
+                         help="training processes per node; default: --gpus-per-node when GPUs are asked, "
+                              "else --num-gpus")
+    cluster.add_argument("--gpus-per-node", type=int, default=None,
+                         help="GPUs asked per node; 0 for CPU partitions; default: --num-gpus on a partition "
+                              "with GPU GRES (one task per GPU), else 0")
     cluster.add_argument("--timeout-min", type=int, default=0, help="job time limit; default --timeout")
     cluster.add_argument("--cpus-per-task", type=int, default=0, help="SLURM --cpus-per-task")
+    cluster.add_argument("--max-parallel", type=int, default=0,
+                         help="at most this many jobs of the array run at once (default: no cap)")
+    cluster.add_argument("--max-requeues", type=int, default=3,
+                         help="times a preempted or timed-out job is requeued to resume (submitit's max_num_timeout)")
     args = parser.parse_args(argv)
     try:
         for flag, value, minimum in (("--num-gpus", args.num_gpus, 1), ("--nodes", args.nodes, 1),
-                                     ("--gpus-per-node", args.gpus_per_node, 0),
+                                     ("--tasks-per-node", args.tasks_per_node, 0),
+                                     ("--gpus-per-node", 0 if args.gpus_per_node is None else args.gpus_per_node, 0),
                                      ("--timeout-min", args.timeout_min, 0),
-                                     ("--cpus-per-task", args.cpus_per_task, 0)):
+                                     ("--cpus-per-task", args.cpus_per_task, 0),
+                                     ("--max-parallel", args.max_parallel, 0),
+                                     ("--max-requeues", args.max_requeues, 0)):
             check_int(flag, value, minimum)
         seeds = parse_seeds(args.seeds)
         split_opts(opts)
@@ -112,10 +162,6 @@ def main(argv=None) -> int:
     if args.launcher == "submitit" and args.cluster == "slurm" and not shutil.which("srun"):
         print("error: --cluster slurm needs SLURM (srun, sbatch) on this machine's PATH; they were not "
               "found (--cluster local runs the jobs as processes here)", file=sys.stderr)
-        return 2
-    if args.launcher == "submitit" and args.cluster == "local" and args.nodes != 1:
-        print(f"error: --nodes = {args.nodes} is not allowed with --cluster local; it must be 1",
-              file=sys.stderr)
         return 2
     specs = [_parse_run(s) for s in args.runs]
     labels = [label for label, _ in specs]
@@ -133,9 +179,13 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     if args.launcher == "submitit":
-        launcher = SubmititLauncher(args.cluster, args.nodes, args.gpus_per_node or args.num_gpus,
-                                    args.timeout_min or max(1, math.ceil(args.timeout / 60)),
-                                    args.partition or None, args.cpus_per_task or None)
+        try:
+            resources = submitit_resources(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        launcher = SubmititLauncher(args.cluster, os.path.join(args.out, "submitit"), **resources)
+        print(f"[compare] each job ({args.cluster}): {_describe_resources(resources)}", flush=True)
     else:
         launcher = LocalLauncher(args.num_gpus, args.timeout)
     tasks = []
@@ -144,7 +194,12 @@ def main(argv=None) -> int:
             runs_dir = os.path.join(args.out, "runs", label)
             tasks += ([(label, path, runs_dir, None)] if not seeds else
                       [(label, path, os.path.join(runs_dir, f"seed{s}"), s) for s in seeds])
-    by_dir = {t[2]: r for t, r in zip(tasks, run_all(tasks, launcher, opts))}
+    try:
+        by_dir = {t[2]: r for t, r in zip(tasks, run_all(tasks, launcher, opts))}
+    except SubmissionRefused as e:
+        print(f"error: {args.cluster} refused the jobs: {e}", file=sys.stderr)
+        return 2
+
     runs = []
     for label, path in specs:
         if not path.endswith(CONFIG_SUFFIXES):

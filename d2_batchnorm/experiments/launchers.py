@@ -1,8 +1,9 @@
 """
 Launching the runs of a comparison: the training command of a config (yacs ``.yaml`` or
 LazyConfig ``.py``), a local launcher (one run after the other, here) and a submitit
-launcher (one job per run, on a cluster), and :func:`run_all`, which reuses the finished
-runs of the same request.
+launcher (all runs as one SLURM job array, or jobs of submitit's local executor), and
+:func:`run_all`, which reuses the finished runs of the same request and waits for the jobs an
+earlier call left running.
 """
 import json
 import os
@@ -10,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..config_kinds import config_kind
 from .runs import RunResult, read_run, status_text, training_progress
@@ -108,6 +109,12 @@ class LocalLauncher:
     def start(self, config: str, output_dir: str, opts: List[str], name: str = ""):
         return run_config(config, output_dir, self.num_gpus, opts, self.timeout, progress=name)
 
+    def attach(self, output_dir: str, request: dict, name: str) -> None:
+        """Nothing outlives this process: a run of an earlier call is never waited for."""
+
+    def submit(self) -> None:
+        """Nothing to submit: each run ran in :meth:`start`."""
+
     def finish(self, returncode: int) -> Tuple[int, str]:
         """(exit status, detail for a failed run)."""
         return returncode, ""
@@ -115,47 +122,95 @@ class LocalLauncher:
 
 class SubmititLauncher:
     """
-    Submits each config as a submitit job (:mod:`d2_batchnorm.engine.cluster`: nodes ×
-    gpus-per-node tasks, tools/train_net.py unchanged in each), all jobs first, then waits
-    for them. The job's id, state and log paths go to ``<run>/submitit_job.json``.
+    Runs the configs as submitit jobs (:mod:`d2_batchnorm.engine.cluster`): ``start``
+    prepares one :class:`~d2_batchnorm.engine.cluster.TrainNetJob` per run (nodes ×
+    tasks-per-node processes of tools/train_net.py), ``submit`` sends them all at once —
+    on SLURM as one job array, at most ``max_parallel`` running at a time — and ``finish``
+    waits for each within bounded time of its end, whether it completed, failed, was
+    cancelled or timed out. The job's id, state and log paths go to
+    ``<run>/submitit_job.json``; submitit's files to ``<folder>/<job id>/``.
     """
 
-    def __init__(self, cluster: str, nodes: int, gpus_per_node: int, timeout_min: int,
-                 partition: Optional[str], cpus_per_task: Optional[int]):
-        self.cluster = cluster
-        self.options = dict(nodes=nodes, gpus_per_node=gpus_per_node, timeout_min=timeout_min,
-                            partition=partition, cpus_per_task=cpus_per_task)
-        self.workers = nodes * gpus_per_node
+    def __init__(self, cluster: str, folder: str, **resources):
+        self.cluster, self.folder, self.resources = cluster, folder, resources
+        self.workers = resources["nodes"] * resources["tasks_per_node"]
+        self._pending: List[Tuple[str, object]] = []  # (run folder, TrainNetJob) to submit
+        self._jobs: Dict[str, object] = {}  # run folder -> submitit job
 
-    def start(self, config: str, output_dir: str, opts: List[str], name: str = ""):
-        from d2_batchnorm.engine.cluster import TrainNetJob, make_executor
+    def start(self, config: str, output_dir: str, opts: List[str], name: str = "") -> str:
+        from d2_batchnorm.engine.cluster import TrainNetJob
 
         os.makedirs(output_dir, exist_ok=True)
-        executor = make_executor(os.path.join(output_dir, "submitit"), self.cluster, **self.options)
         script, args = train_command(config, os.path.abspath(output_dir), opts)
-        job = executor.submit(TrainNetJob(script, args))
-        self._record(output_dir, job)
-        print(f"[compare] submitted job {job.job_id} ({self.cluster}) for {output_dir}", flush=True)
-        return output_dir, job
+        self._pending.append((output_dir, TrainNetJob(script, args)))
+        return output_dir
 
-    def finish(self, handle) -> Tuple[int, str]:
-        output_dir, job = handle
+    def attach(self, output_dir: str, request: dict, name: str) -> Optional[str]:
+        """
+        The handle of the SLURM job an earlier call submitted for ``output_dir`` with the
+        same ``request`` if SLURM still has it queued or running (that call was stopped
+        before it finished): waited for like a new one instead of submitted again. None
+        otherwise.
+        """
+        from d2_batchnorm.engine.cluster import FINAL_STATES, slurm_job, slurm_job_states
+
         try:
-            error = job.exception()  # waits; the first failed task's error, None if all succeeded
-        except Exception as e:  # e.g. submitit's UncompletedJobError: killed, no result written
-            error = e
-        state = self._record(output_dir, job)
+            with open(os.path.join(output_dir, "submitit_job.json")) as f:
+                record = json.load(f)
+            with open(os.path.join(output_dir, REQUEST_FILE)) as f:
+                done = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if self.cluster != "slurm" or record.get("cluster") != "slurm" or done != {"request": request}:
+            return None
+        state = slurm_job_states([record["job_id"]]).get(record["job_id"])
+        if state is None or state in FINAL_STATES:
+            return None
+        job = slurm_job(record["folder"], record["job_id"], record["tasks"])
+        self._jobs[output_dir] = job
+        print(f"[compare] {name}: waiting for job {job.job_id} ({state}), submitted by an earlier call",
+              flush=True)
+        return output_dir
+
+    def submit(self) -> None:
+        """
+        Submits every started run (one job array on SLURM). Raises
+        :class:`~d2_batchnorm.engine.cluster.SubmissionRefused` if the scheduler refuses it.
+        """
+        from d2_batchnorm.engine.cluster import make_executor, submit_jobs
+
+        if not self._pending:
+            return
+        executor = make_executor(os.path.join(self.folder, "%j"), self.cluster, **self.resources)
+        jobs = submit_jobs(executor, [fn for _, fn in self._pending])
+        for (output_dir, _), job in zip(self._pending, jobs):
+            self._jobs[output_dir] = job
+            self._record(output_dir, job, "SUBMITTED")
+            print(f"[compare] submitted job {job.job_id} ({self.cluster}) for {output_dir}", flush=True)
+        self._pending = []
+
+    def finish(self, output_dir: str) -> Tuple[int, str]:
+        """Waits for the run's job; (exit status, detail naming job, state and log when it failed)."""
+        from d2_batchnorm.engine.cluster import describe_job_error, wait_job
+
+        job = self._jobs[output_dir]
+        state, error = wait_job(job, self.cluster)
+        self._record(output_dir, job, state)
         if error is None:
             return 0, ""
-        return 1, (f"job {job.job_id} raised {type(error).__name__} (state {state}); "
-                   f"log {job.paths.stderr} (stdout {job.paths.stdout})")
+        return 1, (f"job {job.job_id} {state}: {describe_job_error(error)}; "
+                   f"log {job.task(0).paths.stderr} (stdout {job.task(0).paths.stdout})")
 
-    def _record(self, output_dir: str, job) -> str:
-        state = job.state
-        with open(os.path.join(output_dir, "submitit_job.json"), "w") as f:
+    def _record(self, output_dir: str, job, state: str) -> None:
+        tasks = [job.task(k).paths for k in range(job.num_tasks)]
+        path = os.path.join(output_dir, "submitit_job.json")
+        with open(path + ".tmp", "w") as f:  # replaced whole: a reader never sees half of it
             json.dump({"job_id": job.job_id, "cluster": self.cluster, "state": state,
-                       "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}, f, indent=1)
-        return state
+                       "resources": self.resources, "folder": os.path.join(self.folder, "%j"),
+                       "tasks": job.num_tasks, "stdout": str(tasks[0].stdout),
+                       "stderr": str(tasks[0].stderr), "task_logs": [str(t.stdout) for t in tasks]},
+                      f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def reusable_run(label: str, output_dir: str, request: dict, name: str) -> Optional[RunResult]:
@@ -185,26 +240,35 @@ def reusable_run(label: str, output_dir: str, request: dict, name: str) -> Optio
 def run_all(tasks: List[Tuple[str, str, str, Optional[int]]], launcher, opts: List[str]) -> List[RunResult]:
     """
     Runs (label, config, output_dir, seed) ``tasks`` with ``launcher``, reusing finished
-    runs of the same request (config, options with SEED, workers): every run is started
-    first (for a cluster: all jobs are queued), then finished in order.
+    runs of the same request (config, options with SEED, workers) and waiting for the jobs
+    of the same request that an earlier call left queued or running (``launcher.attach``):
+    every run is started first (for a cluster: all jobs are queued at once), then finished
+    in order.
     """
     started = []
     for k, (label, config, output_dir, seed) in enumerate(tasks, 1):
         name = label if seed is None else f"{label} seed {seed}"
         run_opts = list(opts) + ([] if seed is None else ["SEED", str(seed)])
         request = {"config": os.path.abspath(config), "opts": run_opts, "workers": launcher.workers}
-        run, handle, start = reusable_run(label, output_dir, request, name), None, time.perf_counter()
-        if run is None:
+        run, handle, start = None, launcher.attach(output_dir, request, name), time.perf_counter()
+        if handle is None:
+            run = reusable_run(label, output_dir, request, name)
+        if run is None and handle is None:
             print(f"[compare] running {name}: {config} -> {output_dir}", flush=True)
             # the local launcher runs it now, printing its progress
             handle = launcher.start(config, output_dir, run_opts, name=f"run {k} of {len(tasks)}, {name}")
+            with open(os.path.join(output_dir, REQUEST_FILE), "w") as f:  # what attach() compares
+                json.dump({"request": request}, f)
         started.append((label, output_dir, seed, name, request, run, handle, start))
+    launcher.submit()  # a cluster's jobs all at once (one array); nothing for the local launcher
     runs = []
     for label, output_dir, seed, name, request, run, handle, start in started:
         if run is None:
             rc, detail = launcher.finish(handle)
             run = read_run(output_dir, label, rc)
-            run.detail = run.detail if not detail else f"{detail}; {run.detail}".rstrip("; ")
+            if detail:  # the launcher's reason replaces read_run's bare exit status
+                generic = run.detail == f"train_net exited with {rc}"
+                run.detail = detail if generic else f"{detail}; {run.detail}".rstrip("; ")
             run.seconds = time.perf_counter() - start
             with open(os.path.join(output_dir, REQUEST_FILE), "w") as f:
                 json.dump({"request": request, "seconds": run.seconds, "returncode": rc}, f)
@@ -212,4 +276,3 @@ def run_all(tasks: List[Tuple[str, str, str, Optional[int]]], launcher, opts: Li
         run.seed = seed
         runs.append(run)
     return runs
-
