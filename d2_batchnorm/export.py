@@ -22,10 +22,12 @@ detections (``tensor.numel() == 0`` in ``detectron2/structures/boxes.py``), a va
 only when the model runs; ``torch.export.export`` (torch 2.14, ``strict=False``) stops
 there with ``GuardOnDataDependentSymNode: Could not guard on data-dependent expression
 Eq(4*Min(1000, u2), 0)``, and the R-CNN heads run on the proposals those steps select.
-What does export, with static shapes, is a dense detector's network: preprocessing,
-backbone and head, image -> (features, per-level predictions), which
-:func:`export_program` exports and :func:`program_detections` completes with the model's
-own eager post-processing (anchors, decoding, NMS), giving the eager model's detections.
+What does export, with static shapes, is a dense detector's network: backbone and head,
+preprocessed batch -> (features, per-level predictions), which :func:`export_program`
+exports and :func:`program_detections` wraps in the model's own eager pre- and
+post-processing (normalization and padding; anchors, decoding, NMS), giving the eager
+model's detections. (Preprocessing stays outside: on torch 2.11 the padding of
+``ImageList.from_tensors`` also stops ``torch.export``, at a data-dependent guard in conv.)
 """
 from typing import Dict, List, Tuple
 
@@ -135,18 +137,17 @@ def export_tracing(model: nn.Module, image: Tensor) -> Tuple[torch.jit.ScriptMod
 
 class _DenseNetwork(nn.Module):
     """
-    A dense detector's network: image (3, H, W) -> the L feature maps of its head's inputs,
-    then, for each of its K kinds of prediction (class logits, box deltas, centerness), the
-    L per-level maps; a flat tuple of L (1 + K) tensors.
+    A dense detector's network: a preprocessed batch (B, 3, H, W) -> the L feature maps of
+    its head's inputs, then, for each of its K kinds of prediction (class logits, box
+    deltas, centerness), the L per-level maps; a flat tuple of L (1 + K) tensors.
     """
 
     def __init__(self, model: DenseDetector):
         super().__init__()
         self.model = model
 
-    def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
-        images = self.model.preprocess_image([{"image": image}])
-        features = self.model.backbone(images.tensor)
+    def forward(self, images: Tensor) -> Tuple[Tensor, ...]:
+        features = self.model.backbone(images)
         features = [features[f] for f in self.model.head_in_features]
         return tuple(features) + tuple(t for kind in self.model.head(features) for t in kind)
 
@@ -154,14 +155,16 @@ class _DenseNetwork(nn.Module):
 def export_program(model: nn.Module, image: Tensor) -> torch.export.ExportedProgram:
     """
     Converts ``model``'s norms in place (:func:`convert_for_inference`), puts it in eval
-    mode and exports its network with ``torch.export.export`` on the (3, H, W) ``image``
-    (module docstring: what exports and why a whole detectron2 model does not).
+    mode and exports its network with ``torch.export.export`` on the batch the model makes
+    of the (3, H, W) ``image`` (module docstring: what exports and why a whole detectron2
+    model does not).
 
     Returns:
-        an ``ExportedProgram`` (save it with ``torch.export.save``): ``image`` (3, H, W) ->
-        a flat tuple of L feature maps (1, C, H_i, W_i) and, per kind of prediction, L maps
-        (1, A * k, H_i, W_i); :func:`program_detections` turns it into detections. The
-        image size and dtype are fixed at export.
+        an ``ExportedProgram`` (save it with ``torch.export.save``): the preprocessed batch
+        (1, 3, H', W') (``model.preprocess_image``: normalized, padded to the backbone's size
+        divisibility) -> a flat tuple of L feature maps (1, C, H_i, W_i) and, per kind of
+        prediction, L maps (1, A * k, H_i, W_i); :func:`program_detections` turns it into
+        detections. The padded size is fixed at export.
 
     Raises:
         ValueError: for a model that is not a dense detector (RetinaNet, FCOS, ...).
@@ -174,20 +177,22 @@ def export_program(model: nn.Module, image: Tensor) -> torch.export.ExportedProg
         )
     model = convert_for_inference(model).eval()
     with torch.no_grad():
-        return torch.export.export(_DenseNetwork(model), (image,), strict=False)
+        batch = model.preprocess_image([{"image": image}]).tensor
+        return torch.export.export(_DenseNetwork(model), (batch,), strict=False)
 
 
 def program_detections(model: DenseDetector, network: nn.Module, image: Tensor) -> List[Instances]:
     """
-    The detections of ``image`` from an exported network (``program.module()`` of
-    :func:`export_program`) completed by ``model``'s eager post-processing: the same
-    ``Instances`` as :func:`detections` of ``model``.
+    The detections of ``image`` (3, H, W) from an exported network (``program.module()`` of
+    :func:`export_program`) between ``model``'s eager preprocessing and post-processing:
+    the same ``Instances`` as :func:`detections` of ``model``.
     """
-    outputs = network(image)
+    images = model.preprocess_image([{"image": image}])
+    outputs = network(images.tensor)
     levels = len(model.head_in_features)
     features, flat = list(outputs[:levels]), outputs[levels:]
     predictions = [list(flat[k : k + levels]) for k in range(0, len(flat), levels)]
-    return model.forward_inference(model.preprocess_image([{"image": image}]), features, predictions)
+    return model.forward_inference(images, features, predictions)
 
 
 def _check_exportable(model: nn.Module) -> None:

@@ -329,15 +329,15 @@ def test_torch_export_of_a_dense_detector_network_gives_the_eager_detections(tmp
     """--export-method export: model.pt2 (torch.export) + eager post-processing = eager detections."""
     weights = tmp_path / "model.pth"
     torch.save({"model": _toy_model(RETINANET).state_dict()}, weights)
-    export_model = load_script("tools/export_model.py")
+    export_model = importlib.import_module("d2_batchnorm.cli.export_model")
     args = ["--config-file", RETINANET, "--output", str(tmp_path / "out"), "--export-method", "export",
             "MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"]
     assert export_model.main(args) == 0
     out = capsys.readouterr().out
     assert "export: " in out and "same detections" in out and "detections, eager" not in out
     program = torch.export.load(str(tmp_path / "out" / "model.pt2"))
-    image = (torch.rand(3, 128, 128) * 255).to(torch.uint8)  # as the test loader gives the sample
-    assert len(program.module()(image)) == 5 * 3  # 5 levels: features, logits, deltas
+    batch = torch.rand(1, 3, 128, 128)  # preprocessed: normalized, padded to a multiple of 32
+    assert len(program.module()(batch)) == 5 * 3  # 5 levels: features, logits, deltas
 
 
 def test_torch_export_refuses_an_rcnn_and_a_whole_model_still_fails_where_the_docs_say():

@@ -31,10 +31,12 @@ tensor in ``INPUT.FORMAT`` resized to the test size:
   "scores" (R,), "pred_classes" (R,), and "pred_masks" (R, 1, M, M) for Mask R-CNN;
 * tracing: ``model(image)`` -> a flat tuple of tensors; its layout (the adapter's
   ``outputs_schema``) is printed and written to ``OUTPUT/outputs_schema.txt``.
-* export (dense detectors: RetinaNet, FCOS): ``torch.export`` of the network, saved as
-  ``OUTPUT/model.pt2`` (``torch.export.load(path).module()(image)`` -> the feature maps and
-  per-level predictions, for the sample's image size and dtype); the detections come from the
-  model's own eager post-processing (``d2_batchnorm.export.program_detections``). A whole
+* export (dense detectors: RetinaNet, FCOS): ``torch.export`` of the network (backbone and
+  head), saved as ``OUTPUT/model.pt2``: ``torch.export.load(path).module()(batch)`` takes
+  the preprocessed batch (1, 3, H', W') (``model.preprocess_image``: normalized, padded;
+  the sample's padded size) and returns the feature maps and per-level predictions; the
+  detections come from the model's own eager pre- and post-processing around it
+  (``d2_batchnorm.export.program_detections``). A whole
   detectron2 model does not go through ``torch.export`` yet: its post-processing branches
   on the number of detections (see ``d2_batchnorm/export.py``).
 
