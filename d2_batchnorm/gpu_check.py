@@ -10,7 +10,7 @@ Every check compares our code with torch's (or fvcore's) own on the same inputs:
   statistics) and one eval step:
 
   - ``SyncBatchNorm`` on one GPU against ``nn.BatchNorm2d``;
-  - the synchronized path of ``SyncBatchNorm`` (:func:`.layers.batch_stats.batch_norm_over_parts`)
+  - the synchronized path of ``SyncBatchNorm`` (:meth:`.layers.SyncBatchNorm.normalize_over`)
     through a 1-process NCCL group against the function ``nn.SyncBatchNorm`` runs
     (``torch.nn.modules._functions.SyncBatchNorm``, torch's fused CUDA kernels) through
     the same group, with both step times;
@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import GhostBatchNorm, LevelBatchNorm, SyncBatchNorm
-from .layers.batch_stats import batch_norm_over_parts, update_running_stats_
 from .layers.roi_shuffle import shuffle_rois, unshuffle_rois
 from .model_zoo import get_config_file
 from .precise_bn import update_bn_stats
@@ -218,11 +217,7 @@ def _ghost_reference(ref: nn.BatchNorm2d, xs, ghost_batch_size: int = 2):
 
 def _sync_over_group(module: SyncBatchNorm, xs):
     """SyncBatchNorm's synchronized path, through the world group even when it has 1 process."""
-    if not module.training:
-        return [module(xs[0])]
-    (y,), _, moments = batch_norm_over_parts([xs[0]], module.weight, module.bias, module.eps, group=None)
-    update_running_stats_(module, moments)
-    return [y]
+    return [module.normalize_over(xs[0], None) if module.training else module(xs[0])]
 
 
 def _torch_sync_function(module: nn.BatchNorm2d, xs):

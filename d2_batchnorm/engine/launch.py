@@ -211,11 +211,12 @@ def launch_cli(main_func, load_config, argv=None) -> int:
             check_launch_args(args.num_gpus, args.num_machines, device=None)
             world_size = args.num_gpus * args.num_machines
         cfg = load_config(args.config_file, args.opts, world_size)
-        device = adapt(cfg).get("MODEL.DEVICE")
+        kind = adapt(cfg)
+        device = kind.get("MODEL.DEVICE")
         if not launched_by_torchrun():  # now that the device is known: GPUs enough?
             check_launch_args(args.num_gpus, args.num_machines, device)
         check_weights(cfg, resume=args.resume)
-        prepare_datasets(adapt(cfg).dataset_names())
+        prepare_datasets(kind.dataset_names())
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -85,11 +85,21 @@ class SyncBatchNorm(BatchNormNd):
             )
         group = active_sync_group(self.sync_group_size) if self.sync_stats else False
         if group is not False or x.numel() == 0:
-            (y,), _, moments = batch_norm_over_parts([x], self.weight, self.bias, self.eps, group)
-            update_running_stats_(self, moments)
-            return y
+            return self.normalize_over(x, group)
         # one worker: exactly torch's BatchNorm
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, True,
             ema_factor(self), self.eps,
         )
+
+    def normalize_over(self, x: torch.Tensor, group) -> torch.Tensor:
+        """
+        The training step of the synchronized path: x (N, C, *) normalized by the statistics
+        of all workers of ``group`` (a process group, also of one process; None: the world;
+        False: this worker), running statistics updated. ``forward`` calls it whenever there
+        is something to synchronize; ``d2_batchnorm.gpu_check`` calls it with a 1-process
+        NCCL group to put this path through NCCL on one GPU.
+        """
+        (y,), _, moments = batch_norm_over_parts([x], self.weight, self.bias, self.eps, group)
+        update_running_stats_(self, moments)
+        return y
