@@ -69,9 +69,14 @@ SETTINGS = (
     ("TEST.PRECISE_BN.IMS_PER_BATCH", "train.precise_bn.ims_per_batch", 0, _at_least(0)),
     ("TEST.PRECISE_BN.EVAL_EMA", "train.precise_bn.eval_ema", True, check_bool),
     ("TEST.PRECISE_BN.DATASETS", "train.precise_bn.datasets", [], _check_dataset_list),
+    ("TEST.PRECISE_BN.TARGET_REL_ERROR", "train.precise_bn.target_rel_error", 0.0,
+     lambda name, value: check_float(name, value, 0.0, 1.0)),
     ("TEST.BN_STATS", "train.bn_stats", "population", lambda name, value: check_choice(name, value, TEST_BN_STATS)),
     ("BN.FROZEN_LAST_ITERS", "train.frozen_bn_last_iters", 0, _at_least(0)),
     ("BN.MOMENTUM", "train.bn_momentum", 0.0, lambda name, value: check_float(name, value, 0.0, 1.0)),
+    ("BN.GUARD_NONFINITE", "train.bn_guard_nonfinite", True, check_bool),
+    ("BN.MONITOR.ENABLED", "train.bn_monitor.enabled", False, check_bool),
+    ("BN.MONITOR.PERIOD", "train.bn_monitor.period", 100, _at_least(1)),
     ("SEED", "train.seed", -1, None),
     ("OUTPUT_DIR", "train.output_dir", None, None),
     ("MODEL.WEIGHTS", "train.init_checkpoint", None, None),
@@ -128,6 +133,10 @@ def _add_keys(cfg: CN) -> None:
     # Also evaluate with the EMA statistics before PreciseBN replaces them, so both APs are
     # logged in one run ("ema/<metric>" next to "<metric>").
     _set_default(pbn, "EVAL_EMA", True)
+    # Adaptive PreciseBN: > 0 keeps drawing batches until every BN module's relative
+    # standard error (of its population mean and standard deviation, relative to the
+    # population standard deviation) is at most this, or NUM_SAMPLES (NUM_ITER) is reached.
+    _set_default(pbn, "TARGET_REL_ERROR", 0.0)
 
     # ---- statistics at inference
     # "population": running (EMA or precise) statistics; "mini_batch": every BN normalizes
@@ -151,6 +160,16 @@ def _add_keys(cfg: CN) -> None:
     # over roughly the last 1/m iterations); 0.0: keep the layers' own (0.1 in torch and
     # detectron2). Training itself does not depend on it, only the EMA statistics do.
     _set_default(cfg.BN, "MOMENTUM", 0.0)
+    # A training step whose gradients are not finite (a NaN/Inf loss, AMP's skipped steps)
+    # leaves every BN's running statistics as they were before that step.
+    _set_default(cfg.BN, "GUARD_NONFINITE", True)
+    # The BN monitor hook: health of every BN module group every PERIOD iterations
+    # (non-finite statistics, EMA divergence across ranks, batch vs running statistics,
+    # collapsing variance or gamma, the leakage / inconsistency gap), as scalars and warnings.
+    if "MONITOR" not in cfg.BN:
+        cfg.BN.MONITOR = CN()
+    _set_default(cfg.BN.MONITOR, "ENABLED", False)
+    _set_default(cfg.BN.MONITOR, "PERIOD", 100)
 
     # ---- RetinaNet head shared across FPN levels
     # Training statistics: "per_level" (each level its own), "shared" (all levels jointly),

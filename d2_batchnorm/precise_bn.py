@@ -46,7 +46,7 @@ from .early_exit import EarlyExit, StopPlans
 from .layers.batch_stats import ChannelMoments
 from .module_state import saved_bn_state
 
-__all__ = ["update_bn_stats", "get_bn_modules", "count_samples", "PreciseBNResult"]
+__all__ = ["update_bn_stats", "get_bn_modules", "bn_module_group", "count_samples", "PreciseBNResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,19 @@ def get_bn_modules(model: nn.Module) -> List[Tuple[str, _BatchNorm]]:
         for name, m in model.named_modules()
         if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
     ]
+
+
+def bn_module_group(name: str) -> str:
+    """
+    The group a BN module is reported under: the first two components of its name, each
+    without its trailing digits (empty ones dropped), e.g. ``backbone.bottom_up.res2.0.
+    conv1.norm`` -> ``backbone.bottom_up``, ``backbone.fpn_lateral3.norm`` ->
+    ``backbone.fpn_lateral``, ``head.cls_subnet.1`` -> ``head.cls_subnet``,
+    ``roi_heads.box_head.conv1.norm`` -> ``roi_heads.box_head``; ``<model>`` for the model
+    itself. Per-group summaries (PreciseBN's standard errors, the BN monitor) use it.
+    """
+    parts = [p.rstrip("0123456789_") for p in name.split(".")[:2]]
+    return ".".join(p for p in parts if p) or "<model>"
 
 
 def count_samples(batch: Any) -> int:
