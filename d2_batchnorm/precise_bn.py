@@ -34,19 +34,22 @@ tensor i pools into row i (per-level statistics of a head shared across L featur
 """
 import logging
 import time
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as dist_utils
-from .checks import check_int
+from .checks import check_float, check_int
 from .early_exit import EarlyExit, StopPlans
 from .layers.batch_stats import ChannelMoments
 from .module_state import saved_bn_state
+from .standard_errors import RelativeErrors, UnitSums, largest_error, relative_errors
 
-__all__ = ["update_bn_stats", "get_bn_modules", "bn_module_group", "count_samples", "PreciseBNResult"]
+__all__ = [
+    "update_bn_stats", "get_bn_modules", "bn_module_group", "count_samples", "PreciseBNResult", "summarize_errors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +57,17 @@ _END = object()  # what next() returns once a data loader has ended
 
 
 class PreciseBNResult(NamedTuple):
-    """What :func:`update_bn_stats` did (identical on every rank)."""
+    """What :func:`update_bn_stats` did (identical on every rank but ``seconds``)."""
 
     num_iters: int  # batches used (per worker)
     num_samples: int  # images (or tensor rows) used, all workers together
     num_modules: int  # BN modules whose statistics were replaced
     seconds: float  # wall time of the whole update on this rank
     uncalled: Tuple[str, ...]  # names of BN modules in training mode that were never called
+    # relative standard errors of the new statistics, per updated module name
+    # (d2_batchnorm.standard_errors); summarize_errors() reports them per module group
+    errors: Dict[str, RelativeErrors] = {}
+    reached_target: bool = False  # an adaptive update stopped because its target was met
 
 
 def get_bn_modules(model: nn.Module) -> List[Tuple[str, _BatchNorm]]:
@@ -87,6 +94,37 @@ def bn_module_group(name: str) -> str:
     """
     parts = [p.rstrip("0123456789_") for p in name.split(".")[:2]]
     return ".".join(p for p in parts if p) or "<model>"
+
+
+def summarize_errors(errors: Dict[str, RelativeErrors], prefix: str = "precise_bn/rel_error",
+                     group_of: Optional[Callable[[str], str]] = None) -> Dict[str, float]:
+    """
+    Scalars of :attr:`PreciseBNResult.errors`: per module group (``group_of(name)``,
+    default :func:`bn_module_group`), the max and the median over the channels of its
+    modules of the relative standard errors of the mean and of the standard deviation
+    (``f"{prefix}_mean/{group}/max"``, ``.../median``, ``f"{prefix}_std/{group}/max"``,
+    ...), the largest of them (``f"{prefix}/max"``) and the fewest units any module had
+    (``f"{prefix}/min_units"``; errors from fewer than 2 units are NaN and left out).
+    """
+    groups: Dict[str, Dict[str, List[torch.Tensor]]] = {}
+    for name, e in errors.items():
+        values = groups.setdefault((group_of or bn_module_group)(name), {"mean": [], "std": []})
+        values["mean"].append(e.mean.flatten())
+        values["std"].append(e.std.flatten())
+    out = {}
+    for group, values in sorted(groups.items()):
+        for what, v in values.items():
+            v = torch.cat(v)
+            v = v[~v.isnan()]
+            if v.numel():
+                out[f"{prefix}_{what}/{group}/max"] = float(v.max())
+                out[f"{prefix}_{what}/{group}/median"] = float(v.median())
+    largest = [v for k, v in out.items() if k.endswith("/max")]
+    if largest:
+        out[f"{prefix}/max"] = max(largest)
+    if errors:
+        out[f"{prefix}/min_units"] = min(float(e.units.min()) for e in errors.values())
+    return out
 
 
 def count_samples(batch: Any) -> int:
@@ -147,19 +185,23 @@ class _StatisticsRecorder:
     Within its ``with`` block, records the statistics of every call's input of the
     statistics modules: one float64 :class:`ChannelMoments` per module (:meth:`moments`),
     with one row per row of its buffers (tensor i of a list input pools into row i of
-    (L, C) buffers). Modules of :func:`_reads_own_statistics` run with momentum 1.0
-    (restored by :func:`saved_bn_state`) and :meth:`read_batch_statistics` reads each call's
-    statistics from their buffers; the others are measured from their input by
-    :meth:`measure_input` (the rounded batch mean as shift: :meth:`ChannelMoments.of` with
-    all samples).
+    (L, C) buffers), and the :class:`~d2_batchnorm.standard_errors.UnitSums` of its
+    sampling units (:meth:`unit_sums`). Modules of :func:`_reads_own_statistics` run with
+    momentum 1.0 (restored by :func:`saved_bn_state`) and :meth:`read_batch_statistics`
+    reads each call's statistics from their buffers; the others are measured from their
+    input by :meth:`measure_input` (the rounded batch mean as shift:
+    :meth:`ChannelMoments.of` with all samples).
 
     Either way a call becomes one :class:`ChannelMoments` (a torch BN's buffers copied to
-    float64; the next call overwrites them). The float64 pooling of a module's calls,
-    :meth:`ChannelMoments.pooled`, runs once per ``POOL_EVERY`` calls and at the end, a
-    fixed number of operations per module instead of a sequential merge per call.
+    float64; the next call overwrites them). :meth:`end_batch` pools a module's calls of one
+    forward into one unit (the unit of the standard errors: one worker's batch). The float64
+    pooling of the units, :meth:`ChannelMoments.pooled`, runs once per ``POOL_EVERY`` units
+    and at the end, a fixed number of operations per module instead of a sequential merge
+    per call; :meth:`snapshot` pools without changing that order, so reading the
+    statistics mid-way leaves the final ones bitwise unchanged.
     """
 
-    POOL_EVERY = 64  # calls of one module kept before they are pooled (bounds the memory)
+    POOL_EVERY = 64  # units of one module kept before they are pooled (bounds the memory)
 
     def __init__(self, modules: Sequence[_BatchNorm], device: torch.device):
         self.modules = modules
@@ -167,8 +209,9 @@ class _StatisticsRecorder:
             id(m): ChannelMoments.zeros(m.running_mean.shape[:-1] or (1,), m.running_mean.shape[-1], device)
             for m in modules
         }
-        # per module, the moments of the calls not pooled yet
-        self._pending: Dict[int, List[ChannelMoments]] = {id(m): [] for m in modules}
+        self._unit_sums: Dict[int, Optional[UnitSums]] = {id(m): None for m in modules}
+        self._calls: Dict[int, List[ChannelMoments]] = {id(m): [] for m in modules}  # this batch's
+        self._pending: Dict[int, List[ChannelMoments]] = {id(m): [] for m in modules}  # units not pooled
         self._handles = []
 
     def __enter__(self) -> "_StatisticsRecorder":
@@ -185,27 +228,47 @@ class _StatisticsRecorder:
             h.remove()
 
     def moments(self) -> List[ChannelMoments]:
-        """The moments of every call so far, one per module in ``modules`` order."""
+        """The moments of every unit so far, one per module in ``modules`` order."""
         for m in self.modules:
             self._pool(m)
         return [self._pooled[id(m)] for m in self.modules]
 
+    def unit_sums(self) -> List[Optional[UnitSums]]:
+        """The unit sums of every module (None: never called), after :meth:`moments`."""
+        return [self._unit_sums[id(m)] for m in self.modules]
+
+    def snapshot(self) -> Tuple[List[ChannelMoments], List[Optional[UnitSums]]]:
+        """:meth:`moments` and :meth:`unit_sums` so far, leaving the recorder as it was."""
+        both = [self._with_pending(m) for m in self.modules]
+        return [moments for moments, _ in both], [sums for _, sums in both]
+
     def _add(self, module: _BatchNorm, call: ChannelMoments) -> None:
-        pending = self._pending[id(module)]
-        pending.append(call)
-        if len(pending) >= self.POOL_EVERY:
-            self._pool(module)
+        self._calls[id(module)].append(call)
+
+    def end_batch(self) -> None:
+        """Pools every module's calls of the forward that just ran into one unit."""
+        for m in self.modules:
+            calls = self._calls[id(m)]
+            if not calls:
+                continue
+            unit = calls[0] if len(calls) == 1 else _stacked(calls).pooled()
+            self._calls[id(m)] = []
+            self._pending[id(m)].append(unit)
+            if len(self._pending[id(m)]) >= self.POOL_EVERY:
+                self._pool(m)
+
+    def _with_pending(self, module: _BatchNorm) -> Tuple[ChannelMoments, Optional[UnitSums]]:
+        """The module's pooled moments and unit sums with its pending units added (float64, batched)."""
+        pending, pooled, sums = self._pending[id(module)], self._pooled[id(module)], self._unit_sums[id(module)]
+        if not pending:
+            return pooled, sums
+        units = _stacked(pending)
+        pooled = ChannelMoments(*(torch.cat([a.unsqueeze(0), b]) for a, b in zip(pooled, units))).pooled()
+        return pooled, (sums or UnitSums.start(pending[0])).add(units)
 
     def _pool(self, module: _BatchNorm) -> None:
-        """Pools the pending calls of ``module`` into its moments (float64, batched)."""
-        pending, pooled = self._pending[id(module)], self._pooled[id(module)]
-        if not pending:
-            return
-        calls = ChannelMoments(*(torch.stack(field) for field in zip(*pending)))
-        pending.clear()
-        self._pooled[id(module)] = ChannelMoments(
-            *(torch.cat([a.unsqueeze(0), b]) for a, b in zip(pooled, calls))
-        ).pooled()
+        self._pooled[id(module)], self._unit_sums[id(module)] = self._with_pending(module)
+        self._pending[id(module)] = []
 
     def measure_input(self, module: _BatchNorm, args: Tuple[Any, ...]) -> None:
         """Forward pre-hook: measures the moments of the call's input (its first argument)."""
@@ -244,6 +307,11 @@ class _StatisticsRecorder:
             self._add(module, ChannelMoments(mean.new_full((1,), float(n)), mean, m2))
 
 
+def _stacked(moments: Sequence[ChannelMoments]) -> ChannelMoments:
+    """k moments of the same shape as one with a leading dimension k."""
+    return ChannelMoments(*(torch.stack(field) for field in zip(*moments)))
+
+
 def _measure(module: _BatchNorm, *xs: torch.Tensor) -> ChannelMoments:
     """The moments of ``xs`` (one row each), shifted by their rounded batch means."""
     channels = module.running_mean.shape[-1]
@@ -265,6 +333,7 @@ def update_bn_stats(
     *,
     num_samples: Optional[int] = None,
     stop_plans: Optional[StopPlans] = None,
+    target_rel_error: float = 0.0,
 ) -> PreciseBNResult:
     """
     Replaces the running statistics of every BN module of ``model`` in training mode by the
@@ -284,6 +353,14 @@ def update_bn_stats(
         stop_plans: where the model's stop plan is kept for later calls (a caller that runs
             it again on the same model, like the PreciseBN hook, keeps one); default: a
             plan for this call only.
+        target_rel_error: > 0 stops drawing batches as soon as every module's relative
+            standard error (:mod:`d2_batchnorm.standard_errors`: of its mean and standard
+            deviation, relative to the population standard deviation, largest over its
+            channels; from at least ``MIN_UNITS`` units) is at most this, or when
+            ``num_samples`` / ``num_iters`` is reached, whichever comes first. Checked
+            after batch 1, 2, ... 10 and then every ~10% more batches, from the statistics
+            of all workers, so every rank stops after the same batch; the statistics for a
+            given number of batches are those of a fixed-size run with that many.
 
     Every call of a BN module is a batch of its own (a BN reused within one forward counts
     once per call). Ranks agree on each batch with a small all-reduce of
@@ -300,18 +377,21 @@ def update_bn_stats(
     propagates).
 
     Returns:
-        :class:`PreciseBNResult`. A model without BN modules in training mode, or a loader
-        that yields nothing, logs a warning and leaves all statistics unchanged.
+        :class:`PreciseBNResult`, with the relative standard errors of the new statistics
+        (one unit = one worker's batch; see :mod:`d2_batchnorm.standard_errors`). A model
+        without BN modules in training mode, or a loader that yields nothing, logs a
+        warning and leaves all statistics unchanged.
 
     Raises:
-        ValueError: ``num_iters`` or ``num_samples`` not a positive integer, or a batch
-            whose images cannot be counted.
+        ValueError: ``num_iters`` or ``num_samples`` not a positive integer,
+            ``target_rel_error`` not in [0, 1], or a batch whose images cannot be counted.
     """
     start = time.perf_counter()
     if num_samples is None:
         check_int("num_iters", num_iters, 1)
     else:
         check_int("num_samples", num_samples, 1)
+    check_float("target_rel_error", target_rel_error, 0.0, 1.0)
     named = get_bn_modules(model)
     if not named:
         logger.warning("update_bn_stats: the model has no BN module in training mode; nothing to do")
@@ -322,7 +402,8 @@ def update_bn_stats(
 
     with saved_bn_state(net, modules) as restore_buffers:
         with _StatisticsRecorder(modules, device) as recorder, EarlyExit(net, modules, stop_plans or StopPlans()) as early_exit:
-            iters, seen = _run_batches(data_loader, early_exit, device, num_iters, num_samples, progress)
+            target = _ErrorTarget(named, recorder, target_rel_error) if target_rel_error > 0 else None
+            iters, seen = _run_batches(data_loader, early_exit, recorder, device, num_iters, num_samples, progress, target)
         if iters == 0:
             logger.warning(
                 "update_bn_stats: the data loader yielded no batch on at least one worker; "
@@ -330,6 +411,7 @@ def update_bn_stats(
             )
             return PreciseBNResult(0, 0, 0, time.perf_counter() - start, ())
         pooled = _reduce_moments(recorder.moments())
+        errors = _global_errors(named, recorder.unit_sums(), pooled)
         # the forwards moved the EMA buffers (and num_batches_tracked): undo, then write
         restore_buffers()
         updated, uncalled = 0, []
@@ -349,17 +431,24 @@ def update_bn_stats(
             ", ".join(n or "<model>" for n in uncalled),
         )
     seconds = time.perf_counter() - start
+    largest = largest_error({n: e for n, e in errors.items() if n not in uncalled})
+    reached = target is not None and target.reached
     logger.info(
-        "update_bn_stats: %d BN modules from %d images in %d iterations (%.2f s)",
-        updated, seen, iters, seconds,
+        "update_bn_stats: %d BN modules from %d images in %d iterations (%.2f s); largest relative "
+        "standard error %.3g%s",
+        updated, seen, iters, seconds, largest,
+        "" if target is None else (f", target {target_rel_error:g} " + ("reached" if reached else "not reached")),
     )
-    return PreciseBNResult(iters, seen, updated, seconds, tuple(uncalled))
+    errors = {n: e for n, e in errors.items() if n not in uncalled}
+    return PreciseBNResult(iters, seen, updated, seconds, tuple(uncalled), errors, reached)
 
 
-def _run_batches(data_loader, early_exit: EarlyExit, device, num_iters, num_samples, progress):
+def _run_batches(data_loader, early_exit: EarlyExit, recorder: _StatisticsRecorder, device, num_iters,
+                 num_samples, progress, target: Optional["_ErrorTarget"] = None):
     """
     Runs ``net(batch)`` until ``num_iters`` batches (or ``num_samples`` global images) are
-    used or some rank runs out of batches. Returns (batches used, global images used).
+    used, some rank runs out of batches, or ``target`` is reached. Returns (batches used,
+    global images used).
     """
     by_samples = num_samples is not None
     bar = None
@@ -388,14 +477,60 @@ def _run_batches(data_loader, early_exit: EarlyExit, device, num_iters, num_samp
                     )
                 break
             early_exit.run(batch)
+            recorder.end_batch()
             iters += 1
             seen += int(agreed[1])
             if bar is not None:
                 bar.update(int(agreed[1]) if by_samples else 1)
+            if target is not None and target.reached_after(iters):
+                break
     finally:
         if bar is not None:
             bar.close()
     return iters, seen
+
+
+def _global_errors(named, unit_sums: List[Optional[UnitSums]], pooled: List[ChannelMoments]) -> Dict[str, RelativeErrors]:
+    """
+    The relative standard errors of every module's ``pooled`` moments (all workers') from
+    every worker's unit sums: ONE collective for all modules (a module this worker never
+    called adds zeros), summed in rank order, so all ranks get identical errors.
+    """
+    centered = []
+    for (_, m), sums, moments in zip(named, unit_sums, pooled):
+        rows, channels = moments.mean.shape
+        centered.append(moments.mean.new_zeros(rows, 2 * channels + 1) if sums is None else sums.centered(moments))
+    flat = torch.cat([c.flatten() for c in centered])
+    if dist_utils.group_size() > 1:
+        flat = dist_utils.sum_over_ranks(flat)
+    errors, offset = {}, 0
+    for (name, m), c, moments in zip(named, centered, pooled):
+        errors[name] = relative_errors(flat[offset : offset + c.numel()].view(c.shape), moments, m.eps)
+        offset += c.numel()
+    return errors
+
+
+class _ErrorTarget:
+    """
+    The stop rule of an adaptive :func:`update_bn_stats`: after batch ``iters`` (1, 2, ...,
+    10, then every ~10% more), the statistics so far of all workers (a snapshot: the
+    recorder is left as it was) and their standard errors; reached when the largest is at
+    most ``target``. Every rank computes the same numbers at the same batches.
+    """
+
+    def __init__(self, named, recorder: _StatisticsRecorder, target: float):
+        self.named, self.recorder, self.target = named, recorder, target
+        self.reached = False
+        self._next_check = 1
+
+    def reached_after(self, iters: int) -> bool:
+        if iters < self._next_check:
+            return False
+        self._next_check = iters + max(1, iters // 10)
+        moments, unit_sums = self.recorder.snapshot()
+        largest = largest_error(_global_errors(self.named, unit_sums, _reduce_moments(moments)))
+        self.reached = largest <= self.target
+        return self.reached
 
 
 def _reduce_moments(local: List[ChannelMoments]) -> List[ChannelMoments]:

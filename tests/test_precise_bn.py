@@ -409,7 +409,10 @@ def test_two_ranks_equal_one_process_on_union_bitwise_equal(run_workers, sync):
         for r, m, v, c in out
     ]
     assert torch.equal(mean0, mean1) and torch.equal(var0, var1)
-    assert r0 == r1._replace(seconds=r0.seconds)
+    assert r0._replace(errors={}) == r1._replace(seconds=r0.seconds, errors={})
+    # the standard errors too are bitwise those of the other rank
+    assert r0.errors.keys() == r1.errors.keys() == {"1"}
+    assert all(torch.equal(a, b) for a, b in zip(r0.errors["1"], r1.errors["1"]))
     # both ranks stop when rank 0's loader ends: 3 batches each = 3*4 + 3*2 images
     assert (r0.num_iters, r0.num_samples) == (3, 18)
     conv_layer = nn.Conv2d(3, 3, 1)
@@ -478,6 +481,8 @@ def test_precise_bn_checkpoint_tool(tmp_path):
     out = torch.load(tmp_path / "model_precise_bn.pth", weights_only=False)
     summary = json.loads((tmp_path / "model_precise_bn.json").read_text())
     assert summary["images"] == 4 and summary["iterations"] == 2 and summary["bn_modules"] > 0
+    errors = summary["relative_standard_errors"]  # 2 units (batches): errors per module group
+    assert errors["rel_error/min_units"] == 2 and 0 < errors["rel_error_mean/backbone.bottom_up/median"]
     before, after = model.state_dict(), out["model"]
     assert set(before) == set(after)
     key = "backbone.bottom_up.stem.conv1.norm.running_var"

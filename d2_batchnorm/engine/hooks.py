@@ -29,7 +29,7 @@ from ..checks import check_int
 from ..config_kinds import adapt
 from ..early_exit import StopPlans
 from ..module_state import bn_statistics_distance, snapshot_bn_statistics
-from ..precise_bn import PreciseBNResult, get_bn_modules, update_bn_stats
+from ..precise_bn import PreciseBNResult, get_bn_modules, summarize_errors, update_bn_stats
 from ..rng import RandomStream, derive_seed
 from .precise_bn_settings import PreciseBNSettings
 
@@ -49,7 +49,12 @@ class PreciseBN(HookBase):
     Scalars written to the trainer's EventStorage at each run:
     ``precise_bn/seconds``, ``precise_bn/samples`` (images, all workers),
     ``precise_bn/ema_mean_rel_dist`` and ``precise_bn/ema_var_rel_dist`` (see
-    :func:`bn_statistics_distance`: how far the EMA statistics were from the precise ones).
+    :func:`bn_statistics_distance`: how far the EMA statistics were from the precise ones),
+    and the relative standard errors of the precise statistics per module group
+    (``precise_bn/rel_error_mean/<group>/max``, ``.../median``, ``precise_bn/rel_error_std/...``,
+    ``precise_bn/rel_error/max``: :func:`~d2_batchnorm.precise_bn.summarize_errors`).
+    With ``target_rel_error`` > 0 a run stops drawing batches once every module's error is
+    at most that (adaptive PreciseBN; ``num_samples`` / ``num_iter`` is the cap).
 
     With ``ema_eval_function``, at runs that coincide with an evaluation (every
     ``ema_eval_period`` iterations, and the last one) the model is first evaluated with its
@@ -75,6 +80,7 @@ class PreciseBN(HookBase):
         ema_eval_function: Optional[Callable[[], Dict]] = None,
         ema_eval_period: int = 0,
         seed: int = 0,
+        target_rel_error: float = 0.0,
     ):
         """
         Args:
@@ -91,6 +97,7 @@ class PreciseBN(HookBase):
             ema_eval_function: returns evaluation results (a nested dict of floats).
             ema_eval_period: evaluation period the EMA evaluation follows; 0: last only.
             seed: seed of the hook's own :class:`~d2_batchnorm.rng.RandomStream`.
+            target_rel_error: > 0: adaptive PreciseBN (see :func:`~d2_batchnorm.update_bn_stats`).
         """
         check_int("period", period, 0)
         self._model = model
@@ -100,6 +107,7 @@ class PreciseBN(HookBase):
         self._period = period
         self._ema_eval = ema_eval_function
         self._ema_eval_period = ema_eval_period
+        self._target_rel_error = target_rel_error
         self._iter = None
         self._rng = RandomStream(seed)
         self._stop_plans = StopPlans()  # where each run's forwards stop, learned at the first
@@ -117,7 +125,8 @@ class PreciseBN(HookBase):
         batches per worker) drawn from the training loader (training augmentations, 0
         loader workers) over ``DATASETS`` (empty: the training datasets) with
         ``IMS_PER_BATCH`` images per worker (0: the training batch per worker), built at
-        the first run. The EMA evaluation (``ema_eval_function``) is kept when ``EVAL_EMA``
+        the first run, fewer when every module's relative standard error reaches
+        ``TARGET_REL_ERROR`` (> 0). The EMA evaluation (``ema_eval_function``) is kept when ``EVAL_EMA``
         is on, inference uses population statistics and there is a test set. The random
         stream is seeded from the config's seed and the rank.
         """
@@ -132,6 +141,7 @@ class PreciseBN(HookBase):
             "ema_eval_function": ema_eval_function if settings.eval_ema else None,
             "ema_eval_period": kind.get("TEST.EVAL_PERIOD"),
             "seed": derive_seed("PreciseBN", kind.get("SEED"), comm.get_rank()),
+            "target_rel_error": settings.target_rel_error,
         }
 
     def disable(self, reason: str) -> None:
@@ -200,12 +210,15 @@ class PreciseBN(HookBase):
                 progress="tqdm" if comm.is_main_process() else None,
                 num_samples=self._num_samples,
                 stop_plans=self._stop_plans,
+                target_rel_error=self._target_rel_error,
             )
         dist = self.last_ema_distance = bn_statistics_distance(ema, snapshot_bn_statistics(self._model))
+        errors = summarize_errors(result.errors)
         logger.info(
             "PreciseBN: %d images in %.1f s; EMA statistics were %.4g (mean) / %.4g (var) "
-            "away from the precise ones (relative L2)",
+            "away from the precise ones (relative L2); largest relative standard error %.3g",
             result.num_samples, result.seconds, dist["mean"], dist["var"],
+            errors.get("precise_bn/rel_error/max", float("nan")),
         )
         trainer = getattr(self, "trainer", None)
         if trainer is not None and result.num_iters > 0:
@@ -215,6 +228,7 @@ class PreciseBN(HookBase):
                     "precise_bn/samples": float(result.num_samples),
                     "precise_bn/ema_mean_rel_dist": dist["mean"],
                     "precise_bn/ema_var_rel_dist": dist["var"],
+                    **errors,
                 },
                 smoothing_hint=False,
             )

@@ -25,7 +25,9 @@ class PreciseBNSettings:
     * ``datasets``: what the statistics are computed on (``DATASETS``; empty: the training
       datasets);
     * ``eval_ema``: also evaluate with the EMA statistics before replacing them
-      (``EVAL_EMA``, with population statistics at inference and a test set).
+      (``EVAL_EMA``, with population statistics at inference and a test set);
+    * ``target_rel_error``: > 0 stops a run once every module's relative standard error is
+      at most this (``TARGET_REL_ERROR``; ``num_samples`` / ``num_iter`` stay the cap).
     """
 
     enabled: bool
@@ -35,6 +37,7 @@ class PreciseBNSettings:
     ims_per_batch: int
     datasets: Tuple[str, ...]
     eval_ema: bool
+    target_rel_error: float = 0.0
     world_size: int = 1
 
     @classmethod
@@ -50,6 +53,7 @@ class PreciseBNSettings:
             datasets=tuple(value("TEST.PRECISE_BN.DATASETS")) or tuple(kind.train_datasets()),
             eval_ema=bool(value("TEST.PRECISE_BN.EVAL_EMA")) and value("TEST.BN_STATS") == "population"
             and kind.has_test_set(),
+            target_rel_error=float(value("TEST.PRECISE_BN.TARGET_REL_ERROR")),
             world_size=world_size,
         )
 

@@ -82,8 +82,9 @@ def test_precise_bn_hook_periodic_and_final_with_ema_eval():
     hist = trainer.storage.histories()
     assert [v for v, _ in hist["ema/bbox/AP"].values()] == [2.0, 3.0]
     assert [v for v, _ in hist["precise_bn/samples"].values()] == [4.0, 4.0, 4.0]
-    for key in ("precise_bn/seconds", "precise_bn/ema_mean_rel_dist", "precise_bn/ema_var_rel_dist"):
-        assert len(hist[key].values()) == 3
+    for key in ("precise_bn/seconds", "precise_bn/ema_mean_rel_dist", "precise_bn/ema_var_rel_dist",
+                "precise_bn/rel_error/max", "precise_bn/rel_error_mean/bn/max", "precise_bn/rel_error_std/bn/median"):
+        assert len(hist[key].values()) == 3, key
     # the last run used batches 10 and 11 of the one iterator kept across runs
     mean, var = _exact_bn_inputs(net, data[4:6])
     torch.testing.assert_close(net.bn.running_mean.double(), mean, rtol=1e-6, atol=1e-6)
@@ -197,12 +198,13 @@ def test_bntrainer_hook_order_and_mini_batch_test_loader():
 
     cfg = _toy_cfg("TEST.PRECISE_BN.ENABLED", "True", "BN.FROZEN_LAST_ITERS", "3",
                    "TEST.PRECISE_BN.IMS_PER_BATCH", "2", "TEST.PRECISE_BN.DATASETS",
-                   "('toy_coco_shifted_train',)")
+                   "('toy_coco_shifted_train',)", "TEST.PRECISE_BN.TARGET_REL_ERROR", "0.05")
     trainer = BNTrainer(cfg)
     kinds = [type(h) for h in trainer._hooks]
     assert kinds.index(PreciseBN) < kinds.index(FrozenBNLate) < kinds.index(d2_hooks.PeriodicCheckpointer)
     assert kinds.index(d2_hooks.PeriodicCheckpointer) < kinds.index(d2_hooks.EvalHook)
     precise = trainer._hooks[kinds.index(PreciseBN)]
+    assert precise._target_rel_error == 0.05  # adaptive PreciseBN from the config
     batch = next(precise._batches())  # its loader is built at the first run
     assert len(batch) == 2 and "toy_coco_shifted" in batch[0]["file_name"]
 
