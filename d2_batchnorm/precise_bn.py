@@ -21,6 +21,12 @@ operations on the same numbers, so all ranks end with bitwise-identical buffers:
 
 which is what fvcore's ``update_bn_stats`` stores on one process.
 
+How precise: every module also gets the standard errors of its new statistics, from the
+variation between sampling units (one worker's batch; :mod:`d2_batchnorm.standard_errors`),
+through one more all-reduce-like collective, identical on every rank
+(:attr:`PreciseBNResult.errors`, :func:`summarize_errors`); ``target_rel_error`` stops
+drawing batches once they are small enough (adaptive PreciseBN).
+
 Which modules: every ``torch.nn.modules.batchnorm._BatchNorm`` in training mode (BN1d/2d/
 3d, ``nn.SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, the modules of a
 ``CycleBatchNormList``, d2_batchnorm's norms). Frozen BN and BN in eval mode are untouched.

@@ -204,13 +204,18 @@ def test_cli_writes_the_audit_and_measures_a_checkpoint(tmp_path, capsys):
     weights = tmp_path / "model.pth"
     torch.save({"model": build_model(cfg).state_dict()}, weights)
     argv = ["--config-file", TOY_RETINA, "--output", str(out), "--samples", "8", "--eval",
-            "MODEL.WEIGHTS", str(weights), "DATASETS.TEST", f"('{TINY_VAL}',)", "TEST.IMS_PER_BATCH", "2"]
+            "MODEL.WEIGHTS", str(weights), "DATASETS.TEST", f"('{TINY_VAL}',)", "TEST.IMS_PER_BATCH", "2",
+            "TEST.PRECISE_BN.IMS_PER_BATCH", "2"]
     assert tool.cli(argv) == 0
     measured = json.loads((out / "bn_audit.json").read_text())["measured"]
     backbone = measured["backbone: checkpoint vs precise statistics (relative L2)"]
     assert backbone["mean"] > 0.5 and backbone["var"] > 0.1
     assert measured["PreciseBN"]["images"] == 8
     assert set(measured["bbox AP"]) == {"EMA (checkpoint)", "mini-batch (2 img)", "precise"}
+    # 4 batches of 2 images: the standard errors of the precise statistics, per group
+    errors = measured["backbone: relative standard error of the precise statistics"]
+    assert set(errors) == {"mean max", "mean median", "std max", "std median"}
+    assert 0 < errors["mean median"] <= errors["mean max"] < float("inf")
 
     # the same measurement from a LazyConfig (key=value overrides, train.init_checkpoint)
     lazy = "configs/Toy/retinanet_R18_FPN_bn_head.py"

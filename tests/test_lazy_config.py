@@ -151,7 +151,10 @@ def _small_run(output_dir):
         "dataloader.train.total_batch_size=4",
         "train.max_iter=2",
         "train.precise_bn.enabled=True",
-        "train.precise_bn.num_iter=1",
+        # adaptive PreciseBN: a target every module meets once it has MIN_UNITS = 10 units
+        # (5 batches on each of 2 workers), capped at 6 batches
+        "train.precise_bn.num_iter=6",
+        "train.precise_bn.target_rel_error=1.0",
         f"train.output_dir={output_dir}",
     ]
 
@@ -198,7 +201,10 @@ def test_toy_lazy_configs_train_and_evaluate_in_two_processes(run_workers, tmp_p
         assert a["iter"] == b["iter"] == 2, config
         assert torch.equal(a["params"], b["params"]), f"{config}: DDP kept the weights equal"
         assert torch.equal(a["bn_buffers"], b["bn_buffers"]), f"{config}: precise statistics differ between ranks"
-        assert a["scalars"]["precise_bn/samples"] == 4, config  # 1 batch of 2 images on each of 2 workers
+        # batches of 2 images on each of 2 workers, until the errors of >= 10 units meet the target
+        assert a["scalars"]["precise_bn/samples"] in (20, 24), config
+        assert a["scalars"]["precise_bn/rel_error/min_units"] >= 10, config
+        assert a["scalars"]["precise_bn/samples"] == 24 or a["scalars"]["precise_bn/rel_error/max"] <= 1.0, config
         assert "bbox/AP" in a["scalars"] and "ema/bbox/AP" in a["scalars"], f"{config}: {sorted(a['scalars'])}"
         assert {"config.yaml", "metrics.json", "model_final.pth"} <= set(a["output_files"]), a["output_files"]
 

@@ -58,6 +58,7 @@ def measure(cfg, model, audit, samples: int, evaluate: bool) -> None:
     from d2_batchnorm.engine.precise_bn_settings import PreciseBNSettings
     from d2_batchnorm.engine.recompute import recompute_and_evaluate
     from d2_batchnorm.module_state import bn_statistics_distance
+    from d2_batchnorm.precise_bn import summarize_errors
 
     DetectionCheckpointer(model).load(adapt(cfg).get("MODEL.WEIGHTS"))
     kind = adapt(cfg).copy()
@@ -79,6 +80,12 @@ def measure(cfg, model, audit, samples: int, evaluate: bool) -> None:
         if keys:
             dist = bn_statistics_distance({k: before[k] for k in keys}, {k: after[k] for k in keys})
             audit.measured[f"{g.name}: checkpoint vs precise statistics (relative L2)"] = dist
+        errors = {n: e for n, e in (result.errors if result is not None else {}).items() if n in g.modules}
+        if errors:  # the group's max and median relative standard error of the precise statistics
+            summary = summarize_errors(errors, prefix="", group_of=lambda name: g.name)
+            summary = {k.strip("_/").replace(f"/{g.name}/", " "): v for k, v in summary.items() if f"/{g.name}/" in k}
+            if summary:  # none below 2 units
+                audit.measured[f"{g.name}: relative standard error of the precise statistics"] = summary
     if result is not None:
         audit.measured["PreciseBN"] = {"images": result.num_samples, "seconds": round(result.seconds, 1)}
     if evaluate:

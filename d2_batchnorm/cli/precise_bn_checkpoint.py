@@ -16,7 +16,8 @@ so a checkpoint can get the population statistics of another mode.
 The statistics are computed exactly as the training hook computes them
 (:class:`d2_batchnorm.engine.PreciseBN` built from the config), on all workers together, from ``TEST.PRECISE_BN.NUM_SAMPLES`` images (or ``NUM_ITER`` batches per worker)
 of ``TEST.PRECISE_BN.DATASETS`` (empty: ``DATASETS.TRAIN``), ``IMS_PER_BATCH`` images per
-worker per batch. The new checkpoint is written to ``--output`` (default:
+worker per batch (fewer with ``TARGET_REL_ERROR``), and reported with the relative standard
+errors of the new statistics per module group. The new checkpoint is written to ``--output`` (default:
 ``<OUTPUT_DIR>/model_precise_bn.pth``); a JSON of the results before/after next to it.
 """
 import argparse
@@ -35,6 +36,7 @@ from d2_batchnorm.config_kinds import adapt
 from d2_batchnorm.engine import build_any_model, check_checkpoint, check_launch_args, launch, load_any_config
 from d2_batchnorm.engine.precise_bn_settings import PreciseBNSettings
 from d2_batchnorm.engine.recompute import recompute_and_evaluate
+from d2_batchnorm.precise_bn import summarize_errors
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -68,6 +70,7 @@ def main(args) -> dict:
     summary.update(
         images=result.num_samples, iterations=result.num_iters, bn_modules=result.num_modules,
         seconds=round(result.seconds, 2), relative_change=done.ema_distance,
+        relative_standard_errors=summarize_errors(result.errors, prefix="rel_error"),
     )
     if not args.no_eval:
         summary.update(before=done.before, after=done.after)
