@@ -51,7 +51,7 @@ from .checks import check_float, check_int
 from .early_exit import EarlyExit, StopPlans
 from .layers.batch_stats import ChannelMoments
 from .module_state import saved_bn_state
-from .standard_errors import RelativeErrors, UnitSums, largest_error, relative_errors
+from .standard_errors import MIN_UNITS, RelativeErrors, UnitSums, largest_error, relative_errors
 
 __all__ = [
     "update_bn_stats", "get_bn_modules", "bn_module_group", "count_samples", "PreciseBNResult", "summarize_errors",
@@ -364,7 +364,8 @@ def update_bn_stats(
             deviation, relative to the population standard deviation, largest over its
             channels; from at least ``MIN_UNITS`` units) is at most this, or when
             ``num_samples`` / ``num_iters`` is reached, whichever comes first. Checked
-            after batch 1, 2, ... 10 and then every ~10% more batches, from the statistics
+            once ``MIN_UNITS`` units can exist, after every batch up to 20 and then every
+            ~10% more batches, from the statistics
             of all workers, so every rank stops after the same batch; the statistics for a
             given number of batches are those of a fixed-size run with that many.
 
@@ -518,8 +519,9 @@ def _global_errors(named, unit_sums: List[Optional[UnitSums]], pooled: List[Chan
 
 class _ErrorTarget:
     """
-    The stop rule of an adaptive :func:`update_bn_stats`: after batch ``iters`` (1, 2, ...,
-    10, then every ~10% more), the statistics so far of all workers (a snapshot: the
+    The stop rule of an adaptive :func:`update_bn_stats`: after batch ``iters`` (from the
+    first batch with ``MIN_UNITS`` units over all workers, at every batch up to 20, then
+    every ~10% more), the statistics so far of all workers (a snapshot: the
     recorder is left as it was) and their standard errors; reached when the largest is at
     most ``target``. Every rank computes the same numbers at the same batches.
     """
@@ -527,7 +529,8 @@ class _ErrorTarget:
     def __init__(self, named, recorder: _StatisticsRecorder, target: float):
         self.named, self.recorder, self.target = named, recorder, target
         self.reached = False
-        self._next_check = 1
+        # no check before MIN_UNITS units can exist (each batch is one unit per worker)
+        self._next_check = -(-MIN_UNITS // dist_utils.group_size())
 
     def reached_after(self, iters: int) -> bool:
         if iters < self._next_check:

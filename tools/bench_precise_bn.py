@@ -9,9 +9,11 @@ images with random boxes and masks):
 * maskrcnn_b: the same with BN in the box head (4conv1fc) and the mask head too;
 * retinanet:  RetinaNet R50-FPN with a BN head (detectron2's per-level CycleBatchNormList).
 
-For each case it reports the wall time of fvcore, of ours, of a plain backbone forward
-over the same batches (preprocessing + backbone/FPN, no statistics: the floor for case
-a), their ratios, and the largest relative error
+For each case it reports the wall time of fvcore, of ours (with the standard errors of
+its statistics), of ours adaptive (``target_rel_error`` never met, so the same batches
+plus every stop check), of a plain backbone forward over the same batches
+(preprocessing + backbone/FPN, no statistics: the floor for case a), their ratios, and
+the largest relative error
 ``||running_x - exact_x||_2 / ||exact_x||_2`` over BN modules of the running mean/var
 against the exact statistics of all samples (float64 two-pass: mean first, then squared
 deviations, over the same batches). With ``--world-size 2`` it also runs both in 2 gloo
@@ -183,6 +185,16 @@ def run_ours(model, batches):
     update_bn_stats(model, seeded(batches), len(batches), stop_plans=SEEN)
 
 
+def run_ours_adaptive(model, batches):
+    """
+    Adaptive PreciseBN on the same batches: a target no run meets (1e-9), so it uses every
+    batch and pays for every check (after each of the first 10 batches, then every ~10%).
+    """
+    from d2_batchnorm import update_bn_stats
+
+    update_bn_stats(model, seeded(batches), len(batches), target_rel_error=1e-9)
+
+
 def run_ours_seen(model, batches):
     """A call on a model seen before (its stop plan kept from an earlier call)."""
     global SEEN
@@ -220,9 +232,9 @@ def bench_case(case, args) -> Dict:
     with EventStorage():
         run_backbone(model, batches[:1])  # warm-up
     set_bn_state(model, initial)
-    times = {"fvcore": [], "ours": [], "backbone": []}
+    times = {"fvcore": [], "ours": [], "adaptive": [], "backbone": []}
     errors = {}
-    runners = {"fvcore": run_fvcore, "ours": run_ours, "backbone": run_backbone}
+    runners = {"fvcore": run_fvcore, "ours": run_ours, "adaptive": run_ours_adaptive, "backbone": run_backbone}
     for rep in range(args.repeats):
         order = list(runners) if rep % 2 == 0 else list(reversed(runners))
         for name in order:
@@ -231,7 +243,7 @@ def bench_case(case, args) -> Dict:
                 t0 = time.perf_counter()
                 runners[name](model, batches)
                 times[name].append(time.perf_counter() - t0)
-            if rep == 0 and name != "backbone":
+            if rep == 0 and name in ("fvcore", "ours"):
                 errors[name] = bn_state(model)
     set_bn_state(model, initial)
     exact = exact_statistics(model, batches)
@@ -339,13 +351,16 @@ def main(argv=None) -> int:
     import logging
 
     logging.getLogger("d2_batchnorm").setLevel(logging.ERROR)
-    header_lines = [f"Machine: {machine_description(f'torch threads {torch.get_num_threads()}')}", ""]
+    options = " ".join(sys.argv[1:] if argv is None else argv) or "(defaults)"
+    header_lines = [f"Machine: {machine_description(f'torch threads {torch.get_num_threads()}')}",
+                    f"Command: `python tools/bench_precise_bn.py {options}`", ""]
     print(header_lines[0])
     print(f"batches: {args.iters} x {args.ims} images of {args.size}x{args.size}, training mode, "
           f"time = min over {args.repeats} interleaved repeats")
-    header = ("| case | BN modules | fvcore s | ours s | backbone fwd s | fvcore/ours | ours/backbone "
+    header = ("| case | BN modules | fvcore s | ours s | adaptive s | backbone fwd s | fvcore/ours "
+              "| adaptive/ours | ours/backbone "
               "| rel err mean ours (fvcore) | rel err var ours (fvcore) | max rank diff ours (fvcore) |")
-    rows = [header, "|---" * 10 + "|"]
+    rows = [header, "|---" * 12 + "|"]
     short_header = (f"| case | over {args.short_iters} batches: fvcore s | ours first call s | ours model seen s "
                     "| backbone fwd s | fvcore/ours first | fvcore/ours seen | ours first/backbone "
                     "| ours seen/backbone |")
@@ -359,8 +374,9 @@ def main(argv=None) -> int:
         else:
             diff = "n/a"
         rows.append(_row(
-            case, r["bn_modules"], f"{r['t_fvcore']:.2f}", f"{r['t_ours']:.2f}", f"{r['t_backbone']:.2f}",
-            f"{r['t_fvcore'] / r['t_ours']:.2f}x", f"{r['t_ours'] / r['t_backbone']:.2f}x",
+            case, r["bn_modules"], f"{r['t_fvcore']:.2f}", f"{r['t_ours']:.2f}", f"{r['t_adaptive']:.2f}",
+            f"{r['t_backbone']:.2f}", f"{r['t_fvcore'] / r['t_ours']:.2f}x", f"{r['t_adaptive'] / r['t_ours']:.2f}x",
+            f"{r['t_ours'] / r['t_backbone']:.2f}x",
             f"{r['err_ours']['mean']:.2g} ({r['err_fvcore']['mean']:.2g})",
             f"{r['err_ours']['var']:.2g} ({r['err_fvcore']['var']:.2g})", diff,
         ))
