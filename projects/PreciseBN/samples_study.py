@@ -163,6 +163,10 @@ def plot(done: Dict[str, dict], seeds: List[int], path: str) -> None:
         ys = [statistics.mean(m[what] for m in rows if m["samples"] == n and what in m) for n in xs]
         left.plot(xs, ys, style, label=label)
     targets = sorted({m["target"] for m in done.values() if "target" in m})
+    xs = [n for n in SAMPLES if any(m["samples"] == n for m in rows)]
+    if xs:  # the 1/sqrt(N) slope through the first point
+        first = statistics.mean(m["rel_error/max"] for m in rows if m["samples"] == xs[0])
+        left.plot(xs, [first * (xs[0] / n) ** 0.5 for n in xs], color="gray", lw=0.8, label="∝ 1/√N")
     for target in targets:
         left.axhline(target, color="gray", lw=0.8, ls=":")
     for target in targets:
@@ -176,14 +180,20 @@ def plot(done: Dict[str, dict], seeds: List[int], path: str) -> None:
     left.set_title("standard error vs samples (vertical: adaptive stops at 5% / 1%)", fontsize=9)
     left.legend(fontsize=7)
     left.grid(alpha=0.3)
+    # AP against the largest N of the same checkpoint and draw (paired: the checkpoints' own
+    # spread, several AP points, would hide what the number of samples does)
+    final = {(m["seed"], m["draw"]): m["ap"] for m in rows if m["samples"] == SAMPLES[-1]}
     xs = [n for n in SAMPLES if any(m["samples"] == n for m in rows)]
-    aps = [[m["ap"] for m in rows if m["samples"] == n] for n in xs]
-    right.errorbar(xs, [statistics.mean(a) for a in aps],
-                   yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in aps], fmt="-o", capsize=3)
+    diffs = [[m["ap"] - final[(m["seed"], m["draw"])] for m in rows
+              if m["samples"] == n and (m["seed"], m["draw"]) in final] for n in xs]
+    xs, diffs = [x for x, d in zip(xs, diffs) if d], [d for d in diffs if d]
+    right.errorbar(xs, [statistics.mean(d) for d in diffs],
+                   yerr=[statistics.stdev(d) if len(d) > 1 else 0 for d in diffs], fmt="-o", capsize=3)
+    right.axhline(0, color="gray", lw=0.8)
     right.set_xscale("log", base=2)
     right.set_xlabel("images PreciseBN saw")
-    right.set_ylabel("box AP, toy_coco_val (mean ± sd)")
-    right.set_title("AP vs PreciseBN samples (toy RetinaNet R18-FPN)", fontsize=9)
+    right.set_ylabel(f"box AP − AP with {SAMPLES[-1]} images (paired, mean ± sd)")
+    right.set_title("AP vs PreciseBN samples (toy RetinaNet R18-FPN, toy_coco_val)", fontsize=9)
     right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
