@@ -10,6 +10,7 @@ step. The optimizer step is skipped, the poisoned (or merely perturbed) buffers 
 (pytorch#88474). This hook makes the buffers follow the optimizer.
 """
 import logging
+import time
 from typing import List, Optional
 
 import torch
@@ -52,6 +53,7 @@ class NonFiniteGuard(HookBase):
         self._saved: List[torch.Tensor] = []
         self._params: List[torch.Tensor] = []
         self.restored_steps = torch.zeros((), dtype=torch.long)
+        self.seconds = 0.0  # host time spent in this hook (asynchronous device work not included)
 
     def _collect(self) -> None:
         self._buffers = [
@@ -68,13 +70,16 @@ class NonFiniteGuard(HookBase):
 
     @torch.no_grad()
     def before_step(self):
+        start = time.perf_counter()
         if self._buffers is None:
             self._collect()
         for saved, b in zip(self._saved, self._buffers):
             saved.copy_(b)
+        self.seconds += time.perf_counter() - start
 
     @torch.no_grad()
     def after_step(self):
+        start = time.perf_counter()
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads or not self._buffers:
             return
@@ -82,3 +87,4 @@ class NonFiniteGuard(HookBase):
         for saved, b in zip(self._saved, self._buffers):
             b.copy_(torch.where(finite, b, saved))
         self.restored_steps.add_(finite.logical_not().to(self.restored_steps.dtype))
+        self.seconds += time.perf_counter() - start

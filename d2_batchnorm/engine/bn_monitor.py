@@ -43,7 +43,7 @@ without gradients in a stream of their own (the same seed for both, so RoI sampl
 shuffling are identical), and every BN buffer and module scalar is restored after each.
 """
 import logging
-import math
+import time
 from contextlib import nullcontext
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -139,10 +139,12 @@ class _StepStatistics:
     def __init__(self, modules: List[Tuple[str, nn.Module]]):
         self.sums: Dict[str, torch.Tensor] = {}
         self.running: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.seconds = 0.0  # spent in the pre-hooks (host time)
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules]
 
     def _hook(self, name):
         def pre(module, args):
+            start = time.perf_counter()
             xs = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
             sums = ChannelMoments.power_sums_of(*xs)  # (L, 2C+1)
             if module.running_mean.dim() == 1:
@@ -150,6 +152,7 @@ class _StepStatistics:
             self.sums[name] = sums if name not in self.sums else self.sums[name] + sums
             if name not in self.running:
                 self.running[name] = (module.running_mean.detach().clone(), module.running_var.detach().clone())
+            self.seconds += time.perf_counter() - start
 
         return pre
 
@@ -206,6 +209,7 @@ class BNMonitor(HookBase):
         self._warned: Set[Tuple[str, str]] = set()
         self.first_nonfinite: Dict[str, int] = {}
         self.last: Dict[str, float] = {}  # the scalars of the last run
+        self.run_seconds: List[float] = []  # host time of each run (pre-hooks + measuring)
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module, guard=None):
@@ -244,7 +248,11 @@ class BNMonitor(HookBase):
 
     # ------------------------------------------------------------------ measuring
     def measure(self) -> Dict[str, float]:
-        """One run of the monitor now: the scalars (also in :attr:`last`); warnings logged."""
+        """
+        One run of the monitor now: the scalars (also in :attr:`last`); warnings logged;
+        its host time (with the pre-hooks of the monitored step) appended to :attr:`run_seconds`.
+        """
+        start = time.perf_counter()
         step, self._step = self._step, None
         if step is not None:
             step.remove()
@@ -256,6 +264,7 @@ class BNMonitor(HookBase):
         scalars.update(self._gap())
         self.last = scalars
         self._warn(scalars)
+        self.run_seconds.append(time.perf_counter() - start + (step.seconds if step is not None else 0.0))
         return scalars
 
     def _buffer_health(self, step: Optional[_StepStatistics]) -> Dict[str, float]:
