@@ -28,16 +28,13 @@ of whole trainings is noisier than 1%:
 Writes its table into docs/benchmarks.md (block ``bench_monitor``) unless ``--no-docs``.
 """
 import argparse
-import logging
 import os
 import statistics
 import sys
-import tempfile
-import time
 from typing import Dict, List
 
-import torch
 from bench_report import machine_description, write_section  # tools/bench_report.py
+from bench_training import interleaved, timed_train, toy_trainer  # tools/bench_training.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Toy", "mask_rcnn_R18_FPN_bn_head.yaml")
@@ -46,23 +43,12 @@ VARIANTS = ("off", "guard", "guard + monitor")
 
 def train(config_file: str, variant: str, args, out_dir: str) -> Dict:
     """Wall time of ``trainer.train()`` of one variant and its hooks' own times."""
-    from d2_batchnorm.data import prepare_datasets
-    from d2_batchnorm.engine import BNMonitor, BNTrainer, NonFiniteGuard, load_config
+    from d2_batchnorm.engine import BNMonitor, NonFiniteGuard
 
-    opts = [
-        "SOLVER.MAX_ITER", str(args.max_iter), "SOLVER.WARMUP_ITERS", str(min(10, args.max_iter)),
-        "SOLVER.STEPS", "()", "SOLVER.IMS_PER_BATCH", str(args.ims),
-        "SOLVER.CHECKPOINT_PERIOD", "100000", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0",
-        "BN.GUARD_NONFINITE", str(variant != "off"), "BN.MONITOR.ENABLED", str(variant == "guard + monitor"),
-        "BN.MONITOR.PERIOD", str(args.period), "OUTPUT_DIR", out_dir,
-    ]
-    cfg = load_config(config_file, opts, 1)
-    prepare_datasets(list(cfg.DATASETS.TRAIN))
-    trainer = BNTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+    opts = ["BN.GUARD_NONFINITE", str(variant != "off"), "BN.MONITOR.ENABLED", str(variant == "guard + monitor"),
+            "BN.MONITOR.PERIOD", str(args.period)]
+    trainer = toy_trainer(config_file, args.max_iter, args.ims, out_dir, opts)
+    seconds = timed_train(trainer)
     guard = next((h for h in trainer._hooks if isinstance(h, NonFiniteGuard)), None)
     monitor = next((h for h in trainer._hooks if isinstance(h, BNMonitor)), None)
     return {"seconds": seconds, "guard": guard.seconds if guard else 0.0,
@@ -70,16 +56,14 @@ def train(config_file: str, variant: str, args, out_dir: str) -> Dict:
 
 
 def table(args) -> List[str]:
-    torch.set_num_threads(1)
-    for name in ("detectron2", "d2", "fvcore", "d2_batchnorm"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    runs = {v: [] for v in VARIANTS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.repeats):
-            for variant in VARIANTS if rep % 2 == 0 else tuple(reversed(VARIANTS)):
-                out = os.path.join(tmp, f"{rep}-{VARIANTS.index(variant)}")
-                runs[variant].append(train(args.config_file, variant, args, out))
-                print(f"  {variant}: {runs[variant][-1]['seconds']:.1f} s", flush=True)
+    """Times the variants interleaved and returns the Markdown lines (module docstring)."""
+
+    def run(variant, out):
+        result = train(args.config_file, variant, args, out)
+        print(f"  {variant}: {result['seconds']:.1f} s", flush=True)
+        return result
+
+    runs = interleaved(VARIANTS, args.repeats, run)
     best = {v: min(runs[v], key=lambda r: r["seconds"]) for v in VARIANTS}
     t = {v: best[v]["seconds"] for v in VARIANTS}
     mon = best["guard + monitor"]

@@ -22,8 +22,9 @@ addresses it. The quantities, over the BN modules in training mode of the group:
 ``batch_mean_shift``        train/test inconsistency of the monitored step: per module the
 ``batch_var_ratio``         channel average of ``|mean_b - mean_r| / sqrt(var_r + eps)`` and
                             of ``|log((var_b + eps) / (var_r + eps))|``, with the statistics
-                            the module's input had in that step (over the workers for
-                            synchronized norms; in the layout of the running buffers) and the
+                            the module's input had in that step (over all workers for
+                            synchronized norms, also when their sync groups are smaller; in
+                            the layout of the running buffers) and the
                             running ones before it; the group's max
 ``collapsed_var``           fraction of channels with ``running_var < eps``
 ``collapsed_gamma``         fraction of channels with ``|gamma| <`` :data:`GAMMA_COLLAPSE`
