@@ -10,7 +10,9 @@ Training hooks for BatchNorm train/test consistency:
 
 PreciseBN can be built from a yacs config or a LazyConfig (``PreciseBN(cfg, model)``, as
 detectron2's ``@configurable`` classes) or from keyword arguments;
-:func:`build_batchnorm_hooks` builds both hooks from either kind of config, for
+:func:`build_batchnorm_hooks` builds them, and the BatchNorm health hooks
+(:class:`~d2_batchnorm.engine.bn_guard.NonFiniteGuard`,
+:class:`~d2_batchnorm.engine.bn_monitor.BNMonitor`), from either kind of config, for
 :class:`d2_batchnorm.engine.BNTrainer`, the LazyConfig trainer and custom trainers. The contexts that choose which statistics BN uses are in
 :mod:`d2_batchnorm.bn_modes`.
 """
