@@ -126,12 +126,17 @@ def report(out: str, seeds: List[int], results: str, iters: int, period: int) ->
             separated.append((it, sep))
             table.append(cells + ["yes" if sep else "no"])
         first = next((it + 1 for it, sep in separated if sep and all(s for i, s in separated if i >= it)), None)
+        late = {h: [statistics.mean(v[key] for it, v in rows.items() if it + 1 > iters // 2 and key in v)
+                    for (hh, _), rows in sorted(data.items()) if hh == h
+                    and any(it + 1 > iters // 2 and key in v for it, v in rows.items())] for h in HEADS}
         md += [
             f"\n## Gap in {title}\n",
             markdown_table(["iteration", "bn head", "shuffle head", "SyncBN head", "separated"], table),
             f"\nSeparated from iteration {first} on, at every later monitored iteration.\n" if first else
             f"\nNot separated: at {sum(s for _, s in separated)} of {len(separated)} monitored iterations the bn "
             "head's seeds are all above the others', and never from some iteration to the end.\n",
+            f"\nMean gap over the monitored iterations after {iters // 2} (per seed, then mean ± sd over "
+            "seeds): " + ", ".join(f"{h} {mean_sd(late[h], 3, signed=True, show_n=True)}" for h in HEADS) + ".\n",
         ]
     md.append("\nRegenerate: `python projects/BNMonitor/run_study.py` (see its docstring).\n")
     text = "\n".join(md)
