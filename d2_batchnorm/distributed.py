@@ -24,6 +24,7 @@ __all__ = [
     "group_size",
     "group_rank",
     "all_reduce_sum_",
+    "all_reduce_max_",
     "sum_over_ranks",
     "GATHER_SUM_MAX_BYTES",
     "all_gather_counts",
@@ -65,6 +66,17 @@ def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """
     if _initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_reduce_max_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """
+    The element-wise maximum of ``tensor`` over ``group``, in place (no autograd), returned;
+    for a minimum, reduce the negated values (``-max(-x) = min(x)``), so that maxima and
+    minima travel in ONE collective. The identity without torch.distributed.
+    """
+    if _initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor
 
 

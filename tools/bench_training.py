@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import List
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 from bench_report import machine_description  # tools/bench_report.py
@@ -43,26 +43,41 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs", "Toy", "mask_rcnn_R18_FPN_bn_head
 VARIANTS = ("off", "on, as shipped", "on, periodic")
 
 
-def train_seconds(config_file: str, variant: str, args, out_dir: str) -> float:
-    """Wall time of ``trainer.train()`` of one variant (module docstring)."""
+def toy_trainer(config_file: str, max_iter: int, ims: int, out_dir: str, opts: List[str]):
+    """
+    A BNTrainer of ``config_file`` (one process) for ``max_iter`` iterations of ``ims``
+    images, no LR steps, no evaluation, no checkpoints, with ``opts`` on top; weights loaded.
+    """
     from d2_batchnorm.data import prepare_datasets
     from d2_batchnorm.engine import BNTrainer, load_config
 
     opts = [
-        "SOLVER.MAX_ITER", str(args.max_iter), "SOLVER.WARMUP_ITERS", str(min(10, args.max_iter)),
-        "SOLVER.STEPS", "()", "SOLVER.IMS_PER_BATCH", str(args.ims),
+        "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", str(min(10, max_iter)),
+        "SOLVER.STEPS", "()", "SOLVER.IMS_PER_BATCH", str(ims),
         "SOLVER.CHECKPOINT_PERIOD", "100000", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0",
-        "TEST.PRECISE_BN.ENABLED", str(variant != "off"), "TEST.PRECISE_BN.NUM_ITER", str(args.num_iter),
-        "TEST.PRECISE_BN.PERIOD", str(args.max_iter // args.runs if variant == "on, periodic" else 0),
-        "OUTPUT_DIR", out_dir,
+        *opts, "OUTPUT_DIR", out_dir,
     ]
     cfg = load_config(config_file, opts, 1)
     prepare_datasets(list(cfg.DATASETS.TRAIN))
     trainer = BNTrainer(cfg)
     trainer.resume_or_load(resume=False)
+    return trainer
+
+
+def timed_train(trainer) -> float:
+    """Wall time of ``trainer.train()``."""
     start = time.perf_counter()
     trainer.train()
     return time.perf_counter() - start
+
+
+def train_seconds(config_file: str, variant: str, args, out_dir: str) -> float:
+    """Wall time of ``trainer.train()`` of one variant (module docstring)."""
+    opts = [
+        "TEST.PRECISE_BN.ENABLED", str(variant != "off"), "TEST.PRECISE_BN.NUM_ITER", str(args.num_iter),
+        "TEST.PRECISE_BN.PERIOD", str(args.max_iter // args.runs if variant == "on, periodic" else 0),
+    ]
+    return timed_train(toy_trainer(config_file, args.max_iter, args.ims, out_dir, opts))
 
 
 def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -91,19 +106,32 @@ def options(args, prefix: str = "") -> argparse.Namespace:
     return opts
 
 
-def training_table(args: argparse.Namespace) -> List[str]:
-    """Times the variants interleaved and returns the Markdown lines (module docstring)."""
+def interleaved(variants: Sequence[str], repeats: int, run: Callable[[str, str], Any]) -> Dict[str, List[Any]]:
+    """
+    ``run(variant, out_dir)`` of every variant, ``repeats`` times, the order reversed every
+    other repeat (so a drift of the machine's load hits all variants alike), in one process
+    with 1 torch thread and quiet loggers; ``{variant: [result of each repeat]}``.
+    """
     torch.set_num_threads(1)
     for name in ("detectron2", "d2", "fvcore", "d2_batchnorm"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    times = {v: [] for v in VARIANTS}
+    results: Dict[str, List[Any]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.repeats):
-            for variant in VARIANTS if rep % 2 == 0 else tuple(reversed(VARIANTS)):
-                out = os.path.join(tmp, f"{rep}-{VARIANTS.index(variant)}")
-                times[variant].append(train_seconds(args.config_file, variant, args, out))
-                print(f"  training, PreciseBN {variant}: {times[variant][-1]:.1f} s", flush=True)
-    t = {v: min(ts) for v, ts in times.items()}
+        for rep in range(repeats):
+            for variant in variants if rep % 2 == 0 else tuple(reversed(variants)):
+                results[variant].append(run(variant, os.path.join(tmp, f"{rep}-{variants.index(variant)}")))
+    return results
+
+
+def training_table(args: argparse.Namespace) -> List[str]:
+    """Times the variants interleaved and returns the Markdown lines (module docstring)."""
+
+    def run(variant, out):
+        seconds = train_seconds(args.config_file, variant, args, out)
+        print(f"  training, PreciseBN {variant}: {seconds:.1f} s", flush=True)
+        return seconds
+
+    t = {v: min(ts) for v, ts in interleaved(VARIANTS, args.repeats, run).items()}
     runs = {"off": 0, "on, as shipped": 1, "on, periodic": args.runs}
     lines = [
         f"Hidden cost in training (tools/bench_training.py): toy training "

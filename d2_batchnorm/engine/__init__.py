@@ -11,6 +11,8 @@ from .defaults import (
     setup,
     setup_lazy,
 )
+from .bn_guard import NonFiniteGuard
+from .bn_monitor import BNMonitor, leakage_losses
 from .hooks import FrozenBNLate, PreciseBN, build_batchnorm_hooks
 from .launch import check_launch_args, launch, launch_cli, launched_by_torchrun, run_on_local_workers, uses_cuda
 from .lazy import build_any_model, build_lazy_model, build_lazy_trainer, lazy_test, test_any

@@ -10,7 +10,9 @@ Training hooks for BatchNorm train/test consistency:
 
 PreciseBN can be built from a yacs config or a LazyConfig (``PreciseBN(cfg, model)``, as
 detectron2's ``@configurable`` classes) or from keyword arguments;
-:func:`build_batchnorm_hooks` builds both hooks from either kind of config, for
+:func:`build_batchnorm_hooks` builds them, and the BatchNorm health hooks
+(:class:`~d2_batchnorm.engine.bn_guard.NonFiniteGuard`,
+:class:`~d2_batchnorm.engine.bn_monitor.BNMonitor`), from either kind of config, for
 :class:`d2_batchnorm.engine.BNTrainer`, the LazyConfig trainer and custom trainers. The contexts that choose which statistics BN uses are in
 :mod:`d2_batchnorm.bn_modes`.
 """
@@ -31,6 +33,8 @@ from ..early_exit import StopPlans
 from ..module_state import bn_statistics_distance, snapshot_bn_statistics
 from ..precise_bn import PreciseBNResult, get_bn_modules, summarize_errors, update_bn_stats
 from ..rng import RandomStream, derive_seed
+from .bn_guard import NonFiniteGuard
+from .bn_monitor import BNMonitor
 from .precise_bn_settings import PreciseBNSettings
 
 __all__ = ["PreciseBN", "FrozenBNLate", "build_batchnorm_hooks"]
@@ -279,18 +283,26 @@ class FrozenBNLate(HookBase):
 def build_batchnorm_hooks(cfg, model: nn.Module, evaluate: Optional[Callable[[], Dict]] = None) -> List[HookBase]:
     """
     d2_batchnorm's hooks of a yacs config or a LazyConfig, in the order to register them,
-    before the checkpointer (so checkpoints hold precise statistics): :class:`PreciseBN`
-    (when enabled and ``model`` has BN modules in training mode; ``evaluate`` is its EMA
-    evaluation), then :class:`FrozenBNLate` (when the last iterations to freeze are > 0),
-    which computes precise statistics right before freezing.
+    before the checkpointer (so checkpoints hold precise statistics):
+    :class:`~d2_batchnorm.engine.bn_guard.NonFiniteGuard` (``BN.GUARD_NONFINITE``, when
+    ``model`` has BN modules in training mode; first, so that it never undoes PreciseBN),
+    :class:`PreciseBN` (when enabled and ``model`` has BN modules in training mode;
+    ``evaluate`` is its EMA evaluation), :class:`FrozenBNLate` (when the last iterations to
+    freeze are > 0), which computes precise statistics right before freezing, then
+    :class:`~d2_batchnorm.engine.bn_monitor.BNMonitor` (``BN.MONITOR.ENABLED``).
     """
     hooks: List[HookBase] = []
-    precise = None
+    precise = guard = None
     value = adapt(cfg).get
+    if value("BN.GUARD_NONFINITE") and get_bn_modules(model):
+        guard = NonFiniteGuard(model)
+        hooks.append(guard)
     if value("TEST.PRECISE_BN.ENABLED") and get_bn_modules(model):
         precise = PreciseBN(cfg, model, ema_eval_function=evaluate)
         hooks.append(precise)
     frozen = value("BN.FROZEN_LAST_ITERS")
     if frozen > 0:
         hooks.append(FrozenBNLate(model, value("SOLVER.MAX_ITER") - frozen, precise))
+    if value("BN.MONITOR.ENABLED"):
+        hooks.append(BNMonitor(cfg, model, guard=guard))
     return hooks

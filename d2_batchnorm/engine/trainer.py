@@ -87,10 +87,12 @@ class BNTrainer(DefaultTrainer):
         """
         detectron2's default hooks, with d2_batchnorm's BatchNorm hooks in their place:
 
-        IterationTimer, LRScheduler, :class:`~d2_batchnorm.engine.hooks.PreciseBN`
-        (``TEST.PRECISE_BN.ENABLED``; see its ``from_config``),
-        :class:`~d2_batchnorm.engine.hooks.FrozenBNLate`
-        (``BN.FROZEN_LAST_ITERS`` > 0), then the checkpointer — after PreciseBN, so
+        IterationTimer, LRScheduler, the BatchNorm hooks of
+        :func:`~d2_batchnorm.engine.hooks.build_batchnorm_hooks` (the non-finite guard,
+        ``BN.GUARD_NONFINITE``; :class:`~d2_batchnorm.engine.hooks.PreciseBN`,
+        ``TEST.PRECISE_BN.ENABLED``, see its ``from_config``;
+        :class:`~d2_batchnorm.engine.hooks.FrozenBNLate`, ``BN.FROZEN_LAST_ITERS`` > 0; the BN
+        monitor, ``BN.MONITOR.ENABLED``), then the checkpointer — after PreciseBN, so
         checkpoints hold precise statistics —, evaluation and the writers.
         """
         from detectron2.engine import hooks as d2_hooks

@@ -33,7 +33,11 @@ Per-channel batch statistics, written once: for d2_batchnorm's norms and for Pre
 
 :func:`batch_norm_over_parts` is the training-mode BatchNorm of the synchronized and level
 norms on top of it; :func:`update_running_stats_` and :func:`ema_factor` are torch's EMA
-of the running buffers. The small helpers every norm shares live here too:
+of the running buffers, and :func:`batch_norm_kernel_ema` the single-worker path through
+torch's kernel EMA. Both skip a batch whose statistics are not finite (the one home of that
+rule: a NaN or inf batch would otherwise poison the running buffers for good, pytorch#88474),
+without a host synchronization, and count it in the non-persistent int64 buffer
+``num_nonfinite_batches`` that :class:`BatchNormNd` registers. The small helpers every norm shares live here too:
 :func:`statistics_dtype`, :func:`channel_view`, :func:`row_of` and the base class
 :class:`BatchNormNd`.
 
@@ -52,6 +56,7 @@ CUDA kernels assert what the CPU ones accept (``aten/src/ATen/native/cuda/Normal
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as d2bn_dist
@@ -61,6 +66,7 @@ __all__ = [
     "BatchNormNd",
     "batch_norm_over_parts",
     "update_running_stats_",
+    "batch_norm_kernel_ema",
     "ema_factor",
     "statistics_dtype",
     "channel_view",
@@ -88,7 +94,20 @@ def row_of(t: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
 
 
 class BatchNormNd(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` that accepts inputs (N, C, *) with any number of trailing dims."""
+    """
+    ``nn.BatchNorm2d`` that accepts inputs (N, C, *) with any number of trailing dims, with
+    ``num_nonfinite_batches``: an int64 scalar buffer counting the training batches whose
+    statistics were not finite and were left out of the running statistics (non-persistent:
+    state dicts and checkpoints are those of ``nn.BatchNorm2d``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer(
+            "num_nonfinite_batches",
+            torch.zeros((), dtype=torch.long, device=self.weight.device if self.weight is not None else None),
+            persistent=False,
+        )
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -218,6 +237,13 @@ def ema_factor(module) -> float:
     return 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
 
 
+def _count_nonfinite_(module, skipped: torch.Tensor) -> None:
+    """Adds ``skipped`` (a 0-dim bool/int tensor) to ``num_nonfinite_batches`` where there is one."""
+    counter = getattr(module, "num_nonfinite_batches", None)
+    if counter is not None:
+        counter.add_(skipped.to(counter.dtype))
+
+
 @torch.no_grad()
 def update_running_stats_(module, moments: ChannelMoments) -> None:
     """
@@ -227,6 +253,11 @@ def update_running_stats_(module, moments: ChannelMoments) -> None:
     dimension of 1 update (C,) buffers; (L,) rows update (L, C) buffers row by row. Empty
     batches (rows) are skipped without a host synchronization; ``num_batches_tracked``
     grows by one if any row had samples.
+
+    A batch whose moments are not all finite (any row with samples) is skipped as a whole,
+    also without a host synchronization (``torch.where``: ``lerp_`` with a factor of 0 would
+    still propagate NaN): the buffers and ``num_batches_tracked`` stay as they were and
+    ``num_nonfinite_batches`` grows by one.
     """
     if not (module.training and module.track_running_stats):
         return
@@ -234,24 +265,66 @@ def update_running_stats_(module, moments: ChannelMoments) -> None:
     dtype, shape = running_mean.dtype, running_mean.shape
     count = moments.count.reshape(shape[:-1])
     mean, m2 = moments.mean.reshape(shape), moments.m2.reshape(shape)
+    finite = torch.isfinite(mean).all(-1) & torch.isfinite(m2).all(-1)  # per row
     if count.dim() == 0 and count.device.type == "cpu":  # host scalar: no small-op overhead
         n = float(count)
         if n <= 0:
             return
+        if not bool(finite):  # a host tensor: no device synchronization
+            _count_nonfinite_(module, finite.logical_not())
+            return
         factor = ema_factor(module)
         var = m2 / max(n - 1, 1)
+        running_mean.lerp_(mean.to(dtype), factor)
+        running_var.lerp_(var.to(dtype), factor)
+        return
+    # ema_factor's rule per row, without a host synchronization
+    filled = count > 0
+    ok = (finite | ~filled).all()  # the whole batch is skipped if a row with samples is not finite
+    _count_nonfinite_(module, filled.any() & ~ok)
+    valid = (filled & ok).to(dtype)
+    tracked = module.num_batches_tracked
+    tracked.add_(valid.max().to(tracked.dtype))
+    if module.momentum is None:
+        factor = (valid / tracked.clamp(min=1).to(dtype)).unsqueeze(-1)
     else:
-        # ema_factor's rule per row, without a host synchronization
-        valid = (count > 0).to(dtype)
-        tracked = module.num_batches_tracked
-        tracked.add_(valid.max().to(tracked.dtype))
-        if module.momentum is None:
-            factor = (valid / tracked.clamp(min=1).to(dtype)).unsqueeze(-1)
-        else:
-            factor = (valid * module.momentum).unsqueeze(-1)
-        var = m2 / (count - 1).clamp(min=1).unsqueeze(-1)
-    running_mean.lerp_(mean.to(dtype), factor)
-    running_var.lerp_(var.to(dtype), factor)
+        factor = (valid * module.momentum).unsqueeze(-1)
+    var = m2 / (count - 1).clamp(min=1).unsqueeze(-1)
+    keep = (valid > 0).unsqueeze(-1)
+    running_mean.copy_(torch.where(keep, running_mean.lerp(mean.to(dtype), factor), running_mean))
+    running_var.copy_(torch.where(keep, running_var.lerp(var.to(dtype), factor), running_var))
+
+
+def batch_norm_kernel_ema(module, x: torch.Tensor, use_batch_stats: bool = True) -> torch.Tensor:
+    """
+    ``F.batch_norm`` of ``module`` (a BatchNorm with (C,) buffers) on x (N, C, *), N > 0:
+    with ``use_batch_stats`` the batch's statistics, and torch's kernel updating the
+    running buffers by :func:`ema_factor`'s rule when the module is training and tracks
+    them; otherwise the running statistics. A batch whose statistics are not finite is
+    undone without a host synchronization: the kernel's update is kept only where it
+    leaves finite buffers finite (the kernel updates a 2C-value copy); otherwise the buffers
+    stay as they were, ``num_batches_tracked`` is decremented and ``num_nonfinite_batches`` incremented.
+    (A channel already non-finite before the batch cannot tell; the BN monitor reports it.)
+    """
+    tracks = use_batch_stats and module.training and module.track_running_stats
+    if not tracks:
+        return F.batch_norm(
+            x, module.running_mean, module.running_var, module.weight, module.bias,
+            use_batch_stats, 0.0, module.eps,
+        )
+    # the kernel updates copies (autograd saves them: the buffers may change after it)
+    mean, var = module.running_mean.clone(), module.running_var.clone()
+    y = F.batch_norm(x, mean, var, module.weight, module.bias, True, ema_factor(module), module.eps)
+    with torch.no_grad():
+        before = torch.stack([module.running_mean, module.running_var])
+        after = torch.stack([mean, var])
+        skipped = (torch.isfinite(before) & ~torch.isfinite(after)).any()
+        kept = torch.where(skipped, before, after)
+        module.running_mean.copy_(kept[0])
+        module.running_var.copy_(kept[1])
+        module.num_batches_tracked.sub_(skipped.to(module.num_batches_tracked.dtype))
+        _count_nonfinite_(module, skipped)
+    return y
 
 
 def batch_norm_over_parts(

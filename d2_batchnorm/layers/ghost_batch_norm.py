@@ -2,10 +2,11 @@
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import check_int
-from .batch_stats import BatchNormNd, ChannelMoments, batch_norm_over_parts, channel_view, ema_factor, update_running_stats_
+from .batch_stats import (
+    BatchNormNd, ChannelMoments, batch_norm_kernel_ema, batch_norm_over_parts, channel_view, update_running_stats_,
+)
 
 __all__ = ["GhostBatchNorm"]
 
@@ -79,7 +80,4 @@ class GhostBatchNorm(BatchNormNd):
         if x.shape[0] == 0:
             y = x if self.weight is None else x * channel_view(self.weight, x)
             return y if self.bias is None else y + channel_view(self.bias, x)
-        return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias,
-            use_batch_stats, ema_factor(self), self.eps,
-        )
+        return batch_norm_kernel_ema(self, x, use_batch_stats)

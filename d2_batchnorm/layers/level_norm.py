@@ -10,7 +10,7 @@ from torch import nn
 
 from ..checks import check_choice, check_int
 from ..distributed import active_sync_group, check_sync_group_size
-from .batch_stats import ChannelMoments, batch_norm_over_parts, row_of, update_running_stats_
+from .batch_stats import BatchNormNd, ChannelMoments, batch_norm_over_parts, row_of, update_running_stats_
 
 __all__ = ["LevelBatchNorm", "PerLevelNorms", "LEVEL_STATS"]
 
@@ -18,7 +18,7 @@ __all__ = ["LevelBatchNorm", "PerLevelNorms", "LEVEL_STATS"]
 LEVEL_STATS = ("per_level", "shared")
 
 
-class LevelBatchNorm(nn.BatchNorm2d):
+class LevelBatchNorm(BatchNormNd):
     """
     ONE BatchNorm module for a conv layer shared by L FPN levels, called once per forward
     with the list of the L level tensors ``[x_1, ..., x_L]``, x_i of shape (N, C, H_i, W_i).

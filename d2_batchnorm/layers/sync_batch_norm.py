@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import active_sync_group, check_sync_group_size
-from .batch_stats import BatchNormNd, batch_norm_over_parts, ema_factor, update_running_stats_
+from .batch_stats import BatchNormNd, batch_norm_kernel_ema, batch_norm_over_parts, update_running_stats_
 
 __all__ = ["SyncBatchNorm"]
 
@@ -86,11 +86,8 @@ class SyncBatchNorm(BatchNormNd):
         group = active_sync_group(self.sync_group_size) if self.sync_stats else False
         if group is not False or x.numel() == 0:
             return self.normalize_over(x, group)
-        # one worker: exactly torch's BatchNorm
-        return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, True,
-            ema_factor(self), self.eps,
-        )
+        # one worker: exactly torch's BatchNorm (non-finite batches left out of the EMA)
+        return batch_norm_kernel_ema(self, x)
 
     def normalize_over(self, x: torch.Tensor, group) -> torch.Tensor:
         """

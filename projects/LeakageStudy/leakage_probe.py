@@ -10,7 +10,8 @@ no parameter update) on batches built like training batches, each batch twice:
 * "population": the same batch, BN layers in eval mode (population statistics).
 
 The same RoIs are sampled in both passes (same RNG seed) and BN buffers are restored
-after each pass. A head that learned to read per-image information from per-worker batch
+after each pass: both passes are the BN monitor's :func:`d2_batchnorm.engine.bn_monitor.leakage_losses`,
+the one home of this measurement (the monitor computes the same gap during training). A head that learned to read per-image information from per-worker batch
 statistics classifies the training-style batch much better with batch statistics than
 with population statistics: its ``loss_cls`` gap (population − batch) is large.
 
@@ -34,11 +35,10 @@ def _probe(args):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import build_detection_train_loader
     from detectron2.utils import comm
-    from detectron2.utils.events import EventStorage
 
     import d2_batchnorm  # noqa: F401
     from d2_batchnorm.engine import load_config
-    from d2_batchnorm.bn_modes import force_bn_mode
+    from d2_batchnorm.engine.bn_monitor import leakage_losses
     from d2_batchnorm.modeling import build_model
 
     torch.set_num_threads(1)
@@ -49,31 +49,15 @@ def _probe(args):
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.train()
-    bn_buffers = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
     loader = iter(build_detection_train_loader(cfg))
     sums = {mode: {k: 0.0 for k in SCALARS} for mode in ("batch", "population")}
     counts = {mode: {k: 0 for k in SCALARS} for mode in ("batch", "population")}
-    with torch.no_grad(), EventStorage(0) as storage:
-        for i in range(args.batches):
-            data = next(loader)
-            for mode in ("batch", "population"):
-                torch.manual_seed(1000 * comm.get_rank() + i)  # same RoI sampling in both passes
-                if mode == "batch":
-                    losses = model(data)
-                else:
-                    with force_bn_mode(model, False):
-                        losses = model(data)
-                model.load_state_dict(bn_buffers, strict=False)
-                values = {k: float(v) for k, v in losses.items()}
-                latest = storage.latest()
-                for key in SCALARS:
-                    if key in values:
-                        value = values[key]
-                    elif key in latest:
-                        value = float(latest[key][0])
-                    else:
-                        continue
-                    sums[mode][key] += value
+    for i in range(args.batches):
+        losses = leakage_losses(model, next(loader), seed=1000 * comm.get_rank() + i)
+        for mode, values in losses.items():
+            for key in SCALARS:
+                if key in values:
+                    sums[mode][key] += values[key]
                     counts[mode][key] += 1
     gathered = comm.all_gather((sums, counts))
     if not comm.is_main_process():

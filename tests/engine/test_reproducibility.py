@@ -3,7 +3,10 @@ Hooks do not perturb the training they observe: with a fixed SEED, a toy Mask R-
 RoI-shuffle BN heads (random augmentation, RoI sampling and shuffle permutations: every
 source of randomness a detection training has) trains bitwise identically with PreciseBN
 (and its EMA evaluation), mini-batch-statistics evaluation or evaluation at all switched
-on or off, in 2 gloo processes; FrozenBN late changes nothing before it freezes.
+on or off, the BN monitor (its loader, gap forwards and collectives) on or off, in 2 gloo processes
+(the non-finite guard, on by default, in all of them; tests/engine/test_bn_guard.py checks
+it changes nothing in a finite training); FrozenBN late changes nothing before it
+freezes.
 """
 import os
 
@@ -26,6 +29,7 @@ VARIANTS = {
     "mini_batch_eval": ["TEST.EVAL_PERIOD", "3", "TEST.BN_STATS", "mini_batch"],
     "frozen_bn_late": ["TEST.EVAL_PERIOD", "3", "TEST.PRECISE_BN.ENABLED", "True",
                        "BN.FROZEN_LAST_ITERS", "2"],
+    "bn_monitor": ["TEST.EVAL_PERIOD", "3", "BN.MONITOR.ENABLED", "True", "BN.MONITOR.PERIOD", "2"],
 }
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -59,9 +63,11 @@ def _train_variants(output_root, tiny_val):
         }
         model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
         weights = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(BN_BUFFERS)}
+        gap = "bn_monitor/leakage_gap/total_loss"
         out[label] = {"losses": losses, "weights": weights,
                       "precise_runs": [v for v, _ in history["precise_bn/samples"].values()]
-                      if "precise_bn/samples" in history else []}
+                      if "precise_bn/samples" in history else [],
+                      "monitor_runs": [it for _, it in history[gap].values()] if gap in history else []}
     return out
 
 
@@ -90,7 +96,8 @@ def test_hooks_and_evaluation_do_not_perturb_training(run_workers, tmp_path):
     for rank, runs in enumerate(ranks):
         base = runs["base"]
         assert runs["precise_bn"]["precise_runs"] == [8.0, 8.0], "PreciseBN ran twice"
-        for label in ("no_eval", "precise_bn", "mini_batch_eval"):
+        assert rank == 1 or runs["bn_monitor"]["monitor_runs"] == [1, 3, 5], "the monitor ran every 2 iterations"
+        for label in ("no_eval", "precise_bn", "mini_batch_eval", "bn_monitor"):
             _assert_same_training(base, runs[label])
         # FrozenBN from iteration 4 on: identical before (PreciseBN ran at 3 and right
         # before freezing), different after it — the comparison can see a difference

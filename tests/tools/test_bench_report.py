@@ -29,7 +29,7 @@ def test_missing_markers_leave_the_file_unchanged(tmp_path):
 
 def test_every_benchmark_has_its_block_in_the_benchmarks_page():
     text = open(BENCHMARKS).read()
-    for name in ("bench_norms", "bench_shuffle", "bench_precise_bn"):
+    for name in ("bench_norms", "bench_shuffle", "bench_precise_bn", "bench_monitor"):
         assert f"<!-- output:{name} -->" in text and f"<!-- /output:{name} -->" in text
 
 
