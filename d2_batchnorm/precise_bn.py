@@ -365,9 +365,9 @@ def update_bn_stats(
             channels; from at least ``MIN_UNITS`` units) is at most this, or when
             ``num_samples`` / ``num_iters`` is reached, whichever comes first. Checked
             once ``MIN_UNITS`` units can exist, after every batch up to 20 and then every
-            ~10% more batches, from the statistics
-            of all workers, so every rank stops after the same batch; the statistics for a
-            given number of batches are those of a fixed-size run with that many.
+            ~10% more batches, from the statistics of all workers, so every rank stops
+            after the same batch; the statistics for a given number of batches are those
+            of a fixed-size run with that many.
 
     Every call of a BN module is a batch of its own (a BN reused within one forward counts
     once per call). Ranks agree on each batch with a small all-reduce of
@@ -438,15 +438,15 @@ def update_bn_stats(
             ", ".join(n or "<model>" for n in uncalled),
         )
     seconds = time.perf_counter() - start
-    largest = largest_error({n: e for n, e in errors.items() if n not in uncalled})
+    errors = {n: e for n, e in errors.items() if n not in uncalled}
+    summary = summarize_errors(errors, prefix="")
     reached = target is not None and target.reached
     logger.info(
         "update_bn_stats: %d BN modules from %d images in %d iterations (%.2f s); largest relative "
-        "standard error %.3g%s",
-        updated, seen, iters, seconds, largest,
+        "standard error %.3g (from >= %d units)%s",
+        updated, seen, iters, seconds, summary.get("/max", float("nan")), summary.get("/min_units", 0),
         "" if target is None else (f", target {target_rel_error:g} " + ("reached" if reached else "not reached")),
     )
-    errors = {n: e for n, e in errors.items() if n not in uncalled}
     return PreciseBNResult(iters, seen, updated, seconds, tuple(uncalled), errors, reached)
 
 
