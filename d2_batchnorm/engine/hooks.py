@@ -217,12 +217,10 @@ class PreciseBN(HookBase):
                 target_rel_error=self._target_rel_error,
             )
         dist = self.last_ema_distance = bn_statistics_distance(ema, snapshot_bn_statistics(self._model))
-        errors = summarize_errors(result.errors)
-        logger.info(
+        logger.info(  # update_bn_stats has logged the samples' standard errors
             "PreciseBN: %d images in %.1f s; EMA statistics were %.4g (mean) / %.4g (var) "
-            "away from the precise ones (relative L2); largest relative standard error %.3g",
+            "away from the precise ones (relative L2)",
             result.num_samples, result.seconds, dist["mean"], dist["var"],
-            errors.get("precise_bn/rel_error/max", float("nan")),
         )
         trainer = getattr(self, "trainer", None)
         if trainer is not None and result.num_iters > 0:
@@ -232,7 +230,7 @@ class PreciseBN(HookBase):
                     "precise_bn/samples": float(result.num_samples),
                     "precise_bn/ema_mean_rel_dist": dist["mean"],
                     "precise_bn/ema_var_rel_dist": dist["var"],
-                    **errors,
+                    **summarize_errors(result.errors),
                 },
                 smoothing_hint=False,
             )
