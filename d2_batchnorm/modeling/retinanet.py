@@ -9,10 +9,8 @@ from typing import List, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.anchor_generator import build_anchor_generator
-from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
 from torch import nn
 
@@ -200,30 +198,15 @@ class BNRetinaNet(RetinaNet):
     @classmethod
     def from_config(cls, cfg):
         """
-        detectron2's ``RetinaNet.from_config``, piece for piece, with :class:`BNRetinaNetHead`
-        as the head (detectron2's builds its own head, with no way to pass another).
+        detectron2's ``RetinaNet.from_config`` with its head replaced by
+        :class:`BNRetinaNetHead` (detectron2 builds its own head, with no way to pass
+        another: it builds one without norms, which is dropped, so our head's random
+        initialization is drawn after it).
         """
-        retina = cfg.MODEL.RETINANET
-        backbone = build_backbone(cfg)
-        shapes = [backbone.output_shape()[f] for f in retina.IN_FEATURES]
-        return {
-            "backbone": backbone,
-            "head": BNRetinaNetHead(cfg, shapes),
-            "anchor_generator": build_anchor_generator(cfg, shapes),
-            "box2box_transform": Box2BoxTransform(weights=retina.BBOX_REG_WEIGHTS),
-            "anchor_matcher": Matcher(retina.IOU_THRESHOLDS, retina.IOU_LABELS, allow_low_quality_matches=True),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "num_classes": retina.NUM_CLASSES,
-            "head_in_features": retina.IN_FEATURES,
-            "focal_loss_alpha": retina.FOCAL_LOSS_ALPHA,
-            "focal_loss_gamma": retina.FOCAL_LOSS_GAMMA,
-            "smooth_l1_beta": retina.SMOOTH_L1_LOSS_BETA,
-            "box_reg_loss_type": retina.BBOX_REG_LOSS_TYPE,
-            "test_score_thresh": retina.SCORE_THRESH_TEST,
-            "test_topk_candidates": retina.TOPK_CANDIDATES_TEST,
-            "test_nms_thresh": retina.NMS_THRESH_TEST,
-            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "vis_period": cfg.VIS_PERIOD,
-            "input_format": cfg.INPUT.FORMAT,
-        }
+        d2_cfg = cfg.clone()
+        d2_cfg.defrost()
+        d2_cfg.MODEL.RETINANET.NORM = ""  # detectron2's get_norm may not know ours ("GhostBN")
+        ret = super().from_config(d2_cfg)
+        shapes = [ret["backbone"].output_shape()[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
+        ret["head"] = BNRetinaNetHead(cfg, shapes)
+        return ret

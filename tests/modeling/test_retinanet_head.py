@@ -113,6 +113,10 @@ def test_build_model_resolves_norm_names_everywhere():
     assert all(type(m) is SyncBatchNorm for m in d2.head.cls_subnet[1])
     ghost = build_model(_cfg(**{"MODEL.META_ARCHITECTURE": "RetinaNet", "MODEL.RETINANET.NORM": "GhostBN"}))
     assert all(type(m) is GhostBatchNorm and not m.affine for m in ghost.head.cls_subnet[1])
+    # our head with a name detectron2's get_norm does not know (detectron2's from_config builds
+    # the meta-architecture, our head replaces its head)
+    ours = build_model(_cfg(**{"MODEL.META_ARCHITECTURE": "BNRetinaNet", "MODEL.RETINANET.NORM": "GhostBN"}))
+    assert type(ours.head) is BNRetinaNetHead and type(ours.head.cls_subnet[1]) is GhostBatchNorm
 
 
 def _batch(rank, n=2, size=64):
