@@ -93,3 +93,20 @@ def test_the_training_batch_must_split_evenly_over_the_workers(batch, reference,
     with pytest.raises(ValueError) as err:
         validate_batchnorm_config(cfg, world_size=world_size)
     assert message in str(err.value)
+
+
+def test_the_code_needs_no_python_newer_than_the_declared_minimum():
+    """pyproject's requires-python lower bound is not run here (only 3.11 is); vermin reads the
+    package and its tools and finds no syntax, module or function newer than that bound."""
+    import os
+    import re
+
+    from scripts import REPO
+
+    with open(os.path.join(REPO, "pyproject.toml")) as f:
+        minimum = re.search(r'requires-python = ">=(\d+\.\d+)', f.read()).group(1)
+    vermin = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())"]
+    out = subprocess.run([*vermin, "--no-tips", "--violations", f"-t={minimum}-",
+                          os.path.join(REPO, "d2_batchnorm"), os.path.join(REPO, "tools")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

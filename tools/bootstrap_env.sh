@@ -28,7 +28,7 @@ pip_install() {
 if (cd / && PYTHONWARNINGS=ignore "$py" - "$repo_root") <<'PY' 2>/dev/null; then
 import importlib, os, sys
 for name in ("torch", "torchvision", "detectron2.engine", "fvcore", "pycocotools.coco",
-             "matplotlib", "pytest", "submitit", "d2_batchnorm"):
+             "matplotlib", "pytest", "submitit", "vermin", "d2_batchnorm"):
     importlib.import_module(name)
 import d2_batchnorm
 assert os.path.realpath(os.path.dirname(d2_batchnorm.__file__)).startswith(
@@ -46,7 +46,7 @@ fi
 
 deps=("setuptools<81" "numpy<2" fvcore iopath pycocotools yacs "omegaconf<2.4" hydra-core
       tabulate termcolor tqdm cloudpickle tensorboard matplotlib Pillow packaging black
-      pytest "submitit==1.5.4")
+      pytest "submitit==1.5.4" vermin)
 log "installing Python dependencies"
 pip_install "${deps[@]}"
 
