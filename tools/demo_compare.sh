@@ -7,7 +7,8 @@
 # RoI shuffle across workers — once per seed through tools/compare.py (which prints run k of
 # n, iteration and ETA while each trains), evaluates each per-worker BN model once more with
 # mini-batch statistics, and ends with the table (mean ± sd over the seeds, paired difference
-# to the per-worker BN head) and two lines on what it means. Interrupted, it resumes:
+# to the per-worker BN head), compare.py's line saying which differences are beyond their
+# spread, and two lines on how to read them. Interrupted, it resumes:
 # finished runs are reused.
 #
 #   D2BN_PYTHON=.venv/bin/python bash tools/demo_compare.sh [OUTPUT_DIR]
@@ -69,8 +70,7 @@ set +e
   "syncbn_head=$RUNS/syncbn_head" "shuffle_head=$RUNS/shuffle_head"
 status=$?
 set -e
-echo "What it means: bn_head normalizes the RoIs of one image per batch statistic and scores higher with"
-echo "those mini-batch statistics than with population ones (it learned from them: the leak); SyncBN and the"
-echo "RoI shuffle normalize over both workers' images, and their Δ column is what removing the leak gains."
+echo "What it means: 'bn_head (mini-batch stats)' above bn_head beyond its spread is the leak (the head learned from"
+echo "one image's batch statistics); syncbn_head and shuffle_head above it beyond theirs is what removing the leak gains."
 echo "[demo_compare] done in $(( $(date +%s) - start )) s; table: $OUT/compare.md, chart: $OUT/compare.png"
 exit $status

@@ -35,7 +35,8 @@ variant with mean ± sample standard deviation over its ok runs and the per-seed
 the CSV one row per run (with its seed), the plot error bars and one dot per seed. All
 variants of one seed start from the same seed, so with ``--baseline LABEL`` each variant
 also gets its paired difference to LABEL (per seed, then mean ± sd): the spread that
-matters for "is A better than B".
+matters for "is A better than B"; a line after the table says which differences are
+beyond their spread (all seeds agree in sign and |mean| > sd).
 
 Resuming. A config run whose folder holds a finished run (status ok) of the same request
 (config, options, seed, processes; recorded in ``compare_request.json``) is reused, and
@@ -58,9 +59,9 @@ from typing import List, Tuple
 
 from d2_batchnorm.checks import check_int
 from d2_batchnorm.engine.cluster import CLUSTERS, SubmissionRefused
-from d2_batchnorm.experiments import (CONFIG_SUFFIXES, LocalLauncher, SubmititLauncher, parse_seeds, plot,
-                                      read_dir, run_all, split_opts, train_command, write_seed_tables,
-                                      write_tables)
+from d2_batchnorm.experiments import (CONFIG_SUFFIXES, LocalLauncher, SubmititLauncher, paired_summary,
+                                      parse_seeds, plot, read_dir, run_all, split_opts, train_command,
+                                      write_seed_tables, write_tables)
 
 
 def _parse_run(spec: str) -> Tuple[str, str]:
@@ -213,6 +214,8 @@ def main(argv=None) -> int:
         markdown = write_tables(runs, args.out)
     plot(runs, os.path.join(args.out, "compare.png"), args.title)
     print(markdown)
+    if args.baseline and any(r.seed is not None for r in runs):
+        print(f"[compare] {paired_summary(runs, args.baseline)}")
     print(f"[compare] wrote {os.path.join(args.out, 'compare.md')}, compare.csv, compare.png")
     return 0 if all(r.status == "ok" for r in runs) else 1
 

@@ -10,9 +10,9 @@ import statistics
 from typing import List, Optional, Sequence
 
 from .runs import COLUMNS, RunResult, status_text
-from .stats import by_label, mean_sd, ok_values, paired_differences
+from .stats import beyond_spread, by_label, mean_sd, ok_values, paired_differences
 
-__all__ = ["markdown_table", "write_tables", "write_seed_tables", "plot"]
+__all__ = ["markdown_table", "write_tables", "write_seed_tables", "paired_summary", "plot"]
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -133,3 +133,15 @@ def write_seed_tables(runs: List[RunResult], out_dir: str, baseline: Optional[st
     return _write(markdown_table(header, rows), runs, out_dir)
 
 
+
+
+def paired_summary(runs: List[RunResult], baseline: str) -> str:
+    """
+    One line reading the table's paired-difference column: each variant's difference to
+    ``baseline`` in the first metric (mean ± sd over the seeds where both are ok, their
+    number) and whether it is beyond its spread (:func:`~.stats.beyond_spread`).
+    """
+    key, name = next(((k, n) for k, n in COLUMNS if any(k in r.metrics for r in runs)), COLUMNS[0])
+    parts = [f"{label} {mean_sd(d, signed=True, empty='n/a')} ({len(d)} seeds, {beyond_spread(d)})"
+             for label, d in paired_differences(runs, baseline, key).items()]
+    return f"Δ {name} vs {baseline}, paired per seed: " + "; ".join(parts)

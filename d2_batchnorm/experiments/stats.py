@@ -8,7 +8,7 @@ from typing import Dict, List
 
 from .runs import RunResult
 
-__all__ = ["ok_values", "mean_sd", "by_label", "paired_differences", "parse_seeds"]
+__all__ = ["ok_values", "mean_sd", "by_label", "paired_differences", "beyond_spread", "parse_seeds"]
 
 
 def ok_values(group: List[RunResult], key: str) -> List[float]:
@@ -51,6 +51,19 @@ def paired_differences(runs: List[RunResult], baseline: str, key: str) -> Dict[s
         label: [v - base[r.seed] for r in group if r.seed in base for v in ok_values([r], key)]
         for label, group in groups.items() if label != baseline
     }
+
+
+def beyond_spread(differences: List[float]) -> str:
+    """
+    How a list of paired differences reads: "beyond its spread" when there are at least 2,
+    all with the sign of their mean, and ``|mean| > sd``; "within its spread" otherwise;
+    "one seed, no spread" for one value. The one rule for "A differs from B" in reports.
+    """
+    if len(differences) < 2:
+        return "one seed, no spread" if differences else "no paired seeds"
+    mean, sd = statistics.mean(differences), statistics.stdev(differences)
+    same_sign = all(d * mean > 0 for d in differences)
+    return "beyond its spread" if same_sign and abs(mean) > sd else "within its spread"
 
 
 def parse_seeds(text: str) -> List[int]:

@@ -192,12 +192,26 @@ def test_seeds_give_mean_sd_per_variant_and_paired_differences(tmp_path):
     assert "| 3/3 | 52.0 ± 2.0 | 50.0 ± 2.0 | 1: 50.0, 2: 54.0, 3: 52.0 | (baseline) |" in bn_row
     assert "| 2/3 | 54.0 ± 1.4 |" in shuffle_row and "| 2.0 ± 1.4 |" in shuffle_row
     assert "seed 3 unfinished" in shuffle_row
+    assert experiments.paired_summary(runs, "bn") == \
+        "Δ bbox AP vs bn, paired per seed: shuffle +2.0 ± 1.4 (2 seeds, beyond its spread)"
     with open(tmp_path / "compare.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["run"], r["seed"], r["status"]) for r in rows] == [
         (r.label, str(r.seed), r.status) for r in runs]
     experiments.plot(runs, str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("differences, reading", [
+    ([3.0, 1.0], "beyond its spread"),  # same sign, |mean| 2 > sd 1.41
+    ([3.0, -1.0], "within its spread"),  # signs differ
+    ([4.0, 0.5, 0.5], "within its spread"),  # same sign, |mean| 1.67 < sd 2.02
+    ([-2.0, -2.5], "beyond its spread"),
+    ([5.0], "one seed, no spread"),
+    ([], "no paired seeds"),
+])
+def test_beyond_spread(differences, reading):
+    assert experiments.beyond_spread(differences) == reading
 
 
 def test_seeds_reuse_finished_runs_and_rerun_the_rest(tmp_path, capsys):
