@@ -56,11 +56,8 @@ def run_workers():
     """
     ``run_workers(fn, *args, world_size=2)`` runs ``fn(*args)`` in ``world_size`` real
     gloo processes and returns ``[result of rank 0, result of rank 1, ...]``. ``fn`` must
-    be a module-level function of the test module.
+    be a module-level function of the test module (tests/workers.py).
     """
-    from d2_batchnorm.engine import run_on_local_workers
+    from workers import run_workers
 
-    def run(fn, *args, world_size=2):
-        return run_on_local_workers(fn, world_size, args)
-
-    return run
+    return run_workers

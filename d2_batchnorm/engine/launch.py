@@ -243,7 +243,7 @@ def _local_worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_on_local_workers(fn, world_size: int = 2, args=(), timeout: float = 600.0):
+def run_on_local_workers(fn, world_size: int = 2, args=(), timeout: float = 600.0, context=None):
     """
     Runs ``fn(*args)`` in ``world_size`` new CPU processes that form a gloo process group
     (detectron2's ``comm`` helpers work in them), and returns ``[result of rank 0, ...]``.
@@ -251,8 +251,14 @@ def run_on_local_workers(fn, world_size: int = 2, args=(), timeout: float = 600.
     ``RuntimeError`` with the worker's traceback if any rank fails, or with its exit code if
     a worker dies without reporting (killed, or unable to start: e.g. a script without an
     ``if __name__ == "__main__":`` guard), instead of waiting for it forever.
+
+    ``context``: the multiprocessing context that starts the workers (default "spawn": a
+    fresh interpreter, which imports torch and detectron2 again, seconds per call). Many
+    calls from one process go faster with a "forkserver" context whose
+    ``set_forkserver_preload`` names those modules: each worker is then forked, still fresh,
+    from a server that imported them once (the test suite does this).
     """
-    ctx = mp.get_context("spawn")
+    ctx = context or mp.get_context("spawn")
     results_queue = ctx.Queue()
     port = _find_free_port()
     procs = [

@@ -170,9 +170,9 @@ def _worker():
 
 @pytest.fixture(scope="module")
 def distributed():
-    from d2_batchnorm.engine import run_on_local_workers
+    from workers import run_workers
 
-    return run_on_local_workers(_worker, 2, ())
+    return run_workers(_worker)
 
 
 @pytest.mark.parametrize("precision", ["bf16 params", "bf16 input"])

@@ -100,9 +100,9 @@ def _worker():
 
 @pytest.fixture(scope="module")
 def results():
-    from d2_batchnorm.engine import run_on_local_workers
+    from workers import run_workers
 
-    return run_on_local_workers(_worker, 2, ())
+    return run_workers(_worker)
 
 
 def test_norms_keep_the_cuda_kernels_contract(results):

@@ -64,9 +64,9 @@ def _distributed_cases():
 
 @pytest.fixture(scope="module")
 def distributed_results():
-    from d2_batchnorm.engine import run_on_local_workers
+    from workers import run_workers
 
-    results = [_to_torch(r) for r in run_on_local_workers(_distributed_cases, 2)]
+    results = [_to_torch(r) for r in run_workers(_distributed_cases)]
     return {key: [r[key] for r in results] for key in results[0]}
 
 
