@@ -413,6 +413,21 @@ def _few_precise_samples(ctx: _Context) -> List[Finding]:
     )]
 
 
+def _per_worker_population(ctx: _Context) -> List[Finding]:
+    view = ctx.view
+    per_worker = [g.name for g in ctx.trainable() if g.workers_per_normalization < view.world_size]
+    if view.get("BN.EMA_ACROSS_WORKERS") != "per_worker" or view.get("TEST.PRECISE_BN.ENABLED") or not per_worker:
+        return []
+    return [Finding(
+        "per_worker_population", "all",
+        f"{view.name('BN.EMA_ACROSS_WORKERS')} = 'per_worker': the running statistics of "
+        f"{', '.join(per_worker)} differ by rank",
+        "each rank evaluates its share of the test set with its own statistics and the checkpoint "
+        "holds rank 0's, so the AP logged is not the AP of the model saved",
+        view.fix(("BN.EMA_ACROSS_WORKERS", "average")) + "   (or " + view.fix(("TEST.PRECISE_BN.ENABLED", True)) + ")",
+    )]
+
+
 def _small_batch(ctx: _Context) -> List[Finding]:
     out, view = [], ctx.view
     for g in ctx.trainable():
@@ -470,7 +485,8 @@ def _contradictions(ctx: _Context) -> List[Finding]:
 
 #: every audit rule: a function of the audited context returning its findings
 RULES: Tuple[Callable[[_Context], List[Finding]], ...] = (
-    _leaky_head, _level_statistics, _small_batch, _ema_lag, _few_precise_samples, _contradictions,
+    _leaky_head, _level_statistics, _small_batch, _ema_lag, _few_precise_samples, _per_worker_population,
+    _contradictions,
 )
 
 

@@ -8,7 +8,10 @@ Which statistics the BatchNorm modules of a model normalize with, whatever
 * :func:`mini_batch_statistics` — inference where each test batch is normalized by its
   own statistics, leaving the population statistics untouched;
 * :data:`TEST_BN_STATS` and :func:`inference_statistics` — the values of ``TEST.BN_STATS``
-  and the context each selects.
+  and the context each selects;
+* :data:`EMA_ACROSS_WORKERS` and :func:`average_running_statistics` — the values of
+  ``BN.EMA_ACROSS_WORKERS``: whether the population statistics that inference and
+  checkpoints read are the mean over workers or each worker's own.
 
 A norm that synchronizes statistics across workers has a bool attribute ``sync_stats``
 (d2_batchnorm's ``SyncBatchNorm`` and ``LevelBatchNorm``; a custom norm may follow the
@@ -17,16 +20,28 @@ same protocol); :func:`mini_batch_statistics` turns it off.
 from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checks import check_choice
+from .distributed import group_size, sum_over_ranks
 from .module_state import saved_bn_state
+from .precise_bn import get_bn_modules
 
-__all__ = ["TEST_BN_STATS", "force_bn_mode", "inference_statistics", "mini_batch_statistics"]
+__all__ = [
+    "TEST_BN_STATS", "EMA_ACROSS_WORKERS", "force_bn_mode", "inference_statistics", "mini_batch_statistics",
+    "average_running_statistics",
+]
 
 #: the values of ``TEST.BN_STATS``: population (running) statistics, or each test batch's own
 TEST_BN_STATS = ("population", "mini_batch")
+
+#: the values of ``BN.EMA_ACROSS_WORKERS``: the running statistics of per-worker BN averaged
+#: over workers before a checkpoint or an evaluation reads them, or each worker's own
+#: (detectron2: DDP without buffer broadcast, so each rank evaluates with its own statistics
+#: and a checkpoint holds rank 0's)
+EMA_ACROSS_WORKERS = ("average", "per_worker")
 
 
 @contextmanager
@@ -91,3 +106,28 @@ def inference_statistics(model: nn.Module, mode: str):
     """
     check_choice("mode", mode, TEST_BN_STATS)
     return mini_batch_statistics(model) if mode == "mini_batch" else nullcontext()
+
+
+def average_running_statistics(model: nn.Module) -> int:
+    """
+    Replaces ``running_mean`` and ``running_var`` (C,) of every BN module of ``model`` in
+    training mode that tracks running statistics (``precise_bn.get_bn_modules``) by their
+    mean over all workers, in one collective of float64 sums: every rank ends with the same
+    buffers. Every rank must call it. Returns the number of modules (0, and nothing
+    communicated, for one worker).
+
+    The running statistics are linear in the batch statistics, ``r_t = (1 - m) r_{t-1} +
+    m b_t`` with the same ``m`` on every rank, so averaging at any iteration gives exactly
+    what averaging after every step would: the EMA over iterations of the workers' mean
+    batch mean and mean (within-worker) batch variance, the variance per-worker BN
+    normalizes with in training. Synchronized norms hold the same buffers on every rank
+    already and come out unchanged up to rounding.
+    """
+    buffers = [b for _, m in get_bn_modules(model) for b in (m.running_mean, m.running_var)]
+    world_size = group_size()
+    if world_size == 1 or not buffers:
+        return 0
+    mean = sum_over_ranks(torch.cat([b.flatten() for b in buffers]), dtype=torch.float64) / world_size
+    for b, value in zip(buffers, mean.split([b.numel() for b in buffers])):
+        b.copy_(value.view_as(b))
+    return len(buffers) // 2

@@ -6,7 +6,7 @@ ranges, cross-key rules, the world size). The allowed values of a key are define
 code that implements them and imported here: norm names (``layers.NORM_NAMES``), RetinaNet
 statistics modes (``modeling.retinanet.BNRetinaNetHead``), leakage mitigations
 (``modeling.roi_heads``, and the registered heads that declare them), inference statistics
-(``bn_modes.TEST_BN_STATS``); argument checks themselves are ``checks.check_*``.
+(``bn_modes.TEST_BN_STATS``, ``bn_modes.EMA_ACROSS_WORKERS``); argument checks themselves are ``checks.check_*``.
 
 ``add_batchnorm_config(cfg)`` extends detectron2's default config in place. detectron2's
 own keys keep their meaning (``TEST.PRECISE_BN.ENABLED``, ``TEST.PRECISE_BN.NUM_ITER``,
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from detectron2.config import CfgNode as CN
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY
 
-from .bn_modes import TEST_BN_STATS
+from .bn_modes import EMA_ACROSS_WORKERS, TEST_BN_STATS
 from .checks import check_batchnorm_keys, check_bool, check_choice, check_float, check_int
 from .distributed import check_sync_group_size
 from .layers import NORM_NAMES
@@ -75,6 +75,8 @@ SETTINGS = (
     ("BN.FROZEN_LAST_ITERS", "train.frozen_bn_last_iters", 0, _at_least(0)),
     ("BN.MOMENTUM", "train.bn_momentum", 0.0, lambda name, value: check_float(name, value, 0.0, 1.0)),
     ("BN.GUARD_NONFINITE", "train.bn_guard_nonfinite", True, check_bool),
+    ("BN.EMA_ACROSS_WORKERS", "train.bn_ema_across_workers", "average",
+     lambda name, value: check_choice(name, value, EMA_ACROSS_WORKERS)),
     ("BN.MONITOR.ENABLED", "train.bn_monitor.enabled", False, check_bool),
     ("BN.MONITOR.PERIOD", "train.bn_monitor.period", 100, _at_least(1)),
     ("SEED", "train.seed", -1, None),
@@ -163,6 +165,12 @@ def _add_keys(cfg: CN) -> None:
     # A training step whose gradients are not finite (a NaN/Inf loss, AMP's skipped steps)
     # leaves every BN's running statistics as they were before that step.
     _set_default(cfg.BN, "GUARD_NONFINITE", True)
+    # With several workers, the running statistics of per-worker BN differ by rank:
+    # "average" replaces them by their mean over workers before every checkpoint and
+    # evaluation (the model evaluated is the one saved); "per_worker" keeps each rank's own
+    # (detectron2: each rank evaluates its share of the test set with its own statistics,
+    # and a checkpoint holds rank 0's).
+    _set_default(cfg.BN, "EMA_ACROSS_WORKERS", "average")
     # The BN monitor hook: health of every BN module group every PERIOD iterations
     # (non-finite statistics, EMA divergence across ranks, batch vs running statistics,
     # collapsing variance or gamma, the leakage / inconsistency gap), as scalars and warnings.

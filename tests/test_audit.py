@@ -135,6 +135,14 @@ def test_ema_lag_with_and_without():
     assert _codes(TOY_RETINA, ["BN.MOMENTUM", "0.01", "TEST.PRECISE_BN.ENABLED", "True"]) == []
 
 
+def test_per_worker_population_with_and_without():
+    per_worker = ["BN.EMA_ACROSS_WORKERS", "per_worker"]
+    assert _codes(TOY_RETINA, per_worker) == [("per_worker_population", "all")]
+    assert _codes(TOY_RETINA, per_worker, world_size=1) == []
+    assert _codes(TOY_RETINA, per_worker + ["TEST.PRECISE_BN.ENABLED", "True"]) == []
+    assert _codes(TOY_RETINA, per_worker + ["MODEL.RESNETS.NORM", "SyncBN", "MODEL.RETINANET.NORM", "SyncBN"]) == []
+
+
 def test_few_precise_samples_with_and_without():
     on = ["TEST.PRECISE_BN.ENABLED", "True", "TEST.PRECISE_BN.NUM_SAMPLES"]
     assert _codes(TOY_RETINA, on + ["128"]) == [("few_precise_samples", "all")]

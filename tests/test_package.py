@@ -49,6 +49,8 @@ def test_validation_requires_our_keys():
         ("BN.MOMENTUM", 1.5, "BN.MOMENTUM = 1.5 is not allowed; it must be a number in [0.0, 1.0]"),
         ("BN.MOMENTUM", float("nan"), "BN.MOMENTUM = nan is not allowed"),
         ("BN.MOMENTUM", "0.1", "BN.MOMENTUM = '0.1' is not allowed"),
+        ("BN.EMA_ACROSS_WORKERS", "mean", "BN.EMA_ACROSS_WORKERS = 'mean' is not allowed; allowed values: "
+         "['average', 'per_worker']"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(key, value, message):

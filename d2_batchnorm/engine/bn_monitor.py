@@ -15,8 +15,9 @@ addresses it. The quantities, over the BN modules in training mode of the group:
                             because they were not finite (``num_nonfinite_batches``)
 ``restored_steps``          (group ``<model>``) steps whose BN buffers
                             :class:`~d2_batchnorm.engine.bn_guard.NonFiniteGuard` restored
-``rank_divergence``         max relative difference of the running buffers across ranks (a
-                            checkpoint keeps rank 0's): per channel, for the mean
+``rank_divergence``         max relative difference of the running buffers across ranks
+                            (0 right after PreciseBN or ``BN.EMA_ACROSS_WORKERS``'s
+                            averaging): per channel, for the mean
                             ``(max_r m - min_r m) / sqrt(max_r v + eps)``, for the variance
                             ``(max_r v - min_r v) / (max_r v + eps)``; the max of both
 ``batch_mean_shift``        train/test inconsistency of the monitored step: per module the
@@ -181,6 +182,7 @@ class BNMonitor(HookBase):
         guard=None,
         fix: Callable[..., str] = YacsConfig.fix,
         precise_bn: bool = False,
+        ema_per_worker: bool = True,
     ):
         """
         Args:
@@ -195,6 +197,9 @@ class BNMonitor(HookBase):
                 ``restored_steps`` are reported, if any.
             fix: the config kind's ``fix(*pairs)`` wording of config lines in warnings.
             precise_bn: whether PreciseBN is on (then its config line is not suggested).
+            ema_per_worker: whether each rank evaluates with its own running statistics and
+                a checkpoint keeps rank 0's (``BN.EMA_ACROSS_WORKERS: per_worker``, and
+                detectron2's trainers); only then does a rank divergence warn.
         """
         self._period = check_int("period", period, 1)
         self._model = model
@@ -206,6 +211,7 @@ class BNMonitor(HookBase):
         self._guard = guard
         self._fix = fix
         self._precise_bn = precise_bn
+        self._ema_per_worker = ema_per_worker
         self._step: Optional[_StepStatistics] = None
         self._warned: Set[Tuple[str, str]] = set()
         self.first_nonfinite: Dict[str, int] = {}
@@ -231,6 +237,7 @@ class BNMonitor(HookBase):
             "guard": guard,
             "fix": kind.fix,
             "precise_bn": bool(kind.get("TEST.PRECISE_BN.ENABLED")),
+            "ema_per_worker": kind.get("BN.EMA_ACROSS_WORKERS") == "per_worker",
         }
 
     def _due(self, it: int) -> bool:
@@ -383,10 +390,10 @@ class BNMonitor(HookBase):
                 self._once(quantity, group, f"{int(value)} non-finite {what} {group} (left out of the running "
                            f"statistics by {self._fix(('BN.GUARD_NONFINITE', True))}); the loss or the data "
                            "produced NaN/inf")
-            elif quantity == "rank_divergence" and value > DIVERGENCE_WARN:
-                line = precise or self._norm_line(group, "SyncBN")
+            elif quantity == "rank_divergence" and value > DIVERGENCE_WARN and self._ema_per_worker and precise:
                 self._once(quantity, group, f"running statistics of {group} differ across ranks by up to "
-                           f"{value:.3g} (relative; a checkpoint keeps rank 0's): set {line}")
+                           f"{value:.3g} (relative; each rank evaluates with its own, a checkpoint keeps "
+                           f"rank 0's): set {self._fix(('BN.EMA_ACROSS_WORKERS', 'average'))} or {precise}")
             elif quantity in ("batch_mean_shift", "batch_var_ratio") and value > INCONSISTENCY_WARN:
                 line = self._norm_line(group, "SyncBN") or precise
                 self._once("inconsistency", group, f"batch statistics of {group} are far from its running "

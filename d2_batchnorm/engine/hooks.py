@@ -6,7 +6,9 @@ Training hooks for BatchNorm train/test consistency:
   statistics first so both APs are logged ("ema/bbox/AP" next to "bbox/AP"), and how far
   the EMA statistics were from the precise ones (:func:`bn_statistics_distance`);
 * :class:`FrozenBNLate` — FrozenBN for the last N iterations: every BN normalizes with its
-  population statistics in the training forward; gamma/beta are still learned.
+  population statistics in the training forward; gamma/beta are still learned;
+* :class:`AverageBNStatistics` — with several workers, the running statistics of per-worker
+  BN averaged over workers before a checkpoint, an evaluation or the freeze reads them.
 
 PreciseBN can be built from a yacs config or a LazyConfig (``PreciseBN(cfg, model)``, as
 detectron2's ``@configurable`` classes) or from keyword arguments;
@@ -26,7 +28,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from ..bn_modes import force_bn_mode
+from ..bn_modes import average_running_statistics, force_bn_mode
 from ..checks import check_int
 from ..config_kinds import adapt
 from ..early_exit import StopPlans
@@ -37,7 +39,7 @@ from .bn_guard import NonFiniteGuard
 from .bn_monitor import BNMonitor
 from .precise_bn_settings import PreciseBNSettings
 
-__all__ = ["PreciseBN", "FrozenBNLate", "build_batchnorm_hooks"]
+__all__ = ["PreciseBN", "FrozenBNLate", "AverageBNStatistics", "build_batchnorm_hooks"]
 
 logger = logging.getLogger(__name__)
 
@@ -278,13 +280,44 @@ class FrozenBNLate(HookBase):
             self._context = None
 
 
+class AverageBNStatistics(HookBase):
+    """
+    ``BN.EMA_ACROSS_WORKERS: average``: after the iterations whose state is read — every
+    ``period``-th of each of ``periods`` (checkpoints, evaluations; PreciseBN's EMA
+    evaluation coincides with one), each of ``iterations`` (the step before FrozenBN
+    starts) and the last — every rank replaces the running statistics of its BN modules in
+    training mode by their mean over workers (:func:`~d2_batchnorm.bn_modes.average_running_statistics`;
+    the same buffers as averaging after every step, at no cost in between). Register it on
+    every rank, after the non-finite guard and before PreciseBN and the checkpointer.
+    """
+
+    def __init__(self, model: nn.Module, periods: Iterable[int] = (), iterations: Iterable[int] = ()):
+        """
+        Args:
+            model: the (possibly DDP-wrapped) model.
+            periods: average after iteration ``it`` when ``it + 1`` is a multiple of one of
+                them (0: none).
+            iterations: average when ``it + 1`` is one of them.
+        """
+        self._model = model
+        self._periods = [check_int("period", p, 0) for p in periods if p]
+        self._iterations = set(iterations)
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if (next_iter == self.trainer.max_iter or next_iter in self._iterations
+                or any(next_iter % p == 0 for p in self._periods)):
+            average_running_statistics(self._model)
+
+
 def build_batchnorm_hooks(cfg, model: nn.Module, evaluate: Optional[Callable[[], Dict]] = None) -> List[HookBase]:
     """
     d2_batchnorm's hooks of a yacs config or a LazyConfig, in the order to register them,
     before the checkpointer (so checkpoints hold precise statistics):
     :class:`~d2_batchnorm.engine.bn_guard.NonFiniteGuard` (``BN.GUARD_NONFINITE``, when
     ``model`` has BN modules in training mode; first, so that it never undoes PreciseBN),
-    :class:`PreciseBN` (when enabled and ``model`` has BN modules in training mode;
+    :class:`AverageBNStatistics` (``BN.EMA_ACROSS_WORKERS: average`` with several workers
+    and BN modules in training mode), :class:`PreciseBN` (when enabled and ``model`` has BN modules in training mode;
     ``evaluate`` is its EMA evaluation), :class:`FrozenBNLate` (when the last iterations to
     freeze are > 0), which computes precise statistics right before freezing, then
     :class:`~d2_batchnorm.engine.bn_monitor.BNMonitor` (``BN.MONITOR.ENABLED``).
@@ -295,12 +328,16 @@ def build_batchnorm_hooks(cfg, model: nn.Module, evaluate: Optional[Callable[[],
     if value("BN.GUARD_NONFINITE") and get_bn_modules(model):
         guard = NonFiniteGuard(model)
         hooks.append(guard)
+    frozen = value("BN.FROZEN_LAST_ITERS")
+    freeze_at = value("SOLVER.MAX_ITER") - frozen
+    if value("BN.EMA_ACROSS_WORKERS") == "average" and comm.get_world_size() > 1 and get_bn_modules(model):
+        periods = (value("SOLVER.CHECKPOINT_PERIOD"), value("TEST.EVAL_PERIOD"))
+        hooks.append(AverageBNStatistics(model, periods, [freeze_at] if frozen > 0 else []))
     if value("TEST.PRECISE_BN.ENABLED") and get_bn_modules(model):
         precise = PreciseBN(cfg, model, ema_eval_function=evaluate)
         hooks.append(precise)
-    frozen = value("BN.FROZEN_LAST_ITERS")
     if frozen > 0:
-        hooks.append(FrozenBNLate(model, value("SOLVER.MAX_ITER") - frozen, precise))
+        hooks.append(FrozenBNLate(model, freeze_at, precise))
     if value("BN.MONITOR.ENABLED"):
         hooks.append(BNMonitor(cfg, model, guard=guard))
     return hooks

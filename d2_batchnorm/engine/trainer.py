@@ -89,11 +89,12 @@ class BNTrainer(DefaultTrainer):
 
         IterationTimer, LRScheduler, the BatchNorm hooks of
         :func:`~d2_batchnorm.engine.hooks.build_batchnorm_hooks` (the non-finite guard,
-        ``BN.GUARD_NONFINITE``; :class:`~d2_batchnorm.engine.hooks.PreciseBN`,
+        ``BN.GUARD_NONFINITE``; :class:`~d2_batchnorm.engine.hooks.AverageBNStatistics`,
+        ``BN.EMA_ACROSS_WORKERS``; :class:`~d2_batchnorm.engine.hooks.PreciseBN`,
         ``TEST.PRECISE_BN.ENABLED``, see its ``from_config``;
         :class:`~d2_batchnorm.engine.hooks.FrozenBNLate`, ``BN.FROZEN_LAST_ITERS`` > 0; the BN
-        monitor, ``BN.MONITOR.ENABLED``), then the checkpointer — after PreciseBN, so
-        checkpoints hold precise statistics —, evaluation and the writers.
+        monitor, ``BN.MONITOR.ENABLED``), then the checkpointer — after them, so
+        checkpoints hold the averaged or precise statistics —, evaluation and the writers.
         """
         from detectron2.engine import hooks as d2_hooks
 

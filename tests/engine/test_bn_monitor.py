@@ -133,6 +133,17 @@ def test_each_problem_is_one_warning_naming_group_and_config_line(caplog, kind):
                                                       else "train.bn_guard_nonfinite=True")
 
 
+@pytest.mark.parametrize("per_worker,precise,warns", [(True, False, True), (False, False, False), (True, True, False)])
+def test_rank_divergence_warns_only_where_evaluation_reads_one_rank_s_statistics(caplog, per_worker, precise, warns):
+    monitor = BNMonitor(period=1, model=_Net().train(), ema_per_worker=per_worker, precise_bn=precise)
+    with caplog.at_level(logging.WARNING, logger="d2_batchnorm.engine.bn_monitor"):
+        monitor._warn({"bn_monitor/rank_divergence/backbone": 0.5})
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == warns, lines
+    if warns:
+        assert "backbone" in lines[0] and "BN.EMA_ACROSS_WORKERS average" in lines[0]
+
+
 def _two_ranks():
     """In each of 2 workers: one monitored step of _Net on the rank's own data."""
     from detectron2.utils import comm
@@ -204,7 +215,8 @@ def test_monitor_with_a_lazy_config_in_two_gloo_processes(run_workers, tmp_path)
     json_file = str(tmp_path / "tiny_val.json")
     (kinds, last, _), (_, last1, _) = run_workers(_lazy_monitor, str(tmp_path / "run"),
                                                   (json_file, write_tiny_val(json_file)))
-    assert kinds.index("NonFiniteGuard") < kinds.index("BNMonitor") < kinds.index("PeriodicCheckpointer")
+    assert (kinds.index("NonFiniteGuard") < kinds.index("AverageBNStatistics") < kinds.index("BNMonitor")
+            < kinds.index("PeriodicCheckpointer"))  # BN.EMA_ACROSS_WORKERS average, the default
     assert last == last1
     for key in ("bn_monitor/leakage_gap/total_loss", "bn_monitor/rank_divergence/roi_heads.box_head",
                 "bn_monitor/batch_mean_shift/roi_heads.mask_head", "bn_monitor/restored_steps/<model>"):

@@ -11,7 +11,8 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from d2_batchnorm.bn_modes import force_bn_mode, mini_batch_statistics
-from d2_batchnorm.engine.hooks import FrozenBNLate, PreciseBN
+from d2_batchnorm.bn_modes import average_running_statistics
+from d2_batchnorm.engine.hooks import AverageBNStatistics, FrozenBNLate, PreciseBN
 from d2_batchnorm.module_state import bn_statistics_distance, snapshot_bn_statistics
 
 
@@ -178,6 +179,52 @@ def test_bad_hook_arguments():
         PreciseBN(-1, _Net(), [], 1)
     with pytest.raises(ValueError, match="start_iter"):
         FrozenBNLate(_Net(), -2)
+
+
+# ----------------------------------------------------------- running statistics across workers
+
+def _average_across_workers():
+    """Each rank trains its own batches; the hook averages at its iterations only."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    data = _data(seed=10 + rank, n=10)
+    every_step, at_end, hooked = _Net(), _Net(), _Net()  # same initial weights
+    hook = AverageBNStatistics(hooked, periods=(4,), iterations=[7])
+    hook.trainer = _FakeTrainer(max_iter=10)
+    averaged_after = []
+    with torch.no_grad():
+        for it, x in enumerate(data):
+            every_step(x), at_end(x), hooked(x)
+            assert average_running_statistics(every_step) == 1
+            before = hooked.bn.running_mean.clone()
+            hook.trainer.iter = it
+            hook.after_step()
+            if not torch.equal(before, hooked.bn.running_mean):
+                averaged_after.append(it + 1)
+    own = snapshot_bn_statistics(at_end)
+    average_running_statistics(at_end)
+    return own, snapshot_bn_statistics(at_end), snapshot_bn_statistics(every_step), snapshot_bn_statistics(hooked), averaged_after
+
+
+def test_running_statistics_averaged_across_two_gloo_workers(run_workers):
+    """The mean over workers, identical on both ranks; at the end = after every step (the EMA is linear)."""
+    (own0, end0, every0, hooked0, at), (own1, end1, every1, hooked1, at1) = run_workers(_average_across_workers)
+    assert at == at1 == [4, 7, 8, 10]  # its periods, its iterations and the last
+    assert not torch.equal(own0["bn.running_mean"], own1["bn.running_mean"])
+    for key in own0:
+        assert torch.equal(end0[key], end1[key]) and torch.equal(hooked0[key], hooked1[key])
+        torch.testing.assert_close(end0[key], (own0[key].double() + own1[key].double()).div(2).float())
+        torch.testing.assert_close(every0[key], end0[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hooked0[key], end0[key], rtol=1e-5, atol=1e-6)
+
+
+def test_average_running_statistics_alone_does_nothing():
+    net = _Net()
+    net(torch.randn(2, 3, 4, 4))
+    before = snapshot_bn_statistics(net)
+    assert average_running_statistics(net) == 0
+    assert all(torch.equal(before[k], v) for k, v in snapshot_bn_statistics(net).items())
 
 
 # ----------------------------------------------------------- BNTrainer (toy RetinaNet)

@@ -7,6 +7,7 @@
 #   train.frozen_bn_last_iters = 0       # FrozenBN for the last N iterations
 #   train.bn_momentum = 0.0              # EMA momentum of every BN; 0: the layers' own
 #   train.bn_guard_nonfinite = True      # a non-finite step leaves BN buffers unchanged
+#   train.bn_ema_across_workers = "average"   # or "per_worker": each rank's own statistics
 #   train.bn_monitor = dict(enabled=False, period=100)   # the BN monitor hook
 #   train.seed = -1
 from detectron2.model_zoo import get_config
