@@ -102,6 +102,9 @@ REQUEST_FILE = "compare_request.json"
 class LocalLauncher:
     """Runs each config now, one after the other, with tools/train_net.py --num-gpus N."""
 
+    #: ``start`` returns once the run has ended (its seconds are its own)
+    runs_in_start = True
+
     def __init__(self, num_gpus: int, timeout: float):
         self.num_gpus, self.timeout = num_gpus, timeout
         self.workers = num_gpus
@@ -130,6 +133,9 @@ class SubmititLauncher:
     cancelled or timed out. The job's id, state and log paths go to
     ``<run>/submitit_job.json``; submitit's files to ``<folder>/<job id>/``.
     """
+
+    #: ``start`` queues a job: a run's seconds go from its submission until it is seen ended
+    runs_in_start = False
 
     def __init__(self, cluster: str, folder: str, **resources):
         self.cluster, self.folder, self.resources = cluster, folder, resources
@@ -250,26 +256,28 @@ def run_all(tasks: List[Tuple[str, str, str, Optional[int]]], launcher, opts: Li
         name = label if seed is None else f"{label} seed {seed}"
         run_opts = list(opts) + ([] if seed is None else ["SEED", str(seed)])
         request = {"config": os.path.abspath(config), "opts": run_opts, "workers": launcher.workers}
-        run, handle, start = None, launcher.attach(output_dir, request, name), time.perf_counter()
+        run, handle, start, ran_for = None, launcher.attach(output_dir, request, name), time.perf_counter(), None
         if handle is None:
             run = reusable_run(label, output_dir, request, name)
         if run is None and handle is None:
             print(f"[compare] running {name}: {config} -> {output_dir}", flush=True)
             # the local launcher runs it now, printing its progress
             handle = launcher.start(config, output_dir, run_opts, name=f"run {k} of {len(tasks)}, {name}")
+            if launcher.runs_in_start:  # its own duration, not the wait for the runs after it
+                ran_for = time.perf_counter() - start
             with open(os.path.join(output_dir, REQUEST_FILE), "w") as f:  # what attach() compares
                 json.dump({"request": request}, f)
-        started.append((label, output_dir, seed, name, request, run, handle, start))
+        started.append((label, output_dir, seed, name, request, run, handle, start, ran_for))
     launcher.submit()  # a cluster's jobs all at once (one array); nothing for the local launcher
     runs = []
-    for label, output_dir, seed, name, request, run, handle, start in started:
+    for label, output_dir, seed, name, request, run, handle, start, ran_for in started:
         if run is None:
             rc, detail = launcher.finish(handle)
             run = read_run(output_dir, label, rc)
             if detail:  # the launcher's reason replaces read_run's bare exit status
                 generic = run.detail == f"train_net exited with {rc}"
                 run.detail = detail if generic else f"{detail}; {run.detail}".rstrip("; ")
-            run.seconds = time.perf_counter() - start
+            run.seconds = ran_for if ran_for is not None else time.perf_counter() - start
             with open(os.path.join(output_dir, REQUEST_FILE), "w") as f:
                 json.dump({"request": request, "seconds": run.seconds, "returncode": rc}, f)
             print(f"[compare] {name}: {status_text(run)} ({run.seconds:.0f} s)", flush=True)

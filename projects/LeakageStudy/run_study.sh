@@ -54,8 +54,11 @@ for setting in $SETTINGS; do
     echo "error: setting '$setting' is not NAME:IMAGES_PER_WORKER:ITERATIONS:VARIANTS" >&2
     exit 2
   fi
+  # each rank evaluates with its own running statistics, as when the study was measured
+  # (BN.EMA_ACROSS_WORKERS average, the default, evaluates their mean: tools/demo_compare.sh)
   TRAIN=(SOLVER.IMS_PER_BATCH $((2 * ims)) SOLVER.MAX_ITER "$iters"
-         SOLVER.STEPS "($((iters * 11 / 15)),$((iters * 9 / 10)))" SEED "$seed")
+         SOLVER.STEPS "($((iters * 11 / 15)),$((iters * 9 / 10)))" SEED "$seed"
+         BN.EMA_ACROSS_WORKERS per_worker)
   for variant in ${variants//,/ }; do
     config="configs/Toy/mask_rcnn_R18_FPN_${variant}_head.yaml"
     if [[ ! -f "$config" ]]; then

@@ -63,9 +63,12 @@ SCHEDULE = [
 PRECISE_RUN = "precise"
 PRECISE = ["TEST.PRECISE_BN.ENABLED", "True", "TEST.PRECISE_BN.EVAL_EMA", "False",
            "TEST.PRECISE_BN.NUM_SAMPLES", "128", "TEST.PRECISE_BN.IMS_PER_BATCH", "16"]
-# EMA runs, PreciseBN off: run name -> EMA momentum (0.1 is torch's and detectron2's default)
+# EMA runs, PreciseBN off: run name -> EMA momentum (0.1 is torch's and detectron2's default);
+# each rank evaluates with its own EMA statistics, as detectron2 does and as when the study
+# was measured (BN.EMA_ACROSS_WORKERS average would evaluate their mean)
 MOMENTA = {"ema_m0.3": 0.3, "ema_m0.1": 0.1, "ema_m0.01": 0.01}
-RUNS = {PRECISE_RUN: PRECISE, **{name: ["BN.MOMENTUM", str(m)] for name, m in MOMENTA.items()}}
+RUNS = {PRECISE_RUN: PRECISE, **{name: ["BN.MOMENTUM", str(m), "BN.EMA_ACROSS_WORKERS", "per_worker"]
+                                 for name, m in MOMENTA.items()}}
 DEFAULT_SEEDS = "1,2,3,4,5"
 # the train/test consistency tools run on the final checkpoints of the precise run
 MINI_BATCH = ["TEST.BN_STATS", "mini_batch", "TEST.IMS_PER_BATCH", "4"]

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import time
 
 import pytest
 
@@ -238,6 +239,18 @@ def test_seeds_reuse_finished_runs_and_rerun_the_rest(tmp_path, capsys):
     assert [(r["seed"], r["status"]) for r in rows] == [("1", "ok"), ("2", "failed")]
     assert rows[0]["seconds"] == "12.0"
     assert float(rows[1]["seconds"]) > 0.5  # the time the local launcher took to run it
+
+
+def test_local_runs_each_count_their_own_seconds(tmp_path):
+    config = tmp_path / "bad.yaml"  # fails in train_net's launch-time checks: a cheap "run"
+    config.write_text('_BASE_: "%s"\nBN:\n  MOMENTUM: 2.0\n' % os.path.abspath("configs/Toy/mask_rcnn_R18_FPN_base.yaml"))
+    start = time.perf_counter()
+    compare_main([f"bad={config}", "--seeds", "2", "--out", str(tmp_path / "out")])
+    elapsed = time.perf_counter() - start
+    with open(tmp_path / "out" / "compare.csv") as f:
+        seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
+    # run 1 ended before run 2 started: counting until its finish line would include run 2
+    assert len(seconds) == 2 and all(s > 0.5 for s in seconds) and sum(seconds) < elapsed
 
 
 @pytest.mark.parametrize("seeds, expected", [("3", [1, 2, 3]), ("7,0,11", [7, 0, 11]), ("", [])])
