@@ -3,7 +3,8 @@ Hooks do not perturb the training they observe: with a fixed SEED, a toy Mask R-
 RoI-shuffle BN heads (random augmentation, RoI sampling and shuffle permutations: every
 source of randomness a detection training has) trains bitwise identically with PreciseBN
 (and its EMA evaluation), mini-batch-statistics evaluation or evaluation at all switched
-on or off, the BN monitor (its loader, gap forwards and collectives) on or off, in 2 gloo processes
+on or off, the BN monitor (its loader, gap forwards and collectives) on or off, the running
+statistics averaged over workers or not, in 2 gloo processes
 (the non-finite guard, on by default, in all of them; tests/engine/test_bn_guard.py checks
 it changes nothing in a finite training); FrozenBN late changes nothing before it
 freezes.
@@ -30,6 +31,8 @@ VARIANTS = {
     "frozen_bn_late": ["TEST.EVAL_PERIOD", "3", "TEST.PRECISE_BN.ENABLED", "True",
                        "BN.FROZEN_LAST_ITERS", "2"],
     "bn_monitor": ["TEST.EVAL_PERIOD", "3", "BN.MONITOR.ENABLED", "True", "BN.MONITOR.PERIOD", "2"],
+    # "base" averages the running statistics over the workers before each evaluation
+    "per_worker_ema": ["TEST.EVAL_PERIOD", "3", "BN.EMA_ACROSS_WORKERS", "per_worker"],
 }
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -97,7 +100,7 @@ def test_hooks_and_evaluation_do_not_perturb_training(run_workers, tmp_path):
         base = runs["base"]
         assert runs["precise_bn"]["precise_runs"] == [8.0, 8.0], "PreciseBN ran twice"
         assert rank == 1 or runs["bn_monitor"]["monitor_runs"] == [1, 3, 5], "the monitor ran every 2 iterations"
-        for label in ("no_eval", "precise_bn", "mini_batch_eval", "bn_monitor"):
+        for label in ("no_eval", "precise_bn", "mini_batch_eval", "bn_monitor", "per_worker_ema"):
             _assert_same_training(base, runs[label])
         # FrozenBN from iteration 4 on: identical before (PreciseBN ran at 3 and right
         # before freezing), different after it — the comparison can see a difference
