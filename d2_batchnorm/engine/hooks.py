@@ -313,11 +313,12 @@ class AverageBNStatistics(HookBase):
 def build_batchnorm_hooks(cfg, model: nn.Module, evaluate: Optional[Callable[[], Dict]] = None) -> List[HookBase]:
     """
     d2_batchnorm's hooks of a yacs config or a LazyConfig, in the order to register them,
-    before the checkpointer (so checkpoints hold precise statistics):
+    before the checkpointer (so checkpoints hold averaged or precise statistics):
     :class:`~d2_batchnorm.engine.bn_guard.NonFiniteGuard` (``BN.GUARD_NONFINITE``, when
     ``model`` has BN modules in training mode; first, so that it never undoes PreciseBN),
     :class:`AverageBNStatistics` (``BN.EMA_ACROSS_WORKERS: average`` with several workers
-    and BN modules in training mode), :class:`PreciseBN` (when enabled and ``model`` has BN modules in training mode;
+    and BN modules in training mode), :class:`PreciseBN` (when enabled and ``model`` has
+    BN modules in training mode;
     ``evaluate`` is its EMA evaluation), :class:`FrozenBNLate` (when the last iterations to
     freeze are > 0), which computes precise statistics right before freezing, then
     :class:`~d2_batchnorm.engine.bn_monitor.BNMonitor` (``BN.MONITOR.ENABLED``).

@@ -204,7 +204,8 @@ def _average_across_workers():
                 averaged_after.append(it + 1)
     own = snapshot_bn_statistics(at_end)
     average_running_statistics(at_end)
-    return own, snapshot_bn_statistics(at_end), snapshot_bn_statistics(every_step), snapshot_bn_statistics(hooked), averaged_after
+    snapshots = [snapshot_bn_statistics(net) for net in (at_end, every_step, hooked)]
+    return (own, *snapshots, averaged_after)
 
 
 def test_running_statistics_averaged_across_two_gloo_workers(run_workers):

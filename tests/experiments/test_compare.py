@@ -243,7 +243,8 @@ def test_seeds_reuse_finished_runs_and_rerun_the_rest(tmp_path, capsys):
 
 def test_local_runs_each_count_their_own_seconds(tmp_path):
     config = tmp_path / "bad.yaml"  # fails in train_net's launch-time checks: a cheap "run"
-    config.write_text('_BASE_: "%s"\nBN:\n  MOMENTUM: 2.0\n' % os.path.abspath("configs/Toy/mask_rcnn_R18_FPN_base.yaml"))
+    base = os.path.abspath("configs/Toy/mask_rcnn_R18_FPN_base.yaml")
+    config.write_text('_BASE_: "%s"\nBN:\n  MOMENTUM: 2.0\n' % base)
     start = time.perf_counter()
     compare_main([f"bad={config}", "--seeds", "2", "--out", str(tmp_path / "out")])
     elapsed = time.perf_counter() - start
