@@ -390,7 +390,7 @@ class BNMonitor(HookBase):
                 self._once(quantity, group, f"{int(value)} non-finite {what} {group} (left out of the running "
                            f"statistics by {self._fix(('BN.GUARD_NONFINITE', True))}); the loss or the data "
                            "produced NaN/inf")
-            elif quantity == "rank_divergence" and value > DIVERGENCE_WARN and self._ema_per_worker and precise:
+            elif quantity == "rank_divergence" and value > DIVERGENCE_WARN and self._ema_per_worker and not self._precise_bn:
                 self._once(quantity, group, f"running statistics of {group} differ across ranks by up to "
                            f"{value:.3g} (relative; each rank evaluates with its own, a checkpoint keeps "
                            f"rank 0's): set {self._fix(('BN.EMA_ACROSS_WORKERS', 'average'))} or {precise}")

@@ -318,23 +318,23 @@ def build_batchnorm_hooks(cfg, model: nn.Module, evaluate: Optional[Callable[[],
     ``model`` has BN modules in training mode; first, so that it never undoes PreciseBN),
     :class:`AverageBNStatistics` (``BN.EMA_ACROSS_WORKERS: average`` with several workers
     and BN modules in training mode), :class:`PreciseBN` (when enabled and ``model`` has
-    BN modules in training mode;
-    ``evaluate`` is its EMA evaluation), :class:`FrozenBNLate` (when the last iterations to
+    BN modules in training mode; ``evaluate`` is its EMA evaluation), :class:`FrozenBNLate` (when the last iterations to
     freeze are > 0), which computes precise statistics right before freezing, then
     :class:`~d2_batchnorm.engine.bn_monitor.BNMonitor` (``BN.MONITOR.ENABLED``).
     """
     hooks: List[HookBase] = []
     precise = guard = None
     value = adapt(cfg).get
-    if value("BN.GUARD_NONFINITE") and get_bn_modules(model):
+    trains_bn = bool(get_bn_modules(model))  # BN modules in training mode
+    if value("BN.GUARD_NONFINITE") and trains_bn:
         guard = NonFiniteGuard(model)
         hooks.append(guard)
     frozen = value("BN.FROZEN_LAST_ITERS")
     freeze_at = value("SOLVER.MAX_ITER") - frozen
-    if value("BN.EMA_ACROSS_WORKERS") == "average" and comm.get_world_size() > 1 and get_bn_modules(model):
+    if value("BN.EMA_ACROSS_WORKERS") == "average" and comm.get_world_size() > 1 and trains_bn:
         periods = (value("SOLVER.CHECKPOINT_PERIOD"), value("TEST.EVAL_PERIOD"))
         hooks.append(AverageBNStatistics(model, periods, [freeze_at] if frozen > 0 else []))
-    if value("TEST.PRECISE_BN.ENABLED") and get_bn_modules(model):
+    if value("TEST.PRECISE_BN.ENABLED") and trains_bn:
         precise = PreciseBN(cfg, model, ema_eval_function=evaluate)
         hooks.append(precise)
     if frozen > 0:

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from d2_batchnorm.bn_modes import force_bn_mode, mini_batch_statistics
-from d2_batchnorm.bn_modes import average_running_statistics
+from d2_batchnorm.bn_modes import average_running_statistics, force_bn_mode, mini_batch_statistics
 from d2_batchnorm.engine.hooks import AverageBNStatistics, FrozenBNLate, PreciseBN
 from d2_batchnorm.module_state import bn_statistics_distance, snapshot_bn_statistics
 
