@@ -11,8 +11,8 @@ statistics modes (``modeling.retinanet.BNRetinaNetHead``), leakage mitigations
 ``add_batchnorm_config(cfg)`` extends detectron2's default config in place. detectron2's
 own keys keep their meaning (``TEST.PRECISE_BN.ENABLED``, ``TEST.PRECISE_BN.NUM_ITER``,
 ``MODEL.*.NORM``); new keys extend the node they belong to, or sit under ``BN`` for
-policies that concern every BatchNorm of the model. README.md lists every key with its
-default and allowed values.
+policies that concern every BatchNorm of the model. docs/configs.md lists every key with
+its default and allowed values.
 
 ``validate_batchnorm_config(cfg)`` checks values before any model, data loader or process
 group is built, and raises ``ValueError`` naming the key, the bad value and what is allowed.

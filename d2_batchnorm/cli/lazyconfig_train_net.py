@@ -7,7 +7,7 @@ d2_batchnorm's hooks, with detectron2's command-line conventions:
 
 The config defines ``model``, ``dataloader``, ``optimizer``, ``lr_multiplier`` and
 ``train``; d2_batchnorm's settings (PreciseBN, inference statistics, FrozenBN late, EMA
-momentum) live in ``train`` (README "LazyConfig"). Launching, CPU processes over gloo,
+momentum) live in ``train`` (docs/getting-started.md, "LazyConfig"). Launching, CPU processes over gloo,
 torchrun and the checks before any worker starts are those of tools/train_net.py: a bad
 value ends the run with one ``error:`` line naming its config path.
 """

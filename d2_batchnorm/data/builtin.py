@@ -90,5 +90,5 @@ def prepare_datasets(names) -> None:
             if path is not None and not os.path.exists(path):
                 raise ValueError(
                     f"dataset {name!r}: {attr} {path!r} does not exist. For COCO, set "
-                    "DETECTRON2_DATASETS to the folder holding coco/ (see README.md)"
+                    "DETECTRON2_DATASETS to the folder holding coco/ (see docs/getting-started.md)"
                 )

@@ -10,13 +10,9 @@ Training hooks for BatchNorm train/test consistency:
 * :class:`AverageBNStatistics` — with several workers, the running statistics of per-worker
   BN averaged over workers before a checkpoint, an evaluation or the freeze reads them.
 
-PreciseBN can be built from a yacs config or a LazyConfig (``PreciseBN(cfg, model)``, as
-detectron2's ``@configurable`` classes) or from keyword arguments;
-:func:`build_batchnorm_hooks` builds them, and the BatchNorm health hooks
-(:class:`~d2_batchnorm.engine.bn_guard.NonFiniteGuard`,
-:class:`~d2_batchnorm.engine.bn_monitor.BNMonitor`), from either kind of config, for
-:class:`d2_batchnorm.engine.BNTrainer`, the LazyConfig trainer and custom trainers. The contexts that choose which statistics BN uses are in
-:mod:`d2_batchnorm.bn_modes`.
+:func:`build_batchnorm_hooks` builds them and the BatchNorm health hooks from either kind
+of config, in the order to register them (for every trainer). The contexts that choose
+which statistics BN uses are in :mod:`d2_batchnorm.bn_modes`.
 """
 import logging
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -125,16 +121,10 @@ class PreciseBN(HookBase):
     @classmethod
     def from_config(cls, cfg, model: nn.Module, ema_eval_function: Optional[Callable[[], Dict]] = None):
         """
-        The hook of ``TEST.PRECISE_BN`` (a LazyConfig: ``train.precise_bn``, see
-        :data:`d2_batchnorm.config.SETTINGS`): every ``PERIOD`` (0: the evaluation
-        period) iterations, ``NUM_SAMPLES`` images over all workers (0: ``NUM_ITER``
-        batches per worker) drawn from the training loader (training augmentations, 0
-        loader workers) over ``DATASETS`` (empty: the training datasets) with
-        ``IMS_PER_BATCH`` images per worker (0: the training batch per worker), built at
-        the first run, fewer when every module's relative standard error reaches
-        ``TARGET_REL_ERROR`` (> 0). The EMA evaluation (``ema_eval_function``) is kept when ``EVAL_EMA``
-        is on, inference uses population statistics and there is a test set. The random
-        stream is seeded from the config's seed and the rank.
+        The hook of ``TEST.PRECISE_BN`` (a LazyConfig: ``train.precise_bn``), as
+        :class:`~.precise_bn_settings.PreciseBNSettings` resolves it: batches from the
+        training loader (training augmentations, 0 loader workers) over its datasets,
+        built at the first run; the random stream seeded from the config's seed and the rank.
         """
         kind, world_size = adapt(cfg), comm.get_world_size()
         settings = PreciseBNSettings.from_config(cfg, world_size)

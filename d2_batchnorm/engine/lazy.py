@@ -82,11 +82,8 @@ def lazy_test(cfg, model: nn.Module) -> Dict:
 def build_lazy_trainer(cfg) -> SimpleTrainer:
     """
     detectron2's ``SimpleTrainer`` (``AMPTrainer`` with ``train.amp.enabled``) for a
-    LazyConfig, its hooks registered: IterationTimer, LRScheduler (``lr_multiplier``),
-    :func:`~d2_batchnorm.engine.hooks.build_batchnorm_hooks` (non-finite guard, PreciseBN
-    with its EMA evaluation, FrozenBN late, BN monitor), the checkpointer (``train.checkpointer``) after them, the
-    evaluation every ``train.eval_period`` iterations and at the end (:func:`lazy_test`),
-    and the writers. Its ``checkpointer`` attribute loads weights:
+    LazyConfig, with the hooks of :class:`~d2_batchnorm.engine.BNTrainer` (the evaluation
+    is :func:`lazy_test`; periods from ``train``). Its ``checkpointer`` attribute loads weights:
     ``trainer.checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=...)``.
     """
     model = build_lazy_model(cfg)

@@ -48,7 +48,7 @@ class BNTrainer(DefaultTrainer):
         """
         ``DefaultTrainer.__init__``, same steps in the same order, except: ``cfg`` first gets
         :func:`resolve_device` and :func:`validate_batchnorm_config` (users build BNTrainer from
-        configs nobody validated, README "In your own trainer"); the model is wrapped by our
+        configs nobody validated, docs/getting-started.md, "In your own trainer"); the model is wrapped by our
         :func:`create_ddp_model`. detectron2's passes ``device_ids``, which DDP rejects for CPU
         modules, and its ``__init__`` offers no hook to replace it: hence this copy.
         """
@@ -85,16 +85,9 @@ class BNTrainer(DefaultTrainer):
 
     def build_hooks(self):
         """
-        detectron2's default hooks, with d2_batchnorm's BatchNorm hooks in their place:
-
-        IterationTimer, LRScheduler, the BatchNorm hooks of
-        :func:`~d2_batchnorm.engine.hooks.build_batchnorm_hooks` (the non-finite guard,
-        ``BN.GUARD_NONFINITE``; :class:`~d2_batchnorm.engine.hooks.AverageBNStatistics`,
-        ``BN.EMA_ACROSS_WORKERS``; :class:`~d2_batchnorm.engine.hooks.PreciseBN`,
-        ``TEST.PRECISE_BN.ENABLED``, see its ``from_config``;
-        :class:`~d2_batchnorm.engine.hooks.FrozenBNLate`, ``BN.FROZEN_LAST_ITERS`` > 0; the BN
-        monitor, ``BN.MONITOR.ENABLED``), then the checkpointer — after them, so
-        checkpoints hold the averaged or precise statistics —, evaluation and the writers.
+        detectron2's default hooks (IterationTimer, LRScheduler, checkpointer, evaluation,
+        writers) with :func:`~d2_batchnorm.engine.hooks.build_batchnorm_hooks` before the
+        checkpointer, in place of detectron2's PreciseBN.
         """
         from detectron2.engine import hooks as d2_hooks
 
