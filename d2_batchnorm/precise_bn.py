@@ -30,13 +30,10 @@ drawing batches once they are small enough (adaptive PreciseBN).
 Which modules: every ``torch.nn.modules.batchnorm._BatchNorm`` in training mode (BN1d/2d/
 3d, ``nn.SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, the modules of a
 ``CycleBatchNormList``, d2_batchnorm's norms). Frozen BN and BN in eval mode are untouched.
-Statistics are those of each call's local *input* (its first positional argument), so
-synchronized norms are not counted once per worker: custom and synchronized norms are
-measured from the input by a forward pre-hook; torch's own per-process BN, run with
-momentum 1.0, already holds exactly its input's batch statistics in its buffers after the
-call, and a forward hook reads them there (saving a second pass over the activations).
-A module whose ``running_mean`` has shape (L, C) receives a list of L tensors per call;
-tensor i pools into row i (per-level statistics of a head shared across L feature levels).
+Statistics are those of each call's local *input* (so synchronized norms are not counted
+once per worker; how they are read: :class:`_StatisticsRecorder`). A module whose
+``running_mean`` has shape (L, C) receives a list of L tensors per call; tensor i pools
+into row i (per-level statistics of a head shared across L feature levels).
 """
 import logging
 import time
@@ -54,7 +51,7 @@ from .module_state import saved_bn_state
 from .standard_errors import MIN_UNITS, RelativeErrors, UnitSums, largest_error, relative_errors
 
 __all__ = [
-    "update_bn_stats", "get_bn_modules", "bn_module_group", "count_samples", "PreciseBNResult", "summarize_errors",
+    "update_bn_stats", "get_bn_modules", "bn_module_group", "unwrap_model", "count_samples", "PreciseBNResult", "summarize_errors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,7 +78,7 @@ def get_bn_modules(model: nn.Module) -> List[Tuple[str, _BatchNorm]]:
     ``(name, module)`` of every ``_BatchNorm`` of ``model`` in training mode that tracks
     running statistics, in ``named_modules`` order. A DDP wrapper is looked through.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     return [
         (name, m)
         for name, m in model.named_modules()
@@ -163,7 +160,7 @@ def count_samples(batch: Any) -> int:
         ) from None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a (Distributed)DataParallel wrapper, else ``model``."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return model.module
@@ -172,12 +169,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _reads_own_statistics(m: _BatchNorm) -> bool:
     """
-    True for torch's own per-process BN (BatchNorm1d/2d/3d and subclasses that keep
-    ``_BatchNorm.forward``) with (C,) float32/float64 buffers: its training forward already
-    computes the input's batch statistics, and with momentum 1.0 it leaves exactly those in
-    ``running_mean`` / ``running_var`` (unbiased), so a forward hook reads them instead of
-    reducing the input a second time. Synchronized and custom norms (own ``forward``) are
-    measured from their input.
+    True for torch's own per-process BN (``_BatchNorm.forward``, (C,) float32/float64
+    buffers), whose batch statistics :class:`_StatisticsRecorder` reads from its buffers.
     """
     return (
         type(m).forward is _BatchNorm.forward
@@ -193,9 +186,10 @@ class _StatisticsRecorder:
     with one row per row of its buffers (tensor i of a list input pools into row i of
     (L, C) buffers), and the :class:`~d2_batchnorm.standard_errors.UnitSums` of its
     sampling units (:meth:`unit_sums`). Modules of :func:`_reads_own_statistics` run with
-    momentum 1.0 (restored by :func:`saved_bn_state`) and :meth:`read_batch_statistics`
-    reads each call's statistics from their buffers; the others are measured from their
-    input by :meth:`measure_input` (the rounded batch mean as shift:
+    momentum 1.0 (restored by :func:`saved_bn_state`): after a call their buffers hold its
+    input's batch mean and unbiased variance, which :meth:`read_batch_statistics` reads (no
+    second pass over the activations). Synchronized and custom norms (own ``forward``) are
+    measured from their input by :meth:`measure_input` (the rounded batch mean as shift:
     :meth:`ChannelMoments.of` with all samples).
 
     Either way a call becomes one :class:`ChannelMoments` (a torch BN's buffers copied to
@@ -372,16 +366,9 @@ def update_bn_stats(
     Every call of a BN module is a batch of its own (a BN reused within one forward counts
     once per call). Ranks agree on each batch with a small all-reduce of
     [this rank has no batch, images in it]: when any rank's loader ends, all stop, and the
-    statistics of the batches used so far are kept (with a warning). The first batch ever
-    seen by a model runs the whole model and learns where the last BN call (and the
-    modules wrapping it) ends; later forwards stop there, so the layers and losses after
-    it are not computed. The plan serves later calls with the same ``stop_plans`` while
-    the model's BN modules in training mode stay the same, and each forward checks the
-    order of BN calls against it before stopping (:class:`~d2_batchnorm.early_exit.EarlyExit`).
-    Torch's own BN modules run with momentum 1.0 and their batch statistics are read from
-    their buffers after each call (no second pass over the input); the buffers, momenta
-    and modes are restored at the end, and also if anything raises (then the error
-    propagates).
+    statistics of the batches used so far are kept (with a warning). Forwards stop after
+    the last BN call (:class:`~d2_batchnorm.early_exit.EarlyExit`). Buffers, momenta and
+    modes are restored at the end, also if anything raises (then the error propagates).
 
     Returns:
         :class:`PreciseBNResult`, with the relative standard errors of the new statistics
@@ -403,7 +390,7 @@ def update_bn_stats(
     if not named:
         logger.warning("update_bn_stats: the model has no BN module in training mode; nothing to do")
         return PreciseBNResult(0, 0, 0, time.perf_counter() - start, ())
-    net = _unwrap(model)
+    net = unwrap_model(model)
     modules = [m for _, m in named]
     device = modules[0].running_mean.device
 

@@ -59,10 +59,12 @@ from torch import nn
 from .. import distributed as d2bn_dist
 from ..bn_modes import force_bn_mode
 from ..checks import check_int
+from ..config import NORM_KEYS
 from ..config_kinds import YacsConfig, adapt
 from ..layers.batch_stats import ChannelMoments
 from ..module_state import saved_bn_state
-from ..precise_bn import bn_module_group, get_bn_modules
+from ..modeling.build import modules_of_norm_key
+from ..precise_bn import bn_module_group, get_bn_modules, unwrap_model
 from ..rng import RandomStream, derive_seed
 
 __all__ = [
@@ -90,15 +92,6 @@ COLLAPSE_WARN = 0.25
 #: warn when the leakage gap exceeds this fraction of the fixed batch's total loss with
 #: batch statistics
 LEAKAGE_GAP_WARN = 0.25
-
-#: module group prefix -> the config node of its norm (``MODEL.<node>.NORM``)
-_NORM_NODES = (
-    ("roi_heads.box_head", "ROI_BOX_HEAD"),
-    ("roi_heads.mask_head", "ROI_MASK_HEAD"),
-    ("head", "RETINANET"),
-    ("backbone.bottom_up", "RESNETS"),
-    ("backbone.fpn", "FPN"),
-)
 
 
 def leakage_losses(model: nn.Module, batch, seed: int) -> Dict[str, Dict[str, float]]:
@@ -204,6 +197,9 @@ class BNMonitor(HookBase):
         self._period = check_int("period", period, 1)
         self._model = model
         self._modules = get_bn_modules(model)
+        owner = {id(m): key for key in NORM_KEYS for root in modules_of_norm_key(unwrap_model(model), key)
+                 for m in root.modules()}
+        self._norm_keys = {bn_module_group(n): owner[id(m)] for n, m in self._modules if id(m) in owner}
         self._loader = data_loader
         self._batch = None
         self._seed = seed
@@ -369,10 +365,9 @@ class BNMonitor(HookBase):
 
     # ------------------------------------------------------------------ warnings
     def _norm_line(self, group: str, value: str) -> Optional[str]:
-        for prefix, node in _NORM_NODES:
-            if group.startswith(prefix):
-                return self._fix((f"MODEL.{node}.NORM", value))
-        return None
+        """The config line setting the norm of ``group``'s modules (``MODEL.<key>.NORM``) to ``value``."""
+        key = self._norm_keys.get(group)
+        return self._fix((f"MODEL.{key}.NORM", value)) if key else None
 
     def _warn(self, scalars: Dict[str, float]) -> None:
         it = self.trainer.iter if getattr(self, "trainer", None) is not None else -1
