@@ -48,6 +48,7 @@ from .engine.precise_bn_settings import PreciseBNSettings
 from .layers import GhostBatchNorm, LevelBatchNorm
 from .modeling import BNConvFCHead, BNMaskRCNNConvUpsampleHead, BNRetinaNetHead
 from .modeling.build import modules_of_norm_key
+from .tables import markdown_table
 
 __all__ = ["NormGroup", "Finding", "Audit", "RULES", "audit_config", "audit_model",
            "LEAK_MAX_IMAGES", "SMALL_BATCH_IMAGES", "EMA_STALE_WEIGHT", "PRECISE_MIN_SAMPLES"]
@@ -134,18 +135,18 @@ class Audit:
             f"{self.world_size} worker(s), {self.images_per_worker} image(s) per worker; spatial "
             f"sizes from one {h}×{w} training image.",
             "",
-            "| group | norm | modules | training batch: images per normalization | values per channel "
-            "per batch | population statistics | computed like training |",
-            "|---|---|---|---|---|---|---|",
         ]
+        rows = []
         for g in self.groups:
             types = ", ".join(f"{n} {t}" for t, n in sorted(g.types.items())) or "none"
             batch = ("— (no batch statistics)" if not g.batch_statistics else
                      f"{_num(g.images_per_normalization)} ({g.workers_per_normalization} worker(s))")
             consistent = "—" if g.consistent is None else ("yes" if g.consistent else f"**no**: {g.inconsistency}")
-            lines.append(f"| {g.name} | {g.norm} | {types} | {batch} | "
-                         f"{g.values_per_channel or '—'} | {g.population or '—'} | {consistent} |")
-        lines += ["", f"## Findings ({len(self.findings)})", ""]
+            rows.append([g.name, g.norm, types, batch, g.values_per_channel or "—", g.population or "—", consistent])
+        lines.append(markdown_table(["group", "norm", "modules", "training batch: images per normalization",
+                                     "values per channel per batch", "population statistics",
+                                     "computed like training"], rows))
+        lines += [f"## Findings ({len(self.findings)})", ""]
         if not self.findings:
             lines.append("None: every BatchNorm's batch and population statistics look consistent.")
         for f in self.findings:

@@ -50,6 +50,7 @@ from .layers import GhostBatchNorm, LevelBatchNorm, SyncBatchNorm
 from .layers.roi_shuffle import shuffle_rois, unshuffle_rois
 from .model_zoo import get_config_file
 from .precise_bn import update_bn_stats
+from .tables import markdown_table
 
 __all__ = ["CheckResult", "randomize_affine_", "TOLERANCES", "PRECISIONS", "LAYOUTS", "norm_checks", "precise_bn_checks",
            "shuffle_checks", "training_checks", "run_all", "format_table", "single_process_group"]
@@ -390,8 +391,6 @@ def run_all(device: torch.device, train: bool = False) -> List[CheckResult]:
 
 def format_table(results: Sequence[CheckResult]) -> str:
     """A Markdown table: check, max error, tolerance, PASS/FAIL, our time vs the reference's."""
-    from tabulate import tabulate
-
     rows = []
     for r in results:
         timing = ""
@@ -401,5 +400,4 @@ def format_table(results: Sequence[CheckResult]) -> str:
             timing = f"{r.ms / 1e3:.1f} s"
         rows.append([r.name, f"{r.max_error:.2e}", f"{r.tolerance:.0e}", "PASS" if r.passed else "FAIL",
                      r.reference, timing, r.detail])
-    return tabulate(rows, ["check", "max error", "tolerance", "result", "reference", "ours / reference", "detail"],
-                    tablefmt="github")
+    return markdown_table(["check", "max error", "tolerance", "result", "reference", "ours / reference", "detail"], rows)

@@ -7,23 +7,17 @@ import csv
 import math
 import os
 import statistics
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
+from ..tables import markdown_table
 from .runs import COLUMNS, RunResult, status_text
 from .stats import beyond_spread, by_label, mean_sd, ok_values, paired_differences
 
-__all__ = ["markdown_table", "write_tables", "write_seed_tables", "paired_summary", "plot"]
+__all__ = ["write_tables", "write_seed_tables", "paired_summary", "plot"]
 
 
 def _fmt(value: Optional[float]) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.1f}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table of ``rows`` under ``header`` ("|" in a cell becomes "/")."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _write(markdown: str, runs: List[RunResult], out_dir: str) -> str:

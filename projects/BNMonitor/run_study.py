@@ -34,7 +34,7 @@ import time
 from typing import Dict, List
 
 from d2_batchnorm.experiments import mean_sd, parse_seeds
-from d2_batchnorm.experiments.reports import markdown_table
+from d2_batchnorm.tables import markdown_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
