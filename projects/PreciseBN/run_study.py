@@ -49,6 +49,7 @@ import torch
 
 from d2_batchnorm.experiments import LocalLauncher, box_ap, copypaste_blocks, mean_sd, parse_seeds, run_all
 from d2_batchnorm.experiments import read_run as read_compare_run
+from d2_batchnorm.tables import markdown_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -176,7 +177,7 @@ def weight_difference(base: str, seed: int) -> Optional[float]:
 def report(runs, weight_differences: Dict[int, Optional[float]]) -> str:
     header = ["EMA momentum", "iteration", "images seen", "seeds", "AP (EMA stats)", "AP (precise stats)",
               "gain precise − EMA (paired)", "seeds with gain > 0"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    rows = []
     precise = runs[PRECISE_RUN]
     for name, momentum in MOMENTA.items():
         for done in evaluation_points():
@@ -185,15 +186,15 @@ def report(runs, weight_differences: Dict[int, Optional[float]]) -> str:
             if not pairs:
                 continue
             gains = [p - e for e, p in pairs]
-            lines.append("| " + " | ".join([
-                f"{momentum:g}", str(done), str(done * BATCH), str(len(pairs)),
+            rows.append([
+                f"{momentum:g}", done, done * BATCH, len(pairs),
                 mean_sd([e for e, _ in pairs], digits=2), mean_sd([p for _, p in pairs], digits=2),
                 mean_sd(gains, digits=2, signed=True), f"{sum(g > 0 for g in gains)}/{len(gains)}",
-            ]) + " |")
+            ])
     checked = {s: d for s, d in weight_differences.items() if d is not None}
     worst = max(checked.values(), default=float("nan"))
-    return "\n".join(lines) + (
-        f"\n\nFinal weights of the EMA runs vs the precise run of the same seed (seeds "
+    return markdown_table(header, rows) + (
+        f"\nFinal weights of the EMA runs vs the precise run of the same seed (seeds "
         f"{sorted(checked)}): largest |difference| {worst:.3g} (the runs train identically: 0 expected).\n"
     )
 
@@ -215,16 +216,14 @@ def consistency_report(base: str, runs, seeds: List[int]) -> str:
         return ""
     gap = [b - a for a, b in zip(pop, mini)]
     gain = [b - a for a, b in zip(before, after)]
-    return "\n".join([
-        "| evaluation of the final checkpoint of the precise run | box AP | paired difference |",
-        "|---|---|---|",
-        f"| toy_coco_val, precise population statistics | {mean_sd(pop, digits=2, show_n=True)} | |",
-        f"| toy_coco_val, mini-batch statistics (4 images per worker) | {mean_sd(mini, digits=2, show_n=True)} "
-        f"| {mean_sd(gap, digits=2, signed=True)} |",
-        f"| toy_coco_shifted_val, statistics of toy_coco_train | {mean_sd(before, digits=2, show_n=True)} | |",
-        f"| toy_coco_shifted_val, statistics recomputed on 256 toy_coco_shifted_train images "
-        f"| {mean_sd(after, digits=2, show_n=True)} | {mean_sd(gain, digits=2, signed=True)} |",
-    ]) + "\n"
+    return markdown_table(["evaluation of the final checkpoint of the precise run", "box AP", "paired difference"], [
+        ["toy_coco_val, precise population statistics", mean_sd(pop, digits=2, show_n=True), ""],
+        ["toy_coco_val, mini-batch statistics (4 images per worker)", mean_sd(mini, digits=2, show_n=True),
+         mean_sd(gap, digits=2, signed=True)],
+        ["toy_coco_shifted_val, statistics of toy_coco_train", mean_sd(before, digits=2, show_n=True), ""],
+        ["toy_coco_shifted_val, statistics recomputed on 256 toy_coco_shifted_train images",
+         mean_sd(after, digits=2, show_n=True), mean_sd(gain, digits=2, signed=True)],
+    ])
 
 
 def write_csv(runs, path: str) -> None:

@@ -30,6 +30,8 @@ import statistics
 import sys
 from typing import Dict, List
 
+from d2_batchnorm.tables import markdown_table
+
 import run_study  # noqa: E402  (this directory; the checkpoints and their training schedule)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,11 +104,7 @@ def _mean_sd(values: List[float], digits: int = 2) -> str:
 
 def report(done: Dict[str, dict], seeds: List[int]) -> str:
     rows = [m for m in done.values() if m["seed"] in seeds]
-    lines = ["Samples adaptive PreciseBN used (images over all workers, 2 per batch, capped at the "
-             "`--cap`), per checkpoint seed and draw:", "",
-             "| target (largest relative standard error) | runs | met the target | images used | images used, each run "
-             "| largest error at the end | images for the target at 1/√N (extrapolated) |",
-             "|---|---|---|---|---|---|---|"]
+    table = []
     for target in sorted({m["target"] for m in rows if "target" in m}, reverse=True):
         runs = sorted((m for m in rows if m.get("target") == target), key=lambda m: (m["seed"], m["draw"]))
         if not runs:
@@ -115,26 +113,33 @@ def report(done: Dict[str, dict], seeds: List[int]) -> str:
         each = ", ".join(f"{m['images']}{'' if m['reached'] else ' (cap)'}" for m in runs)
         # a standard error falls as 1/sqrt(N): N (error / target)^2 images would meet the target
         needed = [m["images"] * (m["rel_error/max"] / target) ** 2 for m in runs]
-        lines.append(f"| {target:.0%} | {len(runs)} | {len(met)}/{len(runs)} | "
-                     f"{_mean_sd([m['images'] for m in met], 0) or '—'} | {each} | "
-                     f"{_mean_sd([m['rel_error/max'] for m in runs], 4)} | {_mean_sd(needed, 0)} |")
-    lines += ["", "Fixed PreciseBN with N images: box AP on toy_coco_val and the relative standard errors, "
-              "mean ± sd over checkpoint seeds × draws (n); AP − AP(largest N) paired per seed and draw:", "",
-              f"| images N | n | box AP | AP − AP(N={SAMPLES[-1]}) | largest relative error | median relative error (mean), backbone.bottom_up | head.cls_subnet |",
-              "|---|---|---|---|---|---|---|"]
+        table.append([f"{target:.0%}", len(runs), f"{len(met)}/{len(runs)}",
+                      _mean_sd([m["images"] for m in met], 0) or "—", each,
+                      _mean_sd([m["rel_error/max"] for m in runs], 4), _mean_sd(needed, 0)])
+    fixed = []
     final = {(m["seed"], m["draw"]): m["ap"] for m in rows if m.get("samples") == SAMPLES[-1]}
     for n in SAMPLES:
         runs = [m for m in rows if m.get("samples") == n]
         if not runs:
             continue
         diff = [m["ap"] - final[(m["seed"], m["draw"])] for m in runs if (m["seed"], m["draw"]) in final]
-        lines.append("| " + " | ".join([
-            str(n), str(len(runs)), _mean_sd([m["ap"] for m in runs]), _mean_sd(diff),
+        fixed.append([
+            n, len(runs), _mean_sd([m["ap"] for m in runs]), _mean_sd(diff),
             _mean_sd([m["rel_error/max"] for m in runs], 3),
             _mean_sd([m.get("rel_error_mean/backbone.bottom_up/median", float("nan")) for m in runs], 4),
             _mean_sd([m.get("rel_error_mean/head.cls_subnet/median", float("nan")) for m in runs], 4),
-        ]) + " |")
-    return "\n".join(lines) + "\n"
+        ])
+    return "\n".join([
+        "Samples adaptive PreciseBN used (images over all workers, 2 per batch, capped at the `--cap`), per "
+        "checkpoint seed and draw:", "",
+        markdown_table(["target (largest relative standard error)", "runs", "met the target", "images used",
+                        "images used, each run", "largest error at the end",
+                        "images for the target at 1/√N (extrapolated)"], table),
+        "Fixed PreciseBN with N images: box AP on toy_coco_val and the relative standard errors, mean ± sd over "
+        "checkpoint seeds × draws (n); AP − AP(largest N) paired per seed and draw:", "",
+        markdown_table(["images N", "n", "box AP", f"AP − AP(N={SAMPLES[-1]})", "largest relative error",
+                        "median relative error (mean), backbone.bottom_up", "head.cls_subnet"], fixed),
+    ])
 
 
 def write_csv(done: Dict[str, dict], path: str) -> None:
