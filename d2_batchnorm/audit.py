@@ -47,7 +47,7 @@ from .config_kinds import ConfigKind, adapt
 from .engine.precise_bn_settings import PreciseBNSettings
 from .layers import GhostBatchNorm, LevelBatchNorm
 from .modeling import BNConvFCHead, BNMaskRCNNConvUpsampleHead, BNRetinaNetHead
-from .modeling.build import modules_of_norm_key
+from .modeling.build import modules_of_norm_key, norm_keys_of_modules
 from .tables import markdown_table
 
 __all__ = ["NormGroup", "Finding", "Audit", "RULES", "audit_config", "audit_model",
@@ -237,16 +237,10 @@ def _pair(size) -> Tuple[int, int]:
 
 def collect_groups(view: ConfigKind, model: nn.Module) -> List[NormGroup]:
     """The :class:`NormGroup` of every ``MODEL.<key>.NORM`` that configures modules of ``model``."""
-    owned: Dict[str, List[Tuple[str, nn.Module]]] = {}
-    names = {id(m): n for n, m in model.named_modules()}
-    for key in NORM_KEYS:
-        found = []
-        for root in modules_of_norm_key(model, key):
-            for m in root.modules():
-                if _is_norm(m) and id(m) in names:
-                    found.append((names[id(m)], m))
-        if found:
-            owned[key] = found
+    owner = norm_keys_of_modules(model)
+    norms = [(n, m) for n, m in model.named_modules() if _is_norm(m) and id(m) in owner]
+    owned = {key: [(n, m) for n, m in norms if owner[id(m)] == key] for key in NORM_KEYS}
+    owned = {key: found for key, found in owned.items() if found}
     calls = _trace_calls(model, [n for found in owned.values() for n, _ in found], view.input_size())
     groups = []
     for key, found in owned.items():

@@ -59,11 +59,10 @@ from torch import nn
 from .. import distributed as d2bn_dist
 from ..bn_modes import force_bn_mode
 from ..checks import check_int
-from ..config import NORM_KEYS
 from ..config_kinds import YacsConfig, adapt
 from ..layers.batch_stats import ChannelMoments
 from ..module_state import saved_bn_state
-from ..modeling.build import modules_of_norm_key
+from ..modeling.build import norm_keys_of_modules
 from ..precise_bn import bn_module_group, get_bn_modules, unwrap_model
 from ..rng import RandomStream, derive_seed
 
@@ -197,8 +196,7 @@ class BNMonitor(HookBase):
         self._period = check_int("period", period, 1)
         self._model = model
         self._modules = get_bn_modules(model)
-        owner = {id(m): key for key in NORM_KEYS for root in modules_of_norm_key(unwrap_model(model), key)
-                 for m in root.modules()}
+        owner = norm_keys_of_modules(unwrap_model(model))
         self._norm_keys = {bn_module_group(n): owner[id(m)] for n, m in self._modules if id(m) in owner}
         self._loader = data_loader
         self._batch = None

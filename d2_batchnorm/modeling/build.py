@@ -44,7 +44,7 @@ from ..layers import (
     set_ema_momentum,
 )
 
-__all__ = ["build_model", "modules_of_norm_key"]
+__all__ = ["build_model", "modules_of_norm_key", "norm_keys_of_modules"]
 
 _D2_META_ARCHS_WITH_HEAD_NORM = ("RetinaNet",)
 
@@ -97,6 +97,19 @@ def modules_of_norm_key(model: nn.Module, key: str) -> List[nn.Module]:
     backbone's other children, for RETINANET ``head`` (also FCOS's), for the R-CNN heads
     ``roi_heads.box_head`` / ``mask_head``. Modules the model lacks are left out.
     """
+    return _norm_key_roots(model)[key]
+
+
+def norm_keys_of_modules(model: nn.Module) -> Dict[int, str]:
+    """
+    ``{id(module): key}`` for every module under the roots of :func:`modules_of_norm_key`:
+    which ``MODEL.<key>.NORM`` configures it (modules outside every root are left out).
+    """
+    return {id(m): key for key, roots in _norm_key_roots(model).items() for root in roots for m in root.modules()}
+
+
+def _norm_key_roots(model: nn.Module) -> Dict[str, List[nn.Module]]:
+    """The roots of every key, in ``config.NORM_KEYS`` order (:func:`modules_of_norm_key`)."""
     backbone = getattr(model, "backbone", None)
     roi_heads = getattr(model, "roi_heads", None)
     found: Dict[str, List[nn.Module]] = {
@@ -109,4 +122,4 @@ def modules_of_norm_key(model: nn.Module, key: str) -> List[nn.Module]:
         "ROI_BOX_HEAD": [getattr(roi_heads, "box_head", None)],
         "ROI_MASK_HEAD": [getattr(roi_heads, "mask_head", None)],
     }
-    return [m for m in found[key] if m is not None]
+    return {key: [m for m in roots if m is not None] for key, roots in found.items()}
