@@ -308,8 +308,9 @@ def build_batchnorm_hooks(cfg, model: nn.Module, evaluate: Optional[Callable[[],
     ``model`` has BN modules in training mode; first, so that it never undoes PreciseBN),
     :class:`AverageBNStatistics` (``BN.EMA_ACROSS_WORKERS: average`` with several workers
     and BN modules in training mode), :class:`PreciseBN` (when enabled and ``model`` has
-    BN modules in training mode; ``evaluate`` is its EMA evaluation), :class:`FrozenBNLate` (when the last iterations to
-    freeze are > 0), which computes precise statistics right before freezing, then
+    BN modules in training mode; ``evaluate`` is its EMA evaluation), :class:`FrozenBNLate`
+    (when the last iterations to freeze are > 0), which computes precise statistics right
+    before freezing, then
     :class:`~d2_batchnorm.engine.bn_monitor.BNMonitor` (``BN.MONITOR.ENABLED``).
     """
     hooks: List[HookBase] = []

@@ -1,14 +1,15 @@
 """
 Hooks do not perturb the training they observe: with a fixed SEED, a toy Mask R-CNN with
 RoI-shuffle BN heads (random augmentation, RoI sampling and shuffle permutations: every
-source of randomness a detection training has) trains bitwise identically with evaluation at all switched on or off, with mini-batch-
-statistics evaluation, and with every observer at once — PreciseBN (and its EMA
-evaluation), the BN monitor (its loader, gap forwards and collectives) and running
-statistics kept per worker instead of averaged — in 2 gloo processes (the non-finite
-guard, on by default, in all of them; tests/engine/test_bn_guard.py checks it changes
-nothing in a finite training); FrozenBN late changes nothing before it freezes. The
-observers share one run (a training each of them perturbed would differ from "base"
-unless two perturbations cancelled bitwise), which keeps the test at 5 trainings.
+source of randomness a detection training has) trains bitwise identically with evaluation
+at all switched on or off, with mini-batch-statistics evaluation, and with every observer
+at once — PreciseBN (and its EMA evaluation), the BN monitor (its loader, gap forwards
+and collectives) and running statistics kept per worker instead of averaged — in 2 gloo
+processes (the non-finite guard, on by default, in all of them;
+tests/engine/test_bn_guard.py checks it changes nothing in a finite training); FrozenBN
+late changes nothing before it freezes. The observers share one run (a training any of
+them perturbed would differ from "base" unless two perturbations cancelled bitwise), which
+keeps the test at 5 trainings.
 """
 import os
 
