@@ -181,11 +181,7 @@ class PreciseBN(HookBase):
             if callable(self._loader) and not isinstance(self._loader, Iterable):
                 self._loader = self._loader()
             self._iter = iter(self._loader)
-        while True:
-            try:
-                batch = next(self._iter)
-            except StopIteration:
-                return
+        for batch in self._iter:  # not "yield from", which would close the kept iterator with this generator
             yield batch
 
     def update_stats(self) -> Optional[PreciseBNResult]:
