@@ -85,13 +85,12 @@ def mini_batch_statistics(model: nn.Module):
     batches, so syncing could deadlock. Running buffers, ``sync_stats`` and modes are
     restored when the block ends.
     """
-    modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     syncs = [(m, m.sync_stats) for m in model.modules() if hasattr(m, "sync_stats")]
-    with saved_bn_state(model, modules) as restore_buffers:
+    with saved_bn_state(model) as restore_buffers:  # both: every BN module of model
         for m, _ in syncs:
             m.sync_stats = False
         try:
-            with force_bn_mode(model, True, modules):
+            with force_bn_mode(model, True):
                 yield
         finally:
             restore_buffers()
