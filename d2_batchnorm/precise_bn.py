@@ -425,16 +425,13 @@ def _run_batches(data_loader, early_exit: EarlyExit, recorder: _StatisticsRecord
     used, some rank runs out of batches, or ``target`` is reached. Returns (batches used,
     global images used).
     """
-    by_samples = num_samples is not None
-    bar = None
-    if progress == "tqdm":
-        import tqdm
+    import tqdm
 
-        bar = tqdm.tqdm(total=num_samples if by_samples else num_iters, desc="PreciseBN",
-                        unit="img" if by_samples else "it")
-    it = iter(data_loader)
-    iters, seen = 0, 0
-    try:
+    by_samples = num_samples is not None
+    with tqdm.tqdm(total=num_samples if by_samples else num_iters, desc="PreciseBN",
+                   unit="img" if by_samples else "it", disable=progress != "tqdm") as bar:
+        it = iter(data_loader)
+        iters, seen = 0, 0
         while (seen < num_samples) if by_samples else (iters < num_iters):
             batch = next(it, _END)
             ended = batch is _END
@@ -455,13 +452,9 @@ def _run_batches(data_loader, early_exit: EarlyExit, recorder: _StatisticsRecord
             recorder.end_batch()
             iters += 1
             seen += int(agreed[1])
-            if bar is not None:
-                bar.update(int(agreed[1]) if by_samples else 1)
+            bar.update(int(agreed[1]) if by_samples else 1)
             if target is not None and target.reached_after(iters):
                 break
-    finally:
-        if bar is not None:
-            bar.close()
     return iters, seen
 
 
