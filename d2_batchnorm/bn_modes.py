@@ -64,10 +64,7 @@ def force_bn_mode(model: nn.Module, training: bool, modules: Optional[List[_Batc
     def post(module, args, output):
         module.training = saved.pop(id(module), module.training)
 
-    handles = []
-    for m in modules:
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     try:
         yield modules
     finally:

@@ -77,8 +77,7 @@ class EarlyExit:
 
     def __enter__(self) -> "EarlyExit":
         log = self._calls.append
-        for m in self._modules:
-            self._handles.append(m.register_forward_pre_hook(lambda mod, args: log(mod)))
+        self._handles = [m.register_forward_pre_hook(lambda mod, args: log(mod)) for m in self._modules]
         if self.plan is not None:
             self._set_plan(self.plan)
         return self

@@ -271,8 +271,9 @@ class BNMonitor(HookBase):
     def _buffer_health(self, step: Optional[_StepStatistics]) -> Dict[str, float]:
         groups = sorted({bn_module_group(n) for n, _ in self._modules})
         index = {g: i for i, g in enumerate(groups)}
-        # per group: [nonfinite, skipped, divergence, mean shift, var ratio, collapsed var, collapsed gamma]
-        local = torch.zeros(len(groups), 7, dtype=torch.float64)
+        names = ("nonfinite", "skipped_batches", "rank_divergence", "batch_mean_shift", "batch_var_ratio",
+                 "collapsed_var", "collapsed_gamma")  # the columns of local, one row per group
+        local = torch.zeros(len(groups), len(names), dtype=torch.float64)
         channels = torch.zeros(len(groups), dtype=torch.float64)
         shifts = self._distances(step) if step is not None else {}
         per_module = []  # for the divergence: [m, v, -m, -v] flattened, per module
@@ -296,7 +297,7 @@ class BNMonitor(HookBase):
         local[:, 5:] /= channels.clamp(min=1).unsqueeze(1)
         # ONE collective: maxima (and minima, negated) of buffers, and the maxima of the rest
         reduced = d2bn_dist.all_reduce_max_(torch.cat([flat, local.flatten()]).to(self._device())).cpu()
-        flat, local = reduced[: flat.numel()], reduced[flat.numel():].view(len(groups), 7).clone()
+        flat, local = reduced[: flat.numel()], reduced[flat.numel():].view(len(groups), len(names)).clone()
         sizes = [m.running_mean.numel() for _, m in self._modules]
         for (name, m), c, part in zip(self._modules, sizes, flat.split([4 * c for c in sizes])):
             hi_m, hi_v, lo_m, lo_v = part.view(4, c)
@@ -304,15 +305,9 @@ class BNMonitor(HookBase):
             div = torch.maximum((hi_m - lo_m) / (hi_v + m.eps).sqrt(), (hi_v - lo_v) / (hi_v + m.eps))
             row = local[index[bn_module_group(name)]]
             row[2] = max(float(row[2]), float(div.max()) if div.numel() else 0.0)
-        names = ("nonfinite", "skipped_batches", "rank_divergence", "batch_mean_shift", "batch_var_ratio",
-                 "collapsed_var", "collapsed_gamma")
-        out = {}
-        for g, i in index.items():
-            for j, q in enumerate(names):
-                if step is None and q in ("batch_mean_shift", "batch_var_ratio"):
-                    continue
-                out[f"bn_monitor/{q}/{g}"] = float(local[i, j])
-        return out
+        unmeasured = ("batch_mean_shift", "batch_var_ratio") if step is None else ()
+        return {f"bn_monitor/{q}/{g}": float(local[i, j])
+                for g, i in index.items() for j, q in enumerate(names) if q not in unmeasured}
 
     def _device(self) -> torch.device:
         return self._modules[0][1].running_mean.device
