@@ -192,8 +192,7 @@ class PreciseBN(HookBase):
         if self.disabled:
             return None
         ema = snapshot_bn_statistics(self._model)
-        # the model's own training-mode scalars are discarded; every random draw (loader,
-        # augmentations, RoI sampling and shuffling) comes from the hook's own stream
+        # the model's own training-mode scalars are discarded; every random draw uses the hook's stream
         with EventStorage(), self._rng:
             result = update_bn_stats(
                 self._model,

@@ -129,6 +129,5 @@ class BNTrainer(DefaultTrainer):
         (:func:`~d2_batchnorm.rng.preserved_rng_state`), so evaluating during training
         does not change the training.
         """
-        # an evaluation during training must not perturb it
         with preserved_rng_state(), inference_statistics(model, cfg.TEST.BN_STATS):
             return super().test(cfg, model, evaluators)
