@@ -1,7 +1,4 @@
-"""
-``BNTrainer``: detectron2's ``DefaultTrainer`` with d2_batchnorm's model builder, config
-validation and a DistributedDataParallel wrapping that also works for CPU modules (gloo).
-"""
+"""``BNTrainer`` (what it changes in detectron2's ``DefaultTrainer``: its docstring) and its DDP wrapping."""
 import logging
 import weakref
 
