@@ -330,9 +330,8 @@ def update_bn_stats(
         progress: "tqdm" for a progress bar, or None.
         num_samples: images over all workers together (see :func:`count_samples`); batches
             are used until the global count reaches it (the last batch is used whole).
-        stop_plans: where the model's stop plan is kept for later calls (a caller that runs
-            it again on the same model, like the PreciseBN hook, keeps one); default: a
-            plan for this call only.
+        stop_plans: the :class:`~d2_batchnorm.early_exit.StopPlans` of a caller that runs
+            it again on the same model; default: a plan for this call only.
         target_rel_error: > 0 stops drawing batches as soon as every module's relative
             standard error (:mod:`d2_batchnorm.standard_errors`: of its mean and standard
             deviation, relative to the population standard deviation, largest over its
