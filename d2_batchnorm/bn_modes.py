@@ -64,10 +64,7 @@ def force_bn_mode(model: nn.Module, training: bool, modules: Optional[List[_Batc
     def post(module, args, output):
         module.training = saved.pop(id(module), module.training)
 
-    handles = []
-    for m in modules:
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     try:
         yield modules
     finally:
@@ -85,13 +82,12 @@ def mini_batch_statistics(model: nn.Module):
     batches, so syncing could deadlock. Running buffers, ``sync_stats`` and modes are
     restored when the block ends.
     """
-    modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     syncs = [(m, m.sync_stats) for m in model.modules() if hasattr(m, "sync_stats")]
-    with saved_bn_state(model, modules) as restore_buffers:
+    with saved_bn_state(model) as restore_buffers:  # both: every BN module of model
         for m, _ in syncs:
             m.sync_stats = False
         try:
-            with force_bn_mode(model, True, modules):
+            with force_bn_mode(model, True):
                 yield
         finally:
             restore_buffers()

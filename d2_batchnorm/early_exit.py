@@ -29,22 +29,14 @@ class _StopPlan(NamedTuple):
 
 class StopPlans:
     """
-    The stop plan learned for each model (keyed by the unwrapped model, forgotten with it),
-    kept by whoever runs :func:`~d2_batchnorm.update_bn_stats` on the same model again —
-    the PreciseBN hook's periodic runs in a training — so later calls need no full forward.
+    The stop plan learned for each model (``by_model``: keyed by the unwrapped model,
+    forgotten with it), kept by whoever runs :func:`~d2_batchnorm.update_bn_stats` on the
+    same model again — the PreciseBN hook's periodic runs in a training — so later calls
+    need no full forward.
     """
 
     def __init__(self):
-        self._plans: "weakref.WeakKeyDictionary[nn.Module, _StopPlan]" = weakref.WeakKeyDictionary()
-
-    def get(self, net: nn.Module) -> Optional[_StopPlan]:
-        return self._plans.get(net)
-
-    def set(self, net: nn.Module, plan: Optional[_StopPlan]) -> None:
-        if plan is None:
-            self._plans.pop(net, None)
-        else:
-            self._plans[net] = plan
+        self.by_model: "weakref.WeakKeyDictionary[nn.Module, _StopPlan]" = weakref.WeakKeyDictionary()
 
 
 class EarlyExit:
@@ -72,14 +64,12 @@ class EarlyExit:
     """
 
     def __init__(self, net: nn.Module, modules: Sequence[nn.Module], plans: StopPlans):
-        self._net, self._plans = net, plans
+        self._net, self._plans = net, plans.by_model
         self._modules = tuple(modules)
         self._watched = {id(m) for m in modules}
-        plan = plans.get(net)
-        same = plan is not None and len(plan.modules) == len(self._modules) and all(
-            a is b for a, b in zip(plan.modules, self._modules)
-        )
-        self.plan: Optional[_StopPlan] = plan if same else None
+        plan = self._plans.get(net)
+        # modules compare by identity (nn.Module defines no __eq__: named_modules hashes them)
+        self.plan: Optional[_StopPlan] = plan if plan is not None and plan.modules == self._modules else None
         self._calls: List[nn.Module] = []  # statistics modules called in this forward
         self._ends = 0
         self._handles = []
@@ -87,8 +77,7 @@ class EarlyExit:
 
     def __enter__(self) -> "EarlyExit":
         log = self._calls.append
-        for m in self._modules:
-            self._handles.append(m.register_forward_pre_hook(lambda mod, args: log(mod)))
+        self._handles = [m.register_forward_pre_hook(lambda mod, args: log(mod)) for m in self._modules]
         if self.plan is not None:
             self._set_plan(self.plan)
         return self
@@ -118,7 +107,7 @@ class EarlyExit:
         except _StopForward:
             return
         logger.info("update_bn_stats: a forward did not stop where planned; learning the plan again")
-        self._plans.set(self._net, None)
+        self._plans.pop(self._net, None)
         self._set_plan(None)
 
     def _learn(self, batch: Any) -> None:
@@ -154,12 +143,10 @@ class EarlyExit:
             stop_module=module,
             stop_count=sum(1 for is_start, m in events[: stop + 1] if not is_start and m is module),
         )
-        self._plans.set(self._net, plan)
+        self._plans[self._net] = plan
         self._set_plan(plan)
 
     def _maybe_stop(self, module, args, output) -> None:
         self._ends += 1
-        if self._ends == self.plan.stop_count and len(self._calls) == len(self.plan.calls) and all(
-            a is b for a, b in zip(self._calls, self.plan.calls)
-        ):
+        if self._ends == self.plan.stop_count and tuple(self._calls) == self.plan.calls:
             raise _StopForward()

@@ -25,9 +25,7 @@ def saved_bn_state(model: nn.Module, modules: Optional[Sequence[_BatchNorm]] = N
     ``restore_buffers()``, a function that copies the saved buffers back (in place; callable
     any number of times). If the block raises, the buffers are restored and the error
     propagates; the scalars are restored whenever the block ends (and scalars the block
-    created are removed), so forwards inside it leave no trace in later training. Used by
-    :func:`~d2_batchnorm.update_bn_stats` and by ``bn_modes.mini_batch_statistics`` (which
-    calls ``restore_buffers`` in a finally).
+    created are removed), so forwards inside it leave no trace in later training.
     """
     if modules is None:
         modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]

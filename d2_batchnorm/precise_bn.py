@@ -11,11 +11,9 @@ appendix).
 The math. A call of a BN module with input ``x`` of shape (N, C, *) contributes, per
 channel, ``n = N * prod(*)`` samples summarized as float64 moments (count, mean, sum of
 squared deviations ``M2``), which pool exactly (Chan et al.; the batched form
-:meth:`d2_batchnorm.layers.batch_stats.ChannelMoments.pooled`). At the end every rank's
-moments are placed in its own row of a (world_size, K) zero tensor, one all-reduce (sum)
-gathers the rows on every rank (besides a two-number all-reduce per batch, by which the
-ranks agree to go on), and every rank pools the rows — the same float64
-operations on the same numbers, so all ranks end with bitwise-identical buffers::
+:meth:`d2_batchnorm.layers.batch_stats.ChannelMoments.pooled`). At the end one all-reduce
+gathers every rank's moments and every rank pools them with the same float64 operations
+(:func:`_reduce_moments`), so all ranks end with bitwise-identical buffers::
 
     running_mean = mean        running_var = M2 / n     (population / biased variance)
 
@@ -182,23 +180,22 @@ def _reads_own_statistics(m: _BatchNorm) -> bool:
 class _StatisticsRecorder:
     """
     Within its ``with`` block, records the statistics of every call's input of the
-    statistics modules: one float64 :class:`ChannelMoments` per module (:meth:`moments`),
-    with one row per row of its buffers (tensor i of a list input pools into row i of
-    (L, C) buffers), and the :class:`~d2_batchnorm.standard_errors.UnitSums` of its
-    sampling units (:meth:`unit_sums`). Modules of :func:`_reads_own_statistics` run with
-    momentum 1.0 (restored by :func:`saved_bn_state`): after a call their buffers hold its
-    input's batch mean and unbiased variance, which :meth:`read_batch_statistics` reads (no
-    second pass over the activations). Synchronized and custom norms (own ``forward``) are
-    measured from their input by :meth:`measure_input` (the rounded batch mean as shift:
+    statistics modules: one float64 :class:`ChannelMoments` per module, with one row per
+    row of its buffers (tensor i of a list input pools into row i of (L, C) buffers), and
+    the :class:`~d2_batchnorm.standard_errors.UnitSums` of its sampling units (both:
+    :meth:`snapshot`). Modules of :func:`_reads_own_statistics` run with momentum 1.0
+    (restored by :func:`saved_bn_state`): after a call their buffers hold its input's batch
+    mean and unbiased variance, which :meth:`read_batch_statistics` reads (no second pass
+    over the activations). Synchronized and custom norms (own ``forward``) are measured
+    from their input by :meth:`measure_input` (the rounded batch mean as shift:
     :meth:`ChannelMoments.of` with all samples).
 
-    Either way a call becomes one :class:`ChannelMoments` (a torch BN's buffers copied to
-    float64; the next call overwrites them). :meth:`end_batch` pools a module's calls of one
-    forward into one unit (the unit of the standard errors: one worker's batch). The float64
-    pooling of the units, :meth:`ChannelMoments.pooled`, runs once per ``POOL_EVERY`` units
-    and at the end, a fixed number of operations per module instead of a sequential merge
-    per call; :meth:`snapshot` pools without changing that order, so reading the
-    statistics mid-way leaves the final ones bitwise unchanged.
+    Either way a call becomes one :class:`ChannelMoments`. :meth:`end_batch` pools a
+    module's calls of one forward into one unit (the unit of the standard errors: one
+    worker's batch). The float64 pooling of the units, :meth:`ChannelMoments.pooled`, runs
+    once per ``POOL_EVERY`` units and at the end, a fixed number of operations per module
+    instead of a sequential merge per call; :meth:`snapshot` pools without changing that
+    order, so reading the statistics mid-way leaves the final ones bitwise unchanged.
     """
 
     POOL_EVERY = 64  # units of one module kept before they are pooled (bounds the memory)
@@ -227,23 +224,13 @@ class _StatisticsRecorder:
         for h in self._handles:
             h.remove()
 
-    def moments(self) -> List[ChannelMoments]:
-        """The moments of every unit so far, one per module in ``modules`` order."""
-        for m in self.modules:
-            self._pool(m)
-        return [self._pooled[id(m)] for m in self.modules]
-
-    def unit_sums(self) -> List[Optional[UnitSums]]:
-        """The unit sums of every module (None: never called), after :meth:`moments`."""
-        return [self._unit_sums[id(m)] for m in self.modules]
-
     def snapshot(self) -> Tuple[List[ChannelMoments], List[Optional[UnitSums]]]:
-        """:meth:`moments` and :meth:`unit_sums` so far, leaving the recorder as it was."""
+        """
+        The moments and the unit sums (None: never called) of every unit so far, one per
+        module in ``modules`` order; the recorder is left as it was.
+        """
         both = [self._with_pending(m) for m in self.modules]
         return [moments for moments, _ in both], [sums for _, sums in both]
-
-    def _add(self, module: _BatchNorm, call: ChannelMoments) -> None:
-        self._calls[id(module)].append(call)
 
     def end_batch(self) -> None:
         """Pools every module's calls of the forward that just ran into one unit."""
@@ -255,7 +242,8 @@ class _StatisticsRecorder:
             self._calls[id(m)] = []
             self._pending[id(m)].append(unit)
             if len(self._pending[id(m)]) >= self.POOL_EVERY:
-                self._pool(m)
+                self._pooled[id(m)], self._unit_sums[id(m)] = self._with_pending(m)
+                self._pending[id(m)] = []
 
     def _with_pending(self, module: _BatchNorm) -> Tuple[ChannelMoments, Optional[UnitSums]]:
         """The module's pooled moments and unit sums with its pending units added (float64, batched)."""
@@ -265,10 +253,6 @@ class _StatisticsRecorder:
         units = _stacked(pending)
         pooled = ChannelMoments(*(torch.cat([a.unsqueeze(0), b]) for a, b in zip(pooled, units))).pooled()
         return pooled, (sums or UnitSums.start(pending[0])).add(units)
-
-    def _pool(self, module: _BatchNorm) -> None:
-        self._pooled[id(module)], self._unit_sums[id(module)] = self._with_pending(module)
-        self._pending[id(module)] = []
 
     def measure_input(self, module: _BatchNorm, args: Tuple[Any, ...]) -> None:
         """Forward pre-hook: measures the moments of the call's input (its first argument)."""
@@ -286,17 +270,13 @@ class _StatisticsRecorder:
                     f"{tuple(module.running_mean.shape)} must be called with a list of "
                     f"{rows} tensors; got {type(x).__name__}"
                 )
-            self._add(module, _measure(module, *x))
+            self._calls[id(module)].append(_measure(module, *x))
         else:
             for t in x if isinstance(x, (list, tuple)) else [x]:
-                self._add(module, _measure(module, t))
+                self._calls[id(module)].append(_measure(module, t))
 
     def read_batch_statistics(self, module: _BatchNorm, args: Tuple[Any, ...], output) -> None:
-        """
-        Forward hook of a torch BN run with momentum 1.0: its buffers hold the batch mean
-        and the unbiased batch variance of this call's input (n samples per channel), so
-        ``M2 = running_var * (n - 1)``.
-        """
+        """Forward hook of a torch BN run with momentum 1.0 (class docstring): ``M2 = running_var * (n - 1)``."""
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{type(module).__name__} must be called with a Tensor; got {type(x).__name__}")
@@ -304,7 +284,7 @@ class _StatisticsRecorder:
         if n > 0:  # one row; float64 copies, as the next call overwrites the buffers
             mean = module.running_mean.to(torch.float64, copy=True).unsqueeze(0)
             m2 = module.running_var.to(torch.float64, copy=True).unsqueeze(0).mul_(n - 1)
-            self._add(module, ChannelMoments(mean.new_full((1,), float(n)), mean, m2))
+            self._calls[id(module)].append(ChannelMoments(mean.new_full((1,), float(n)), mean, m2))
 
 
 def _stacked(moments: Sequence[ChannelMoments]) -> ChannelMoments:
@@ -350,9 +330,8 @@ def update_bn_stats(
         progress: "tqdm" for a progress bar, or None.
         num_samples: images over all workers together (see :func:`count_samples`); batches
             are used until the global count reaches it (the last batch is used whole).
-        stop_plans: where the model's stop plan is kept for later calls (a caller that runs
-            it again on the same model, like the PreciseBN hook, keeps one); default: a
-            plan for this call only.
+        stop_plans: the :class:`~d2_batchnorm.early_exit.StopPlans` of a caller that runs
+            it again on the same model; default: a plan for this call only.
         target_rel_error: > 0 stops drawing batches as soon as every module's relative
             standard error (:mod:`d2_batchnorm.standard_errors`: of its mean and standard
             deviation, relative to the population standard deviation, largest over its
@@ -404,8 +383,9 @@ def update_bn_stats(
                 "BN statistics are unchanged"
             )
             return PreciseBNResult(0, 0, 0, time.perf_counter() - start, ())
-        pooled = _reduce_moments(recorder.moments())
-        errors = _global_errors(named, recorder.unit_sums(), pooled)
+        moments, unit_sums = recorder.snapshot()
+        pooled = _reduce_moments(moments)
+        errors = _global_errors(named, unit_sums, pooled)
         # the forwards moved the EMA buffers (and num_batches_tracked): undo, then write
         restore_buffers()
         updated, uncalled = 0, []
@@ -444,16 +424,13 @@ def _run_batches(data_loader, early_exit: EarlyExit, recorder: _StatisticsRecord
     used, some rank runs out of batches, or ``target`` is reached. Returns (batches used,
     global images used).
     """
-    by_samples = num_samples is not None
-    bar = None
-    if progress == "tqdm":
-        import tqdm
+    import tqdm
 
-        bar = tqdm.tqdm(total=num_samples if by_samples else num_iters, desc="PreciseBN",
-                        unit="img" if by_samples else "it")
-    it = iter(data_loader)
-    iters, seen = 0, 0
-    try:
+    by_samples = num_samples is not None
+    with tqdm.tqdm(total=num_samples if by_samples else num_iters, desc="PreciseBN",
+                   unit="img" if by_samples else "it", disable=progress != "tqdm") as bar:
+        it = iter(data_loader)
+        iters, seen = 0, 0
         while (seen < num_samples) if by_samples else (iters < num_iters):
             batch = next(it, _END)
             ended = batch is _END
@@ -474,13 +451,9 @@ def _run_batches(data_loader, early_exit: EarlyExit, recorder: _StatisticsRecord
             recorder.end_batch()
             iters += 1
             seen += int(agreed[1])
-            if bar is not None:
-                bar.update(int(agreed[1]) if by_samples else 1)
+            bar.update(int(agreed[1]) if by_samples else 1)
             if target is not None and target.reached_after(iters):
                 break
-    finally:
-        if bar is not None:
-            bar.close()
     return iters, seen
 
 
@@ -497,20 +470,16 @@ def _global_errors(named, unit_sums: List[Optional[UnitSums]], pooled: List[Chan
     flat = torch.cat([c.flatten() for c in centered])
     if dist_utils.group_size() > 1:
         flat = dist_utils.sum_over_ranks(flat)
-    errors, offset = {}, 0
-    for (name, m), c, moments in zip(named, centered, pooled):
-        errors[name] = relative_errors(flat[offset : offset + c.numel()].view(c.shape), moments, m.eps)
-        offset += c.numel()
-    return errors
+    summed = flat.split([c.numel() for c in centered])
+    return {name: relative_errors(total.view(c.shape), moments, m.eps)
+            for (name, m), c, total, moments in zip(named, centered, summed, pooled)}
 
 
 class _ErrorTarget:
     """
-    The stop rule of an adaptive :func:`update_bn_stats`: after batch ``iters`` (from the
-    first batch with ``MIN_UNITS`` units over all workers, at every batch up to 20, then
-    every ~10% more), the statistics so far of all workers (a snapshot: the
-    recorder is left as it was) and their standard errors; reached when the largest is at
-    most ``target``. Every rank computes the same numbers at the same batches.
+    The stop rule of ``target_rel_error`` (:func:`update_bn_stats`, which says when it is
+    checked): the standard errors of a snapshot of all workers' statistics so far; reached
+    when the largest is at most ``target``. Every rank computes the same numbers.
     """
 
     def __init__(self, named, recorder: _StatisticsRecorder, target: float):
@@ -544,11 +513,6 @@ def _reduce_moments(local: List[ChannelMoments]) -> List[ChannelMoments]:
     rows = flat.new_zeros(world, flat.numel())
     rows[rank] = flat
     dist_utils.all_reduce_sum_(rows)
-    pooled, offset = [], 0
-    for moments in local:
-        per_rank = []  # each field with a leading rank dimension
-        for t in moments:
-            per_rank.append(rows[:, offset : offset + t.numel()].unflatten(1, t.shape))
-            offset += t.numel()
-        pooled.append(ChannelMoments(*per_rank).pooled())
-    return pooled
+    columns = iter(rows.split([t.numel() for moments in local for t in moments], dim=1))
+    # each field with a leading rank dimension
+    return [ChannelMoments(*(next(columns).unflatten(1, t.shape) for t in moments)).pooled() for moments in local]

@@ -40,9 +40,8 @@ sum); the gap is averaged (one sum). Every rank must register the hook.
 
 The monitor does not perturb training: the distances are read by forward pre-hooks that
 exist during the monitored step only and change nothing; the gap's batch is drawn once from
-the hook's own loader in its own :class:`~d2_batchnorm.rng.RandomStream`, its forwards run
-without gradients in a stream of their own (the same seed for both, so RoI sampling and
-shuffling are identical), and every BN buffer and module scalar is restored after each.
+the hook's own loader in its own :class:`~d2_batchnorm.rng.RandomStream`, and its forwards
+leave no trace (:func:`leakage_losses`).
 """
 import logging
 import time
@@ -272,8 +271,9 @@ class BNMonitor(HookBase):
     def _buffer_health(self, step: Optional[_StepStatistics]) -> Dict[str, float]:
         groups = sorted({bn_module_group(n) for n, _ in self._modules})
         index = {g: i for i, g in enumerate(groups)}
-        # per group: [nonfinite, skipped, divergence, mean shift, var ratio, collapsed var, collapsed gamma]
-        local = torch.zeros(len(groups), 7, dtype=torch.float64)
+        names = ("nonfinite", "skipped_batches", "rank_divergence", "batch_mean_shift", "batch_var_ratio",
+                 "collapsed_var", "collapsed_gamma")  # the columns of local, one row per group
+        local = torch.zeros(len(groups), len(names), dtype=torch.float64)
         channels = torch.zeros(len(groups), dtype=torch.float64)
         shifts = self._distances(step) if step is not None else {}
         per_module = []  # for the divergence: [m, v, -m, -v] flattened, per module
@@ -296,27 +296,18 @@ class BNMonitor(HookBase):
         flat = torch.cat(per_module)
         local[:, 5:] /= channels.clamp(min=1).unsqueeze(1)
         # ONE collective: maxima (and minima, negated) of buffers, and the maxima of the rest
-        reduced = d2bn_dist.all_reduce_max_(torch.cat([flat, local.flatten()]).to(self._device()))
-        reduced = reduced.cpu()
-        flat, local = reduced[: flat.numel()], reduced[flat.numel():].view(len(groups), 7).clone()
-        offset = 0
-        for name, m in self._modules:
-            c = m.running_mean.numel()
-            hi_m, hi_v, lo_m, lo_v = flat[offset: offset + 4 * c].view(4, c)
-            offset += 4 * c
+        reduced = d2bn_dist.all_reduce_max_(torch.cat([flat, local.flatten()]).to(self._device())).cpu()
+        flat, local = reduced[: flat.numel()], reduced[flat.numel():].view(len(groups), len(names)).clone()
+        sizes = [m.running_mean.numel() for _, m in self._modules]
+        for (name, m), c, part in zip(self._modules, sizes, flat.split([4 * c for c in sizes])):
+            hi_m, hi_v, lo_m, lo_v = part.view(4, c)
             lo_m, lo_v = -lo_m, -lo_v
             div = torch.maximum((hi_m - lo_m) / (hi_v + m.eps).sqrt(), (hi_v - lo_v) / (hi_v + m.eps))
             row = local[index[bn_module_group(name)]]
             row[2] = max(float(row[2]), float(div.max()) if div.numel() else 0.0)
-        names = ("nonfinite", "skipped_batches", "rank_divergence", "batch_mean_shift", "batch_var_ratio",
-                 "collapsed_var", "collapsed_gamma")
-        out = {}
-        for g, i in index.items():
-            for j, q in enumerate(names):
-                if step is None and q in ("batch_mean_shift", "batch_var_ratio"):
-                    continue
-                out[f"bn_monitor/{q}/{g}"] = float(local[i, j])
-        return out
+        unmeasured = ("batch_mean_shift", "batch_var_ratio") if step is None else ()
+        return {f"bn_monitor/{q}/{g}": float(local[i, j])
+                for g, i in index.items() for j, q in enumerate(names) if q not in unmeasured}
 
     def _device(self) -> torch.device:
         return self._modules[0][1].running_mean.device
@@ -352,8 +343,7 @@ class BNMonitor(HookBase):
                 loader = self._loader() if callable(self._loader) and not isinstance(self._loader, Iterable) else self._loader
                 self._batch = next(iter(loader))
         losses = leakage_losses(self._model, self._batch, derive_seed("BNMonitor.gap", self._seed))
-        keys = sorted(losses["batch"])
-        keys = [k for k in keys if k.startswith("loss") or k == "total_loss"]
+        keys = [k for k in sorted(losses["batch"]) if k.startswith("loss") or k == "total_loss"]
         gaps = torch.tensor([losses["population"][k] - losses["batch"][k] for k in keys] + [losses["batch"]["total_loss"]],
                             dtype=torch.float64)
         gaps = d2bn_dist.sum_over_ranks(gaps.to(self._device())).cpu() / d2bn_dist.group_size()

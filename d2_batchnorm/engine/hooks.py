@@ -181,11 +181,7 @@ class PreciseBN(HookBase):
             if callable(self._loader) and not isinstance(self._loader, Iterable):
                 self._loader = self._loader()
             self._iter = iter(self._loader)
-        while True:
-            try:
-                batch = next(self._iter)
-            except StopIteration:
-                return
+        for batch in self._iter:  # not "yield from", which would close the kept iterator with this generator
             yield batch
 
     def update_stats(self) -> Optional[PreciseBNResult]:
@@ -196,8 +192,7 @@ class PreciseBN(HookBase):
         if self.disabled:
             return None
         ema = snapshot_bn_statistics(self._model)
-        # the model's own training-mode scalars are discarded; every random draw (loader,
-        # augmentations, RoI sampling and shuffling) comes from the hook's own stream
+        # the model's own training-mode scalars are discarded; every random draw uses the hook's stream
         with EventStorage(), self._rng:
             result = update_bn_stats(
                 self._model,

@@ -1,7 +1,6 @@
 """
-Precise statistics for a trained model, as training computes them: evaluate with the
-statistics the model holds, recompute them with the PreciseBN hook of its config, evaluate
-again. ``d2bn precise-bn`` (a checkpoint) and ``d2bn audit --eval`` run it.
+Precise statistics for a trained model, as training computes them (:func:`recompute_and_evaluate`);
+``d2bn precise-bn`` (a checkpoint) and ``d2bn audit --eval`` run it.
 """
 from typing import Dict, NamedTuple, Optional
 

@@ -1,7 +1,4 @@
-"""
-``BNTrainer``: detectron2's ``DefaultTrainer`` with d2_batchnorm's model builder, config
-validation and a DistributedDataParallel wrapping that also works for CPU modules (gloo).
-"""
+"""``BNTrainer`` (what it changes in detectron2's ``DefaultTrainer``: its docstring) and its DDP wrapping."""
 import logging
 import weakref
 
@@ -129,6 +126,5 @@ class BNTrainer(DefaultTrainer):
         (:func:`~d2_batchnorm.rng.preserved_rng_state`), so evaluating during training
         does not change the training.
         """
-        # an evaluation during training must not perturb it
         with preserved_rng_state(), inference_statistics(model, cfg.TEST.BN_STATS):
             return super().test(cfg, model, evaluators)
