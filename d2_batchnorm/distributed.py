@@ -3,9 +3,8 @@ The one place where d2_batchnorm calls torch.distributed for its own collectives
 home of sync groups (the rule for their size, their creation, the group a norm reduces over).
 
 Everything here is a no-op (or the identity) when torch.distributed is not initialized,
-so callers never branch on it themselves; the sums run their collective for a group of one
-process too (the identity in value; :func:`active_sync_group` tells the norms when there is
-nothing to synchronize).
+so callers never branch on it themselves (a group of one process still runs the sums'
+collective: :func:`sum_over_ranks`).
 Rank/world helpers come from :mod:`detectron2.utils.comm`; object gathers use
 ``comm.all_gather``. Tensors stay on their device: CPU tensors under gloo, CUDA tensors
 under NCCL.

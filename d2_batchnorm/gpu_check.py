@@ -32,6 +32,7 @@ torch's kernels exist only for CUDA), which is how the tests keep this module wo
 machines without a GPU.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -357,7 +358,7 @@ def training_checks(iterations: int = 3, timeout: float = 240.0) -> List[CheckRe
             except subprocess.TimeoutExpired:
                 ok, detail = False, [f"no result within {timeout:.0f} s"]
             losses = _losses(os.path.join(out, "metrics.json"))
-            ok = ok and bool(losses) and all(map(_finite, losses))
+            ok = ok and bool(losses) and all(map(math.isfinite, losses))
             seconds = time.perf_counter() - start
         results.append(CheckResult(f"train_net --num-gpus 1, AMP, {iterations} it: {name}", 0.0 if ok else 1.0, 0.0,
                                    "exit 0, finite losses", ms=seconds * 1e3,
@@ -371,10 +372,6 @@ def _losses(path: str) -> List[float]:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [row["total_loss"] for row in rows if "total_loss" in row]
-
-
-def _finite(v: float) -> bool:
-    return v == v and abs(v) != float("inf")
 
 
 def run_all(device: torch.device, train: bool = False) -> List[CheckResult]:

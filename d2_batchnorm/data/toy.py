@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
 
 import numpy as np
+from detectron2.structures.masks import polygon_area
 from PIL import Image, ImageDraw
 
 __all__ = [
@@ -100,11 +101,6 @@ def _polygon(category: str, x0: float, y0: float, size: float) -> List[Tuple[flo
         (cx + r * math.cos(2 * math.pi * k / 24), cy + r * math.sin(2 * math.pi * k / 24))
         for k in range(24)
     ]
-
-
-def _polygon_area(points: List[Tuple[float, float]]) -> float:
-    xs, ys = np.array(points).T
-    return float(0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
 
 
 def _noisy_canvas(rng: np.random.Generator, s: int, color, noise_std: float):
@@ -205,7 +201,7 @@ def generate_toy_coco(root: str, spec: ToyDatasetSpec = ToyDatasetSpec()) -> Dic
                         "image_id": image_id,
                         "category_id": category + 1,
                         "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                        "area": _polygon_area(points),
+                        "area": float(polygon_area(*np.array(points).T)),
                         "segmentation": [[round(c, 2) for p in points for c in p]],
                         "iscrowd": 0,
                     }

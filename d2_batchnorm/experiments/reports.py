@@ -20,30 +20,18 @@ def _fmt(value: Optional[float]) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
+def _columns(runs: List[RunResult]):
+    """The (key, name) of :data:`~.runs.COLUMNS` that some run has (the first two if none)."""
+    return [(k, name) for k, name in COLUMNS if any(k in r.metrics for r in runs)] or list(COLUMNS[:2])
+
+
 def _write(markdown: str, runs: List[RunResult], out_dir: str) -> str:
-    """Writes ``markdown`` into compare.md and ``runs`` into compare.csv; returns ``markdown``."""
+    """
+    Writes ``markdown`` into compare.md and ``runs`` into compare.csv (one row per run,
+    with its seed when compare.py set one); returns ``markdown``.
+    """
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(markdown)
-    _write_csv(runs, out_dir)
-    return markdown
-
-
-def write_tables(runs: List[RunResult], out_dir: str) -> str:
-    """Writes compare.md and compare.csv into ``out_dir``; returns the Markdown text."""
-    columns = [(k, name) for k, name in COLUMNS if any(k in r.metrics for r in runs)] or list(COLUMNS[:2])
-    header = ["run", "head leakage mitigation", "inference statistics"] + [n for _, n in columns]
-    header += ["status", "time (s)"]
-    rows = [
-        [r.label, r.mitigation, r.statistics]
-        + [_fmt(r.metrics.get(k)) if r.status == "ok" else "—" for k, _ in columns]
-        + [status_text(r), "" if r.seconds is None else f"{r.seconds:.0f}"]
-        for r in runs
-    ]
-    return _write(markdown_table(header, rows), runs, out_dir)
-
-
-def _write_csv(runs: List[RunResult], out_dir: str) -> None:
-    """compare.csv: one row per run (with its seed when compare.py set one)."""
     with open(os.path.join(out_dir, "compare.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "seed", "path", "mitigation", "statistics"] + [k for k, _ in COLUMNS]
@@ -54,6 +42,21 @@ def _write_csv(runs: List[RunResult], out_dir: str) -> None:
                 + [r.metrics.get(k, "") for k, _ in COLUMNS]
                 + [r.status, r.detail, "" if r.seconds is None else round(r.seconds, 1)]
             )
+    return markdown
+
+
+def write_tables(runs: List[RunResult], out_dir: str) -> str:
+    """Writes compare.md and compare.csv into ``out_dir``; returns the Markdown text."""
+    columns = _columns(runs)
+    header = ["run", "head leakage mitigation", "inference statistics"] + [n for _, n in columns]
+    header += ["status", "time (s)"]
+    rows = [
+        [r.label, r.mitigation, r.statistics]
+        + [_fmt(r.metrics.get(k)) if r.status == "ok" else "—" for k, _ in columns]
+        + [status_text(r), "" if r.seconds is None else f"{r.seconds:.0f}"]
+        for r in runs
+    ]
+    return _write(markdown_table(header, rows), runs, out_dir)
 
 
 def plot(runs: List[RunResult], path: str, title: str = "") -> None:
@@ -68,7 +71,7 @@ def plot(runs: List[RunResult], path: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     groups = list(by_label(runs).items())
-    columns = [(k, n) for k, n in COLUMNS if any(k in r.metrics for r in runs)] or list(COLUMNS[:2])
+    columns = _columns(runs)
     width = 0.8 / len(columns)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.2))
     for j, (key, name) in enumerate(columns):
@@ -106,7 +109,7 @@ def write_seed_tables(runs: List[RunResult], out_dir: str, baseline: Optional[st
     and, with ``baseline``, the paired difference to it) and compare.csv (one row per run);
     returns the Markdown text.
     """
-    columns = [(k, name) for k, name in COLUMNS if any(k in r.metrics for r in runs)] or list(COLUMNS[:2])
+    columns = _columns(runs)
     header = ["variant", "head leakage mitigation", "inference statistics", "seeds ok"]
     header += [f"{name} (mean ± sd)" for _, name in columns] + [f"{columns[0][1]} per seed"]
     diffs = paired_differences(runs, baseline, columns[0][0]) if baseline else {}
@@ -127,15 +130,13 @@ def write_seed_tables(runs: List[RunResult], out_dir: str, baseline: Optional[st
     return _write(markdown_table(header, rows), runs, out_dir)
 
 
-
-
 def paired_summary(runs: List[RunResult], baseline: str) -> str:
     """
     One line reading the table's paired-difference column: each variant's difference to
     ``baseline`` in the first metric (mean ± sd over the seeds where both are ok, their
     number) and whether it is beyond its spread (:func:`~.stats.beyond_spread`).
     """
-    key, name = next(((k, n) for k, n in COLUMNS if any(k in r.metrics for r in runs)), COLUMNS[0])
+    key, name = _columns(runs)[0]
     parts = [f"{label} {mean_sd(d, signed=True, empty='n/a')} ({len(d)} seeds, {beyond_spread(d)})"
              for label, d in paired_differences(runs, baseline, key).items()]
     return f"Δ {name} vs {baseline}, paired per seed: " + "; ".join(parts)

@@ -116,14 +116,6 @@ def copypaste_blocks(log_txt: str) -> List[Dict[str, float]]:
     return blocks
 
 
-def _copypaste_values(log_txt: str) -> Dict[str, float]:
-    """AP values of ``log_txt``'s copypaste blocks; the last evaluation of each task wins."""
-    values: Dict[str, float] = {}
-    for block in copypaste_blocks(log_txt):
-        values.update(block)
-    return values
-
-
 def _failure_in_log(log_path: str) -> str:
     """The last line of the last traceback in ``log_path`` ('' if none)."""
     if not os.path.isfile(log_path):
@@ -211,7 +203,8 @@ def read_run(path: str, label: Optional[str] = None, returncode: Optional[int] =
         return run
     log_txt = os.path.join(path, "log.txt")
     if not any(m in values for m in METRICS) and os.path.isfile(log_txt):
-        values.update(_copypaste_values(log_txt))
+        for block in copypaste_blocks(log_txt):  # the last evaluation of each task wins
+            values.update(block)
     run.metrics = {key: values[key] for key, _ in COLUMNS if key in values}
     failure = _failure_in_log(log_txt) or _failure_in_log(os.path.join(path, "train_net.log"))
     if returncode not in (None, 0):
@@ -225,10 +218,8 @@ def read_run(path: str, label: Optional[str] = None, returncode: Optional[int] =
     return run
 
 
-
 def status_text(run: RunResult) -> str:
     return run.status if not run.detail else f"{run.status}: {run.detail}"
-
 
 
 def read_dir(path: str, label: str) -> List[RunResult]:
@@ -248,4 +239,3 @@ def read_dir(path: str, label: str) -> List[RunResult]:
         run.seed = seed
         runs.append(run)
     return runs
-

@@ -45,15 +45,6 @@ NORM_NAMES = (
 ) + D2BN_NORM_NAMES
 
 
-def _build(name: str, channels: int, sync_group_size: int, ghost_batch_size: int) -> nn.Module:
-    """Our names ("SyncBN", "GhostBN") here; every other name is detectron2's ``get_norm``'s."""
-    if name == "SyncBN":
-        return SyncBatchNorm(channels, sync_group_size=sync_group_size)
-    if name == "GhostBN":
-        return GhostBatchNorm(channels, ghost_batch_size=ghost_batch_size)
-    return d2_get_norm(name, channels)
-
-
 def get_norm(
     norm: Union[str, Callable[[int], nn.Module], None],
     out_channels: int,
@@ -98,7 +89,11 @@ def get_norm(
         raise ValueError(f"norm = {norm!r} is not allowed; allowed values: {list(NORM_NAMES)}")
     if norm == "":
         return None
-    return _build(norm, out_channels, sync_group_size, ghost_batch_size)
+    if norm == "SyncBN":
+        return SyncBatchNorm(out_channels, sync_group_size=sync_group_size)
+    if norm == "GhostBN":
+        return GhostBatchNorm(out_channels, ghost_batch_size=ghost_batch_size)
+    return d2_get_norm(norm, out_channels)  # every other name is detectron2's
 
 
 def norm_options_from_config(cfg) -> dict:

@@ -116,10 +116,6 @@ class BatchNormNd(nn.BatchNorm2d):
             )
 
 
-def _channel_dims(x: torch.Tensor) -> List[int]:
-    return [0] + list(range(2, x.dim()))
-
-
 def _sum_and_sum_of_squares(d: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Per channel ``sum d`` and ``sum d^2`` of d (N, C, *) (float32 or float64), in ONE pass:
@@ -149,7 +145,7 @@ def _shifted_sums(xs: Sequence[torch.Tensor], shift_samples: Optional[int]):
         if counts[-1][0] == 0:
             sums.append(x.new_zeros(3, channels, dtype=torch.float64))
             continue
-        shift = (x if shift_samples is None else x[:shift_samples]).mean(_channel_dims(x), dtype=dtype)
+        shift = (x if shift_samples is None else x[:shift_samples]).mean([0, *range(2, x.dim())], dtype=dtype)
         d = x - channel_view(shift, x)  # in the statistics dtype: float16/bfloat16 x is promoted
         sums.append(torch.stack([shift, *_sum_and_sum_of_squares(d)]).double())
     k, s1, s2 = torch.stack(sums).unbind(1)

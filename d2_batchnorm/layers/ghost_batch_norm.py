@@ -62,9 +62,12 @@ class GhostBatchNorm(BatchNormNd):
         """
         self._check_input_dim(x)
         n, g = x.shape[0], self.ghost_batch_size
+        if n == 0:  # the affine map alone: torch's kernels cannot take an empty batch
+            y = x if self.weight is None else x * channel_view(self.weight, x)
+            return y if self.bias is None else y + channel_view(self.bias, x)
         use_batch_stats = self.training or self.running_mean is None
-        if not use_batch_stats or n == 0 or g in (0, n):
-            return self._plain(x, use_batch_stats)
+        if not use_batch_stats or g in (0, n):
+            return batch_norm_kernel_ema(self, x, use_batch_stats)
         if n % g != 0:
             raise ValueError(
                 f"GhostBatchNorm: ghost_batch_size = {g} does not divide "
@@ -75,9 +78,3 @@ class GhostBatchNorm(BatchNormNd):
         ys, sums, _ = batch_norm_over_parts(x.split(g), self.weight, self.bias, self.eps)
         update_running_stats_(self, ChannelMoments.from_power_sums(sums.sum(0, keepdim=True)))
         return torch.cat(ys)
-
-    def _plain(self, x: torch.Tensor, use_batch_stats: bool) -> torch.Tensor:
-        if x.shape[0] == 0:
-            y = x if self.weight is None else x * channel_view(self.weight, x)
-            return y if self.bias is None else y + channel_view(self.bias, x)
-        return batch_norm_kernel_ema(self, x, use_batch_stats)

@@ -40,7 +40,7 @@ import torch
 from .. import distributed as d2bn_dist
 from ..rng import derive_seed, next_shared_count
 
-__all__ = ["RoIShuffleState", "shuffle_rois", "unshuffle_rois", "roi_shuffle_permutation"]
+__all__ = ["RoIShuffleState", "shuffle_rois", "unshuffle_rois"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +80,6 @@ class RoIShuffleState:
     def is_identity(self) -> bool:
         """True when nothing moved (a single worker)."""
         return self.permutation is None
-
-
-def roi_shuffle_permutation(counts: List[int], seed: int) -> torch.Tensor:
-    """
-    The global permutation used for RoI counts ``counts`` and integer ``seed``: a CPU int64
-    tensor pi of length sum(counts); shuffled position j holds global RoI pi[j].
-    Every rank computes the same pi from the same arguments.
-    """
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(int(seed))
-    return torch.randperm(int(sum(counts)), generator=generator)
 
 
 def _check_input(x, name: str) -> None:
@@ -177,7 +166,8 @@ def shuffle_rois(
         seed = derive_seed(_DEFAULT_SEED, next_shared_count(("shuffle_rois", group)), *counts)
     else:
         seed = derive_seed(seed, -1, *counts)
-    permutation = roi_shuffle_permutation(counts, seed)
+    # pi (module docstring), a CPU int64 tensor: shuffled position j holds global RoI pi[j]
+    permutation = torch.randperm(sum(counts), generator=torch.Generator().manual_seed(seed))
     send_index, send_counts, recv_index, recv_counts = _plan(counts, rank, permutation)
 
     device = x.device

@@ -5,7 +5,6 @@ workers of a sync group, weighted by each worker's count, on CPU (gloo) and CUDA
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..distributed import active_sync_group, check_sync_group_size
 from .batch_stats import BatchNormNd, batch_norm_kernel_ema, batch_norm_over_parts, update_running_stats_
@@ -23,15 +22,13 @@ class SyncBatchNorm(BatchNormNd):
         n = sum_r n_r,   mean = sum_r S_r / n,   var = sum_r Q_r / n - mean^2   (biased)
         y = (x - mean) / sqrt(var + eps) * weight + bias
 
-    The power sums ``[n_r, S_r, Q_r]`` come from shifted float32 sums turned into
-    float64; ONE all-gather of the 2C + 1 float64 values brings every worker's, and each
-    worker adds them in rank order (one round of latency; all workers get bitwise-equal
-    sums); the backward pass gathers ``[sum dy, sum dy (x - mean)]`` the same way, once
-    (:func:`.batch_stats.batch_norm_over_parts`; :func:`d2_batchnorm.distributed.sum_over_ranks`
-    all-reduces instead where the gathered copies would exceed ``GATHER_SUM_MAX_BYTES``),
-    so the input and weight gradients are those of BatchNorm over the concatenated batch
-    (the weight/bias gradient of each worker is its share; their sum, as DDP forms it, is
-    the full gradient).
+    The float64 power sums ``[n_r, S_r, Q_r]`` (:mod:`.batch_stats`) are summed over the
+    workers by one collective in forward, and ``[sum dy, sum dy (x - mean)]`` by one in
+    backward (:func:`.batch_stats.batch_norm_over_parts`; how, in rank order with
+    bitwise-equal sums on all workers: :func:`d2_batchnorm.distributed.sum_over_ranks`), so
+    the input and weight gradients are those of BatchNorm over the concatenated batch (the
+    weight/bias gradient of each worker is its share; their sum, as DDP forms it, is the
+    full gradient).
 
     * A worker with no samples still takes part: its output is empty, it contributes
       zeros to the collectives, and its weight/bias still get (zero) gradients, so DDP does
@@ -80,9 +77,7 @@ class SyncBatchNorm(BatchNormNd):
         """
         self._check_input_dim(x)
         if not (self.training or self.running_mean is None):
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
+            return batch_norm_kernel_ema(self, x, use_batch_stats=False)  # the running statistics
         group = active_sync_group(self.sync_group_size) if self.sync_stats else False
         if group is not False or x.numel() == 0:
             return self.normalize_over(x, group)

@@ -92,10 +92,9 @@ def _config_for_detectron2(cfg):
 def modules_of_norm_key(model: nn.Module, key: str) -> List[nn.Module]:
     """
     The modules of ``model`` whose norms ``MODEL.<key>.NORM`` configures (``key`` one of
-    ``config.NORM_KEYS``; the table of this module's docstring): for RESNETS the backbone's
-    ``bottom_up`` (the whole backbone without one) and ``roi_heads.res5``, for FPN the
-    backbone's other children, for RETINANET ``head`` (also FCOS's), for the R-CNN heads
-    ``roi_heads.box_head`` / ``mask_head``. Modules the model lacks are left out.
+    ``config.NORM_KEYS``): those of the table of this module's docstring without its
+    conditions (any model's ``head``, also FCOS's; the R-CNN heads whatever their NAME).
+    Modules the model lacks are left out.
     """
     return _norm_key_roots(model)[key]
 

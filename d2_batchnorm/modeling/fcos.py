@@ -19,11 +19,8 @@ class BNFCOSHead(FCOSHead, BNRetinaNetHead):
     """
     detectron2's ``FCOSHead`` — the RetinaNet head with one "anchor" per location and a
     centerness branch on the box subnet's features (its layers and initialization) — whose
-    norms are :class:`BNRetinaNetHead`'s, with the same statistics modes: ``norm`` "BN" or
-    "SyncBN" with ``norm_stats`` "per_level" / "shared" (one
-    :class:`~d2_batchnorm.layers.LevelBatchNorm` per conv, called with all levels) or
-    "naive" (one plain BN applied per level), and ``population_stats`` / ``share_affine``.
-    Its arguments are :class:`BNRetinaNetHead`'s without ``num_anchors``.
+    norms and statistics modes are :class:`BNRetinaNetHead`'s. Its arguments are
+    :class:`BNRetinaNetHead`'s without ``num_anchors``.
     """
 
     def forward(

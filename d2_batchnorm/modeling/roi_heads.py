@@ -13,8 +13,8 @@ a ``leakage_mitigation`` (``MODEL.ROI_{BOX,MASK}_HEAD.LEAKAGE_MITIGATION``):
   statistics over the RoIs of all workers;
 * ``"shuffle"``: in training, the RoI features of all workers are shuffled with one random
   global permutation before the first layer and returned to their workers after the last
-  layer that mixes RoIs (the last norm) or later, where a RoI's tensor is smaller
-  (:func:`run_layers`), so every worker normalizes a random sample of the global batch.
+  layer that mixes RoIs (the last norm) or later, where a RoI's tensor is smaller (each
+  head's docstring), so every worker normalizes a random sample of the global batch.
   Losses always see each worker's own RoIs, in their original order. Inference is unchanged.
 
 At inference both heads compute exactly what detectron2's heads compute: the RoI shuffle is
@@ -23,7 +23,7 @@ a training-only method marked ``@torch.jit.unused``, so the heads compile with
 modules with :func:`d2_batchnorm.layers.convert_for_inference`; SyncBN in eval mode never
 communicates).
 """
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, List, Union
 
 import torch
 from detectron2.config import configurable
@@ -41,7 +41,7 @@ from ..layers import NORM_NAMES, get_norm, norm_options_from_config
 from ..layers.roi_shuffle import shuffle_rois, unshuffle_rois
 
 __all__ = ["BNConvFCHead", "BNMaskRCNNConvUpsampleHead", "LEAKAGE_MITIGATIONS", "LEAKAGE_MITIGATION_NORMS",
-           "check_leakage_mitigation", "leakage_args_from_config", "head_norm", "run_layers"]
+           "check_leakage_mitigation", "leakage_args_from_config", "head_norm"]
 
 #: The head norms each leakage mitigation applies to (None: any norm): "syncbn" turns a
 #: batch-statistics norm into d2_batchnorm's SyncBN; "shuffle" needs per-worker batch
@@ -79,8 +79,7 @@ def leakage_args_from_config(cfg, node: str) -> dict:
     head = cfg.MODEL[node]
     keys = (f"MODEL.{node}.LEAKAGE_MITIGATION", f"MODEL.{node}.NORM")
     check_leakage_mitigation(head.LEAKAGE_MITIGATION, head.NORM, keys)
-    args = dict(conv_norm=head.NORM, leakage_mitigation=head.LEAKAGE_MITIGATION)
-    return dict(args, **norm_options_from_config(cfg))
+    return dict(conv_norm=head.NORM, leakage_mitigation=head.LEAKAGE_MITIGATION, **norm_options_from_config(cfg))
 
 
 def head_norm(
@@ -99,35 +98,23 @@ def head_norm(
     return name and (lambda channels: get_norm(name, channels, **options))
 
 
-def run_layers(
-    layers: Iterable[nn.Module], x: torch.Tensor, shuffle: bool, unshuffle_at: Optional[int] = None
-) -> torch.Tensor:
-    """
-    Applies ``layers`` in order to (R, ...) features of this worker's R RoIs. With
-    ``shuffle``, the rows are first shuffled across workers (:func:`shuffle_rois`) and
-    returned to this worker in its original order (:func:`unshuffle_rois`) before layer
-    number ``unshuffle_at`` (0-based; None: after the last layer). The layers from
-    ``unshuffle_at`` on must work per RoI. Returns (R, ...) outputs in this worker's order.
-    """
-    state = None
-    if shuffle:
-        x, state = shuffle_rois(x)
-    for i, layer in enumerate(layers):
-        if state is not None and i == unshuffle_at:
-            x, state = unshuffle_rois(x, state), None
-        x = layer(x)
-    return x if state is None else unshuffle_rois(x, state)
-
-
 class _RoILayers:
     """
-    ``layers(x)`` for a head that is an ``nn.Sequential`` of layers over (R, ...) RoI
-    features (detectron2's mask head calls it from its forward; the box head's forward is
-    it): the layers in order, as in detectron2's heads; in training with
-    ``leakage_mitigation`` "shuffle", over RoIs shuffled across workers
-    (:func:`run_layers` up to ``unshuffle_at``). That branch is ``@torch.jit.unused``:
-    TorchScript compiles only detectron2's inference graph.
+    What both heads add to detectron2's: ``from_config`` with the arguments of
+    :func:`leakage_args_from_config` from ``MODEL.<_CONFIG_NODE>``, and ``layers(x)`` for a
+    head that is an ``nn.Sequential`` of layers over (R, ...) RoI features (detectron2's
+    mask head calls it from its forward; the box head's forward is it): the layers in
+    order, as in detectron2's heads; in training with ``leakage_mitigation`` "shuffle",
+    over RoIs shuffled across workers (:meth:`_shuffled_layers`). That branch is
+    ``@torch.jit.unused``: TorchScript compiles only detectron2's inference graph.
     """
+
+    #: the leakage mitigations the heads implement (config checks ask the registry)
+    LEAKAGE_MITIGATIONS = LEAKAGE_MITIGATIONS
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        return {**super().from_config(cfg, input_shape), **leakage_args_from_config(cfg, cls._CONFIG_NODE)}
 
     def layers(self, x: torch.Tensor) -> torch.Tensor:
         """(R, ...) features -> (R, ...) outputs, in this worker's RoI order."""
@@ -139,7 +126,18 @@ class _RoILayers:
 
     @torch.jit.unused
     def _shuffled_layers(self, x: torch.Tensor) -> torch.Tensor:
-        return run_layers(self, x, True, self.unshuffle_at)
+        """
+        The layers over the rows shuffled across workers (:func:`shuffle_rois`), returned to
+        this worker in its original order (:func:`unshuffle_rois`) before layer number
+        ``self.unshuffle_at`` (0-based; None: after the last layer). The layers from
+        ``unshuffle_at`` on must work per RoI.
+        """
+        x, state = shuffle_rois(x)
+        for i, layer in enumerate(self):
+            if state is not None and i == self.unshuffle_at:
+                x, state = unshuffle_rois(x, state), None
+            x = layer(x)
+        return x if state is None else unshuffle_rois(x, state)
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
@@ -152,8 +150,7 @@ class BNConvFCHead(_RoILayers, FastRCNNConvFCHead):
     or right after the convs if there are none.
     """
 
-    #: the leakage mitigations this head implements (config checks ask the registry)
-    LEAKAGE_MITIGATIONS = LEAKAGE_MITIGATIONS
+    _CONFIG_NODE = "ROI_BOX_HEAD"
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, conv_dims: List[int], fc_dims: List[int],
@@ -177,10 +174,6 @@ class BNConvFCHead(_RoILayers, FastRCNNConvFCHead):
         #: index of the first layer that gets this worker's own RoIs back (None: the output)
         self.unshuffle_at = None if fc_dims else len(conv_dims)
 
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        return {**super().from_config(cfg, input_shape), **leakage_args_from_config(cfg, "ROI_BOX_HEAD")}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, H, W) -> (R, FC_DIM); shuffled across workers in training if configured."""
         return self.layers(x)
@@ -197,8 +190,7 @@ class BNMaskRCNNConvUpsampleHead(_RoILayers, MaskRCNNConvUpsampleHead):
     worker's own RoIs in their original order.
     """
 
-    #: the leakage mitigations this head implements (config checks ask the registry)
-    LEAKAGE_MITIGATIONS = LEAKAGE_MITIGATIONS
+    _CONFIG_NODE = "ROI_MASK_HEAD"
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, num_classes: int, conv_dims: List[int],
@@ -218,7 +210,3 @@ class BNMaskRCNNConvUpsampleHead(_RoILayers, MaskRCNNConvUpsampleHead):
         self.leakage_mitigation = leakage_mitigation
         channels = conv_dims[-2] if len(conv_dims) > 1 else input_shape.channels  # C' (class docstring)
         self.unshuffle_at = len(conv_dims) - 1 if channels <= 4 * num_classes else None
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        return {**super().from_config(cfg, input_shape), **leakage_args_from_config(cfg, "ROI_MASK_HEAD")}
