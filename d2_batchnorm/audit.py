@@ -43,7 +43,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import NORM_KEYS
-from .config_kinds import ConfigKind, adapt
+from .config_kinds import ConfigKind, adapt, config_kind
+from .engine.lazy import build_any_model
 from .engine.precise_bn_settings import PreciseBNSettings
 from .layers import GhostBatchNorm, LevelBatchNorm
 from .modeling import BNConvFCHead, BNMaskRCNNConvUpsampleHead, BNRetinaNetHead
@@ -483,9 +484,6 @@ def audit_config(config_file: str, opts: Sequence[str] = (), world_size: int = 1
     ``ValueError`` naming the key, path or file), builds its model on CPU and audits it.
     Returns (audit, cfg, model).
     """
-    from .config_kinds import config_kind
-    from .engine.lazy import build_any_model
-
     kind = config_kind(config_file)
     cfg = kind.load(config_file, list(opts) + kind.opts("MODEL.DEVICE", "cpu"), world_size)
     model = build_any_model(cfg)
