@@ -43,7 +43,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import NORM_KEYS
-from .config_kinds import ConfigKind, adapt
+from .config_kinds import ConfigKind, adapt, config_kind
+from .engine.lazy import build_any_model
 from .engine.precise_bn_settings import PreciseBNSettings
 from .layers import GhostBatchNorm, LevelBatchNorm
 from .modeling import BNConvFCHead, BNMaskRCNNConvUpsampleHead, BNRetinaNetHead
@@ -164,18 +165,7 @@ def _num(x) -> str:
     return str(x)
 
 
-# ------------------------------------------------------------------------ the config
-
 # ------------------------------------------------------------------------------ groups
-
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, NORM_TYPES)
-
-
-def _has_batch_statistics(m: nn.Module) -> bool:
-    """Normalizes by batch statistics in training (FrozenBN, GN and LN do not)."""
-    return isinstance(m, _BatchNorm) and m.training
-
 
 def _workers(m: nn.Module, world_size: int) -> int:
     """Workers whose samples one batch statistic of ``m`` pools in training."""
@@ -223,29 +213,26 @@ def _trace_calls(model: nn.Module, names: Sequence[str], input_size: Tuple[int, 
 
 
 def _roi_values(model: nn.Module, key: str) -> Tuple[str, int]:
-    """(how many RoIs per image a head's norms see in training, pooled positions per RoI)."""
+    """(how many RoIs per image a head's norms see in training, pooled positions: the pooler's (H, W))."""
     heads = model.roi_heads
     if key == "ROI_BOX_HEAD":
-        return f"{heads.batch_size_per_image} RoIs", math.prod(_pair(heads.box_pooler.output_size))
+        return f"{heads.batch_size_per_image} RoIs", math.prod(heads.box_pooler.output_size)
     fg = int(heads.batch_size_per_image * heads.positive_fraction)
-    return f"≤ {fg} foreground RoIs", math.prod(_pair(heads.mask_pooler.output_size))
-
-
-def _pair(size) -> Tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
+    return f"≤ {fg} foreground RoIs", math.prod(heads.mask_pooler.output_size)
 
 
 def collect_groups(view: ConfigKind, model: nn.Module) -> List[NormGroup]:
     """The :class:`NormGroup` of every ``MODEL.<key>.NORM`` that configures modules of ``model``."""
     owner = norm_keys_of_modules(model)
-    norms = [(n, m) for n, m in model.named_modules() if _is_norm(m) and id(m) in owner]
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and id(m) in owner]
     owned = {key: [(n, m) for n, m in norms if owner[id(m)] == key] for key in NORM_KEYS}
     owned = {key: found for key, found in owned.items() if found}
     calls = _trace_calls(model, [n for found in owned.values() for n, _ in found], view.input_size())
     groups = []
     for key, found in owned.items():
         modules = [m for _, m in found]
-        stat_modules = [(n, m) for n, m in found if _has_batch_statistics(m)]
+        # normalizing by batch statistics in training (FrozenBN, GN and LN do not)
+        stat_modules = [(n, m) for n, m in found if isinstance(m, _BatchNorm) and m.training]
         name = "FCOS head" if key == "RETINANET" and "FCOS" in type(model).__name__ else GROUP_NAMES[key]
         group = NormGroup(
             name=name, key=key, norm=view.describe_norm(key),
@@ -366,17 +353,13 @@ def _level_statistics(ctx: _Context) -> List[Finding]:
     return out
 
 
-def _last_lr_change(view: ConfigKind) -> int:
-    max_iter = view.get("SOLVER.MAX_ITER")
-    return max([s for s in view.lr_steps() if s < max_iter], default=0)
-
-
 def _ema_lag(ctx: _Context) -> List[Finding]:
     view = ctx.view
     if view.get("TEST.PRECISE_BN.ENABLED") or view.get("TEST.BN_STATS") != "population":
         return []
-    last = _last_lr_change(view)
-    since = view.get("SOLVER.MAX_ITER") - last
+    max_iter = view.get("SOLVER.MAX_ITER")
+    last = max([s for s in view.lr_steps() if s < max_iter], default=0)  # the last LR change
+    since = max_iter - last
     out = []
     for g in ctx.trainable():
         if not g.momenta:
@@ -501,9 +484,6 @@ def audit_config(config_file: str, opts: Sequence[str] = (), world_size: int = 1
     ``ValueError`` naming the key, path or file), builds its model on CPU and audits it.
     Returns (audit, cfg, model).
     """
-    from .config_kinds import config_kind
-    from .engine.lazy import build_any_model
-
     kind = config_kind(config_file)
     cfg = kind.load(config_file, list(opts) + kind.opts("MODEL.DEVICE", "cpu"), world_size)
     model = build_any_model(cfg)

@@ -3,24 +3,18 @@ Argument checks, written once. Every error reads
 ``<name> = <value> is not allowed; <what is allowed>``; ``name`` is whatever the caller
 checks — a layer's argument ("sync_group_size") or a config key ("BN.SYNC_GROUP_SIZE").
 """
-from typing import Iterable, Optional
+from typing import Iterable
 
 __all__ = ["check_int", "check_float", "check_choice", "check_bool"]
 
 
-def check_int(name: str, value, minimum: int, maximum: Optional[int] = None) -> int:
+def check_int(name: str, value, minimum: int) -> int:
     """
-    Returns ``value`` if it is an int (not a bool) with ``minimum <= value`` (and
-    ``value <= maximum`` when given); raises ``ValueError`` naming ``name`` otherwise.
+    Returns ``value`` if it is an int (not a bool) with ``minimum <= value``; raises
+    ``ValueError`` naming ``name`` otherwise.
     """
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < minimum
-        or (maximum is not None and value > maximum)
-    ):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} = {value!r} is not allowed; it must be an integer {bound}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} = {value!r} is not allowed; it must be an integer >= {minimum}")
     return value
 
 

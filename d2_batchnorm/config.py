@@ -13,9 +13,6 @@ own keys keep their meaning (``TEST.PRECISE_BN.ENABLED``, ``TEST.PRECISE_BN.NUM_
 ``MODEL.*.NORM``); new keys extend the node they belong to, or sit under ``BN`` for
 policies that concern every BatchNorm of the model. docs/configs.md lists every key with
 its default and allowed values.
-
-``validate_batchnorm_config(cfg)`` checks values before any model, data loader or process
-group is built, and raises ``ValueError`` naming the key, the bad value and what is allowed.
 """
 from collections.abc import Sequence
 
@@ -57,7 +54,7 @@ def _at_least(minimum: int):
 #: default of None marks detectron2's own (its ``configs/common/train.py`` has them; it
 #: lacks ``seed``, which detectron2's ``default_setup`` reads) and the model's arguments,
 #: as d2_batchnorm's ``configs/common/models`` name them. yacs defaults are set by
-#: ``_add_keys`` (or detectron2's ``get_cfg``). ``config_kinds`` reads and writes them.
+#: ``add_batchnorm_config`` (or detectron2's ``get_cfg``). ``config_kinds`` reads and writes them.
 SETTINGS = (
     ("SOLVER.MAX_ITER", "train.max_iter", None, _at_least(1)),
     ("SOLVER.CHECKPOINT_PERIOD", "train.checkpointer.period", None, _at_least(1)),
@@ -108,18 +105,6 @@ def add_batchnorm_config(cfg: CN) -> CN:
     """
     frozen = cfg.is_frozen()
     cfg.defrost()
-    _add_keys(cfg)
-    if frozen:
-        cfg.freeze()
-    return cfg
-
-
-def _set_default(node: CN, key: str, value) -> None:
-    if key not in node:
-        node[key] = value
-
-
-def _add_keys(cfg: CN) -> None:
     # ---- PreciseBN (detectron2: TEST.PRECISE_BN.ENABLED / NUM_ITER keep their meaning)
     pbn = cfg.TEST.PRECISE_BN
     # Global number of images (all workers together) to compute population statistics
@@ -193,11 +178,20 @@ def _add_keys(cfg: CN) -> None:
     # shuffled across workers before the head and restored after it.
     _set_default(cfg.MODEL.ROI_BOX_HEAD, "LEAKAGE_MITIGATION", "none")
     _set_default(cfg.MODEL.ROI_MASK_HEAD, "LEAKAGE_MITIGATION", "none")
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def _set_default(node: CN, key: str, value) -> None:
+    if key not in node:
+        node[key] = value
 
 
 def validate_batchnorm_config(cfg: CN, world_size: int = 1) -> None:
     """
-    Raises ``ValueError`` naming the first bad key of ``cfg``, its value and what is allowed.
+    Raises ``ValueError`` naming the first bad key of ``cfg``, its value and what is allowed;
+    called before any model, data loader or process group is built.
 
     Args:
         cfg: a config extended by :func:`add_batchnorm_config`.

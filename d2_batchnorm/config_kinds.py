@@ -21,8 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import add_batchnorm_config, config_value, images_per_worker, split_batch, validate_batchnorm_config
 from .lazy_config import add_batchnorm_train_config, lazy_name, lazy_setting, validate_lazy_config
 
-__all__ = ["ConfigKind", "YacsConfig", "LazyConfig", "adapt", "config_kind", "describe_dump", "get_bn_cfg",
-           "LAZY_CONFIG_PARTS"]
+__all__ = ["ConfigKind", "YacsConfig", "LazyConfig", "adapt", "config_kind", "describe_dump", "get_bn_cfg"]
 
 logger = logging.getLogger(__name__)
 

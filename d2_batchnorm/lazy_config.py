@@ -5,18 +5,14 @@ d2_batchnorm for detectron2's LazyConfig (Python configs): the counterpart of
 A LazyConfig builds our modules with keyword arguments (``L(BNRetinaNetHead)(norm="SyncBN",
 norm_stats="shared")``), the same classes and checks the yacs path uses. What yacs keeps
 under ``TEST.PRECISE_BN``, ``TEST.BN_STATS`` and ``BN.FROZEN_LAST_ITERS`` lives in the
-config's ``train`` section; :data:`d2_batchnorm.config.SETTINGS` pairs every such
-setting with its yacs key, its default and its check, once for both kinds of config
-(:mod:`d2_batchnorm.config_kinds` reads them from either):
-
-* :func:`add_batchnorm_train_config` adds our settings with their defaults to ``train``;
-* :func:`validate_lazy_config` checks values before any model, loader or process group is
-  built, and raises ``ValueError`` naming the config path (``model.head.norm_stats``,
-  ``train.precise_bn.num_iter``, ``dataloader.train.total_batch_size``).
+config's ``train`` section, at the paths :data:`d2_batchnorm.config.SETTINGS` names;
+:func:`add_batchnorm_train_config` adds their defaults and :func:`validate_lazy_config`
+checks values before any model, loader or process group is built.
 """
 import inspect
 from typing import Any, Dict
 
+from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .checks import check_bool, check_choice, check_int
@@ -100,22 +96,14 @@ def validate_lazy_config(cfg: DictConfig, world_size: int = 1) -> None:
 def _check_node(node, path: str, world_size: int) -> None:
     if isinstance(node, (DictConfig, dict)):
         target = node.get("_target_")
-        if target is not None:
-            _check_call(_locate(target), node, path, world_size)
+        if target is not None:  # a class or function, or its dotted name
+            _check_call(locate(target) if isinstance(target, str) else target, node, path, world_size)
         for key in node:
             if key != "_target_":
                 _check_node(node[key], f"{path}.{key}", world_size)
     elif isinstance(node, (ListConfig, list, tuple)):
         for i, item in enumerate(node):
             _check_node(item, f"{path}.{i}", world_size)
-
-
-def _locate(target):
-    if isinstance(target, str):
-        from detectron2.utils.registry import locate
-
-        return locate(target)
-    return target
 
 
 def _arguments(target, node) -> Dict[str, Any]:

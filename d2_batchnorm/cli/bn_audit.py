@@ -31,8 +31,10 @@ import sys
 
 import d2_batchnorm  # noqa: F401  (registers datasets and models)
 from d2_batchnorm.audit import audit_config
-from d2_batchnorm.experiments import box_ap
+from d2_batchnorm.checks import check_int
 from d2_batchnorm.config_kinds import adapt
+from d2_batchnorm.engine import check_checkpoint, check_launch_args
+from d2_batchnorm.experiments import box_ap
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -96,9 +98,6 @@ def measure(cfg, model, audit, samples: int, evaluate: bool) -> None:
 def cli(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
-        from d2_batchnorm.checks import check_int
-        from d2_batchnorm.engine import check_checkpoint, check_launch_args
-
         check_launch_args(args.num_gpus, args.num_machines, device=None)  # a plan for N GPUs: none needed here
         check_int("--samples", args.samples, 1)
         audit, cfg, model = audit_config(args.config_file, args.opts, args.num_gpus * args.num_machines)

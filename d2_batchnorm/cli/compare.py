@@ -68,9 +68,7 @@ def _parse_run(spec: str) -> Tuple[str, str]:
     label, sep, path = spec.partition("=")
     if sep and label and not os.path.exists(spec):
         return label, path
-    path = spec
-    stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-    return stem, path
+    return os.path.splitext(os.path.basename(os.path.normpath(spec)))[0], spec
 
 
 def submitit_resources(args) -> dict:
@@ -143,6 +141,8 @@ def main(argv=None) -> int:
     cluster.add_argument("--max-requeues", type=int, default=3,
                          help="times a preempted or timed-out job is requeued to resume (submitit's max_num_timeout)")
     args = parser.parse_args(argv)
+    specs = [_parse_run(s) for s in args.runs]
+    labels = [label for label, _ in specs]
     try:
         for flag, value, minimum in (("--num-gpus", args.num_gpus, 1), ("--nodes", args.nodes, 1),
                                      ("--tasks-per-node", args.tasks_per_node, 0),
@@ -154,37 +154,27 @@ def main(argv=None) -> int:
             check_int(flag, value, minimum)
         seeds = parse_seeds(args.seeds)
         split_opts(opts)
-        for _, path in [_parse_run(spec) for spec in args.runs]:
+        for _, path in specs:
             if path.endswith(CONFIG_SUFFIXES):  # options a run cannot take, before any run
                 train_command(path, args.out, opts + (["SEED", "1"] if seeds else []))
+        if args.launcher == "submitit" and args.cluster == "slurm" and not shutil.which("srun"):
+            raise ValueError("--cluster slurm needs SLURM (srun, sbatch) on this machine's PATH; they were not "
+                             "found (--cluster local runs the jobs as processes here)")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"run labels must be unique; got {labels} (name them LABEL=PATH)")
+        for label, path in specs:
+            if path.endswith(CONFIG_SUFFIXES) and not os.path.isfile(path):
+                raise ValueError(f"config file {path!r} (run {label!r}) does not exist")
+        if args.baseline and args.baseline not in labels:
+            raise ValueError(f"--baseline = {args.baseline!r} is not allowed; it must be one of the run labels "
+                             f"{labels}")
+        os.makedirs(args.out, exist_ok=True)
+        resources = submitit_resources(args) if args.launcher == "submitit" else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.launcher == "submitit" and args.cluster == "slurm" and not shutil.which("srun"):
-        print("error: --cluster slurm needs SLURM (srun, sbatch) on this machine's PATH; they were not "
-              "found (--cluster local runs the jobs as processes here)", file=sys.stderr)
-        return 2
-    specs = [_parse_run(s) for s in args.runs]
-    labels = [label for label, _ in specs]
-    if len(set(labels)) != len(labels):
-        print(f"error: run labels must be unique; got {labels} (name them LABEL=PATH)", file=sys.stderr)
-        return 2
-    for label, path in specs:
-        if path.endswith(CONFIG_SUFFIXES) and not os.path.isfile(path):
-            print(f"error: config file {path!r} (run {label!r}) does not exist", file=sys.stderr)
-            return 2
-    if args.baseline and args.baseline not in labels:
-        print(f"error: --baseline = {args.baseline!r} is not allowed; it must be one of the run labels "
-              f"{labels}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out, exist_ok=True)
 
     if args.launcher == "submitit":
-        try:
-            resources = submitit_resources(args)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         launcher = SubmititLauncher(args.cluster, os.path.join(args.out, "submitit"), **resources)
         print(f"[compare] each job ({args.cluster}): {_describe_resources(resources)}", flush=True)
     else:

@@ -69,8 +69,7 @@ from d2_batchnorm.export import (
 from d2_batchnorm.config_kinds import adapt
 
 logger = logging.getLogger("d2_batchnorm.export_model")
-#: the export method of each kind of config: a LazyConfig's instantiated modules keep
-#: omegaconf lists that TorchScript cannot type
+#: the export method of each kind of config (why: the module docstring)
 DEFAULT_METHOD = {"train": "scripting", "lazy-train": "tracing"}
 
 

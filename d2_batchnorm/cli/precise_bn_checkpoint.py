@@ -25,6 +25,7 @@ import json
 import os
 import sys
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
@@ -51,10 +52,6 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def output_path(cfg, args) -> str:
-    return args.output or os.path.join(adapt(cfg).get("OUTPUT_DIR"), "model_precise_bn.pth")
-
-
 def main(args) -> dict:
     cfg = load_any_config(args.config_file, args.opts, comm.get_world_size())
     output_dir, weights = adapt(cfg).get("OUTPUT_DIR"), adapt(cfg).get("MODEL.WEIGHTS")
@@ -75,11 +72,9 @@ def main(args) -> dict:
     if not args.no_eval:
         summary.update(before=done.before, after=done.after)
     if comm.is_main_process():
-        path = output_path(cfg, args)
+        path = args.output or os.path.join(output_dir, "model_precise_bn.pth")
         PathManager.mkdirs(os.path.dirname(os.path.abspath(path)))
         with PathManager.open(path, "wb") as f:
-            import torch
-
             torch.save({"model": model.state_dict(), "precise_bn": summary}, f)
         with PathManager.open(os.path.splitext(path)[0] + ".json", "w") as f:
             json.dump(summary, f, indent=2, default=float)

@@ -1,24 +1,16 @@
 """
 Training on a cluster through submitit: one job runs ``tools/train_net.py`` unchanged in
-every task (on every node), initialised from the job's environment.
-
-In each task, :class:`TrainNetJob` exports torch.distributed's env:// variables from the
-job (``submitit.helpers.TorchDistributedEnvironment``: MASTER_ADDR, MASTER_PORT, RANK,
-WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, read from SLURM's variables or from submitit's
-local executor) and runs the script with ``--resume``; the script then initialises its
-process group exactly as under ``torchrun`` (:func:`d2_batchnorm.engine.launch`). A job
-that SLURM preempts or times out (it signals USR2 first) is requeued through submitit's
-``checkpoint`` protocol (:meth:`TrainNetJob.checkpoint`) and resumes from the run's last
-checkpoint.
+every task (on every node), with torch.distributed's env:// variables exported from the
+job (``submitit.helpers.TorchDistributedEnvironment``: from SLURM's variables or from
+submitit's local executor), so the script initialises its process group exactly as under
+``torchrun`` (:func:`d2_batchnorm.engine.launch`). A preempted or timed-out job is requeued
+and resumes from the run's last checkpoint (:class:`TrainNetJob`).
 
 :func:`make_executor` builds the executor for ``cluster`` "slurm" (sbatch), "local" (real
 processes on this machine) or "debug" (in this process); :func:`submit_jobs` submits many
-runs as one SLURM job array and turns a submission SLURM refuses into
-:class:`SubmissionRefused`; :func:`wait_job` waits for a job within bounded time of its
-end, with or without SLURM accounting: the state comes from ``squeue`` (which keeps
-finished jobs for ``MinJobAge``), else ``sacct``, not only from submitit (which asks
-``sacct`` alone and, without accounting, waits forever for a job killed before it wrote
-its result).
+runs as one SLURM job array; :func:`wait_job` waits for a job within bounded time of its
+end, also without SLURM accounting, where submitit (which asks ``sacct`` alone) waits
+forever for a job killed before it wrote its result.
 """
 import contextlib
 import io
@@ -132,15 +124,9 @@ def make_executor(folder: str, cluster: str, *, nodes: int = 1, tasks_per_node: 
     # shorter job), and SLURM may send it up to a minute earlier still
     params = dict(nodes=nodes, tasks_per_node=tasks_per_node, timeout_min=timeout_min, name="d2bn",
                   slurm_signal_delay_s=min(90, timeout_min * 6))
-    if gpus_per_node:
-        params["gpus_per_node"] = gpus_per_node
-    if cpus_per_task:
-        params["cpus_per_task"] = cpus_per_task
-    if partition:
-        params["slurm_partition"] = partition
-    if max_parallel:
-        params["slurm_array_parallelism"] = max_parallel
-    executor.update_parameters(**params)
+    optional = dict(gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, slurm_partition=partition,
+                    slurm_array_parallelism=max_parallel)  # asked for only when given (non-zero)
+    executor.update_parameters(**params, **{k: v for k, v in optional.items() if v})
     return executor
 
 

@@ -29,11 +29,7 @@ def load_any_config(config_file: str, opts=(), world_size: int = 1):
 
 
 def resolve_device(cfg):
-    """
-    ``cfg`` itself when its device (``MODEL.DEVICE``; a LazyConfig's ``train.device``) can
-    be used here; on a machine without CUDA, a config whose device is "cpu" (see
-    :meth:`~d2_batchnorm.config_kinds.ConfigKind.resolve_device`).
-    """
+    """:meth:`~d2_batchnorm.config_kinds.ConfigKind.resolve_device` of ``cfg``, as a config."""
     return adapt(cfg).resolve_device().cfg
 
 

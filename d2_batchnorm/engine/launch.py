@@ -1,15 +1,8 @@
 """
-Starting worker processes through torch.distributed, the way detectron2 does.
-
-* :func:`launch` — detectron2's ``launch`` (N processes per machine: NCCL on GPUs, gloo
-  on CPU) that also runs under ``torchrun`` (``env://``), refuses ``--num-gpus`` larger
-  than the GPUs present before any worker starts, and runs CPU processes over gloo when
-  the config's device is the CPU, also on a machine with GPUs (:func:`uses_cuda`).
-* :func:`launch_cli` — the command line of tools/train_net.py and
-  tools/lazyconfig_train_net.py: detectron2's arguments, checks before any worker starts
-  (one ``error:`` line), then :func:`launch`.
-* :func:`run_on_local_workers` — runs a function in N local gloo processes and returns
-  each rank's result; used by the tests and the benchmarks.
+Starting worker processes through torch.distributed, the way detectron2 does:
+:func:`launch` (also under ``torchrun``), :func:`launch_cli` (the command line of
+tools/train_net.py and tools/lazyconfig_train_net.py) and :func:`run_on_local_workers`
+(N local gloo processes, for the tests and the benchmarks).
 """
 import contextlib
 import ctypes
