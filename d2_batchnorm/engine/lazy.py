@@ -70,9 +70,10 @@ def lazy_test(cfg, model: nn.Module) -> Dict:
     without an evaluator), with the inference statistics of ``train.bn_stats``; the random
     state is put back afterwards, so evaluating during training does not change it.
     """
-    if "evaluator" not in cfg.dataloader:
+    view = adapt(cfg)
+    if not view.has_test_set():
         return {}
-    with preserved_rng_state(), inference_statistics(model, adapt(cfg).get("TEST.BN_STATS")):
+    with preserved_rng_state(), inference_statistics(model, view.get("TEST.BN_STATS")):
         results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)

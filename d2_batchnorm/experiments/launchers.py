@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-from ..config_kinds import config_kind
+from ..config_kinds import LazyConfig, YacsConfig, config_kind
 from .runs import RunResult, read_run, status_text, training_progress
 
 __all__ = ["CONFIG_SUFFIXES", "REQUEST_FILE", "split_opts", "train_command", "run_config", "LocalLauncher",
@@ -22,7 +22,8 @@ __all__ = ["CONFIG_SUFFIXES", "REQUEST_FILE", "split_opts", "train_command", "ru
 _CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cli")
 #: the script that trains each kind of config (``ConfigKind.kind``)
 TRAIN_SCRIPTS = {"train": os.path.join(_CLI, "train_net.py"), "lazy-train": os.path.join(_CLI, "lazyconfig_train_net.py")}
-CONFIG_SUFFIXES = (".yaml", ".yml", ".py")
+#: the config files a comparison trains (the others are finished runs to read)
+CONFIG_SUFFIXES = YacsConfig.suffixes + LazyConfig.suffixes
 
 
 def split_opts(opts: List[str]) -> Tuple[List[str], List[str]]:
