@@ -101,17 +101,12 @@ def _plan(counts: List[int], rank: int, permutation: torch.Tensor):
       * recv_counts[s]: rows received from rank s.
     """
     world = len(counts)
-    counts_t = torch.tensor(counts, dtype=torch.int64)
-    ends = torch.cumsum(counts_t, 0)
-    starts = ends - counts_t
-    n_total = int(ends[-1]) if world else 0
-    # position_of[g]: shuffled global position of global RoI g (pi^{-1}).
-    position_of = torch.empty(n_total, dtype=torch.int64)
-    position_of[permutation] = torch.arange(n_total, dtype=torch.int64)
+    # position_of[g]: shuffled global position of global RoI g (pi^{-1}, the argsort of pi).
+    position_of = torch.argsort(permutation)
     # owner[g]: the rank that holds global index / position g (positions use the same ranges).
-    owner = torch.repeat_interleave(torch.arange(world, dtype=torch.int64), counts_t)
+    owner = torch.repeat_interleave(torch.arange(world), torch.tensor(counts))
 
-    start, end = int(starts[rank]), int(ends[rank])
+    start, end = sum(counts[:rank]), sum(counts[:rank + 1])
     my_positions = position_of[start:end]  # destination position of each local RoI
     send_index = torch.argsort(my_positions)  # positions are unique: no ties
     send_counts = torch.bincount(owner[my_positions], minlength=world)
