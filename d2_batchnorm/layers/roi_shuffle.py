@@ -36,16 +36,14 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+from detectron2.utils.logger import log_first_n
 
 from .. import distributed as d2bn_dist
 from ..rng import derive_seed, next_shared_count
 
 __all__ = ["RoIShuffleState", "shuffle_rois", "unshuffle_rois"]
 
-logger = logging.getLogger(__name__)
-
 _DEFAULT_SEED = 0x5EED_B0A7
-_WARNED_SINGLE_WORKER = False
 
 
 @dataclass(frozen=True)
@@ -141,17 +139,16 @@ def shuffle_rois(
 
     With a single worker this is the identity (and warns once).
     """
-    global _WARNED_SINGLE_WORKER
     _check_input(x, "shuffle_rois: x")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"shuffle_rois: seed must be an int or None; got {seed!r}")
     if not d2bn_dist.is_distributed(group):
-        if not _WARNED_SINGLE_WORKER:
-            logger.warning(
-                "shuffle_rois: only one worker, so RoIs cannot be shuffled across workers; "
-                "the RoI shuffle is a no-op (per-worker BN statistics as without it)."
-            )
-            _WARNED_SINGLE_WORKER = True
+        log_first_n(
+            logging.WARNING,
+            "shuffle_rois: only one worker, so RoIs cannot be shuffled across workers; "
+            "the RoI shuffle is a no-op (per-worker BN statistics as without it).",
+            name=__name__,
+        )
         return x, RoIShuffleState(counts=(int(x.shape[0]),), group=group)
 
     counts = d2bn_dist.all_gather_counts(x.shape[0], x.device, group)
