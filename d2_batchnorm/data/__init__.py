@@ -1,5 +1,5 @@
 """Datasets: the generated toy COCO-format dataset and its registration."""
-from .builtin import TOY_DATASETS, prepare_datasets, register_toy_datasets, toy_dataset_root
+from .builtin import TOY_DATASETS, prepare_datasets, register_toy_datasets
 from .toy import (
     RELATIVE_BRIGHTNESS_CATEGORIES,
     TOY_CATEGORIES,

@@ -18,7 +18,7 @@ from detectron2.data.datasets import load_coco_json
 
 from .toy import ToyDatasetSpec, ensure_toy_coco, toy_categories
 
-__all__ = ["TOY_DATASETS", "toy_dataset_root", "prepare_datasets", "register_toy_datasets"]
+__all__ = ["TOY_DATASETS", "prepare_datasets", "register_toy_datasets"]
 
 # folder name -> spec
 TOY_DATASETS: Dict[str, ToyDatasetSpec] = {
@@ -27,10 +27,6 @@ TOY_DATASETS: Dict[str, ToyDatasetSpec] = {
     "toy_coco_oneclass": ToyDatasetSpec(seed=2, single_class_per_image=True),
     "toy_coco_relative": ToyDatasetSpec(seed=3, class_cue="relative_brightness"),
 }
-
-
-def toy_dataset_root(folder: str) -> str:
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), folder)
 
 
 def _split_names():
@@ -54,7 +50,7 @@ def register_toy_datasets() -> None:
     for name, folder, split in _split_names():
         if name in DatasetCatalog.list():
             continue
-        root = toy_dataset_root(folder)
+        root = os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), folder)
         DatasetCatalog.register(name, lambda r=root, f=folder, s=split, n=name: _load(r, f, s, n))
         MetadataCatalog.get(name).set(
             json_file=os.path.join(root, "annotations", f"instances_{split}.json"),

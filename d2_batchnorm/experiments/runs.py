@@ -7,7 +7,7 @@ Reading detection runs: what a run is (from its ``config.yaml``) and what it mea
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from ..config_kinds import describe_dump
@@ -233,9 +233,4 @@ def read_dir(path: str, label: str) -> List[RunResult]:
     )
     if not seeds:
         return [read_run(path, label)]
-    runs = []
-    for seed in seeds:
-        run = read_run(os.path.join(path, f"seed{seed}"), label)
-        run.seed = seed
-        runs.append(run)
-    return runs
+    return [replace(read_run(os.path.join(path, f"seed{seed}"), label), seed=seed) for seed in seeds]

@@ -97,11 +97,7 @@ def get_norm(
 
 
 def norm_options_from_config(cfg) -> dict:
-    """
-    The keyword options of :func:`get_norm` from a config extended by
-    ``add_batchnorm_config``: ``{"sync_group_size": BN.SYNC_GROUP_SIZE,
-    "ghost_batch_size": BN.GHOST_BATCH_SIZE}``.
-    """
+    """The keyword options of :func:`get_norm` from a config's ``BN`` keys (its Args name them)."""
     return {
         "sync_group_size": cfg.BN.SYNC_GROUP_SIZE,
         "ghost_batch_size": cfg.BN.GHOST_BATCH_SIZE,
@@ -151,12 +147,10 @@ def set_ema_momentum(module: nn.Module, momentum: float) -> int:
 
     Returns the number of modules set.
     """
-    count = 0
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = momentum
-            count += 1
-    return count
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = momentum
+    return len(norms)
 
 
 #: the norms :func:`convert_for_inference` replaces: in eval mode each of them is the

@@ -302,8 +302,7 @@ def batch_norm_kernel_ema(module, x: torch.Tensor, use_batch_stats: bool = True)
     stay as they were, ``num_batches_tracked`` is decremented and ``num_nonfinite_batches`` incremented.
     (A channel already non-finite before the batch cannot tell; the BN monitor reports it.)
     """
-    tracks = use_batch_stats and module.training and module.track_running_stats
-    if not tracks:
+    if not (use_batch_stats and module.training and module.track_running_stats):
         return F.batch_norm(
             x, module.running_mean, module.running_var, module.weight, module.bias,
             use_batch_stats, 0.0, module.eps,

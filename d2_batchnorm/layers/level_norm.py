@@ -46,13 +46,10 @@ class LevelBatchNorm(BatchNormNd):
     (C,) pair shared by all levels (``share_affine=True``) or one (L, C) row per level.
 
     With ``sync_group_size`` not None the statistics are synchronized across the workers
-    of a sync group (one all-gather of (L, 2C+1) float64 power sums per call, count
-    weighted, empty workers allowed), like :class:`SyncBatchNorm`. ``sync_stats``, the flag
-    of every synchronized norm, is True iff built with a ``sync_group_size``; setting it to
-    False gives per-worker statistics. ``running_var`` receives the unbiased batch
-    variance, as in torch. Levels keep their memory format (channels_last included);
-    float16/bfloat16 levels are normalized by torch's kernels in float32 and returned in
-    their own dtype.
+    of a sync group as by :class:`SyncBatchNorm`, whose docstring also holds what both do
+    with ``running_var``, memory formats and float16/bfloat16 inputs. ``sync_stats``, the
+    flag of every synchronized norm, is True iff built with a ``sync_group_size``; setting
+    it to False gives per-worker statistics.
     """
 
     def __init__(

@@ -36,16 +36,14 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+from detectron2.utils.logger import log_first_n
 
 from .. import distributed as d2bn_dist
 from ..rng import derive_seed, next_shared_count
 
 __all__ = ["RoIShuffleState", "shuffle_rois", "unshuffle_rois"]
 
-logger = logging.getLogger(__name__)
-
 _DEFAULT_SEED = 0x5EED_B0A7
-_WARNED_SINGLE_WORKER = False
 
 
 @dataclass(frozen=True)
@@ -101,17 +99,12 @@ def _plan(counts: List[int], rank: int, permutation: torch.Tensor):
       * recv_counts[s]: rows received from rank s.
     """
     world = len(counts)
-    counts_t = torch.tensor(counts, dtype=torch.int64)
-    ends = torch.cumsum(counts_t, 0)
-    starts = ends - counts_t
-    n_total = int(ends[-1]) if world else 0
-    # position_of[g]: shuffled global position of global RoI g (pi^{-1}).
-    position_of = torch.empty(n_total, dtype=torch.int64)
-    position_of[permutation] = torch.arange(n_total, dtype=torch.int64)
+    # position_of[g]: shuffled global position of global RoI g (pi^{-1}, the argsort of pi).
+    position_of = torch.argsort(permutation)
     # owner[g]: the rank that holds global index / position g (positions use the same ranges).
-    owner = torch.repeat_interleave(torch.arange(world, dtype=torch.int64), counts_t)
+    owner = torch.repeat_interleave(torch.arange(world), torch.tensor(counts))
 
-    start, end = int(starts[rank]), int(ends[rank])
+    start, end = sum(counts[:rank]), sum(counts[:rank + 1])
     my_positions = position_of[start:end]  # destination position of each local RoI
     send_index = torch.argsort(my_positions)  # positions are unique: no ties
     send_counts = torch.bincount(owner[my_positions], minlength=world)
@@ -146,17 +139,16 @@ def shuffle_rois(
 
     With a single worker this is the identity (and warns once).
     """
-    global _WARNED_SINGLE_WORKER
     _check_input(x, "shuffle_rois: x")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"shuffle_rois: seed must be an int or None; got {seed!r}")
     if not d2bn_dist.is_distributed(group):
-        if not _WARNED_SINGLE_WORKER:
-            logger.warning(
-                "shuffle_rois: only one worker, so RoIs cannot be shuffled across workers; "
-                "the RoI shuffle is a no-op (per-worker BN statistics as without it)."
-            )
-            _WARNED_SINGLE_WORKER = True
+        log_first_n(
+            logging.WARNING,
+            "shuffle_rois: only one worker, so RoIs cannot be shuffled across workers; "
+            "the RoI shuffle is a no-op (per-worker BN statistics as without it).",
+            name=__name__,
+        )
         return x, RoIShuffleState(counts=(int(x.shape[0]),), group=group)
 
     counts = d2bn_dist.all_gather_counts(x.shape[0], x.device, group)

@@ -46,8 +46,6 @@ from ..layers import (
 
 __all__ = ["build_model", "modules_of_norm_key", "norm_keys_of_modules"]
 
-_D2_META_ARCHS_WITH_HEAD_NORM = ("RetinaNet",)
-
 
 def build_model(cfg) -> nn.Module:
     """
@@ -72,7 +70,7 @@ def build_model(cfg) -> nn.Module:
 def _config_for_detectron2(cfg):
     """A clone of cfg where our names in keys read by detectron2's builders are "BN"."""
     keys = ["RESNETS", "FPN"]
-    if cfg.MODEL.META_ARCHITECTURE in _D2_META_ARCHS_WITH_HEAD_NORM:
+    if cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
         keys.append("RETINANET")
     if cfg.MODEL.ROI_BOX_HEAD.NAME == "FastRCNNConvFCHead":
         keys.append("ROI_BOX_HEAD")

@@ -17,12 +17,9 @@ from torch import nn
 from ..checks import check_choice
 from ..layers import LEVEL_STATS, LevelBatchNorm, get_norm, norm_options_from_config
 
-__all__ = ["BNRetinaNet", "BNRetinaNetHead", "LevelSequential", "LEVEL_STATS_NORMS"]
+__all__ = ["BNRetinaNet", "BNRetinaNetHead", "LevelSequential"]
 
 logger = logging.getLogger(__name__)
-
-#: head norms that get level statistics (the others are one module applied to each level)
-LEVEL_STATS_NORMS = ("BN", "SyncBN")
 
 
 class LevelSequential(nn.Sequential):
@@ -104,7 +101,7 @@ class BNRetinaNetHead(RetinaNetHead):
         # detectron2's layers and initialization, without norms; ours go after each conv
         super().__init__(input_shape=input_shape, num_classes=num_classes, num_anchors=num_anchors,
                          conv_dims=conv_dims, norm="", prior_prob=prior_prob)
-        level_stats = norm in LEVEL_STATS_NORMS and norm_stats != "naive"
+        level_stats = norm in ("BN", "SyncBN") and norm_stats != "naive"  # the class docstring's rule
         if norm:
             logger.info(
                 f"BNRetinaNetHead: norm={norm!r} over {self._num_features} levels, "
