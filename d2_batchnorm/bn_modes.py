@@ -5,13 +5,11 @@ Which statistics the BatchNorm modules of a model normalize with, whatever
 * :func:`force_bn_mode` — every forward of the BN modules runs in the given mode
   (``training=False``: FrozenBN, population statistics with the affine still learned;
   ``training=True``: mini-batch statistics at inference);
-* :func:`mini_batch_statistics` — inference where each test batch is normalized by its
-  own statistics, leaving the population statistics untouched;
+* :func:`mini_batch_statistics` — inference with each test batch's own statistics;
 * :data:`TEST_BN_STATS` and :func:`inference_statistics` — the values of ``TEST.BN_STATS``
   and the context each selects;
 * :data:`EMA_ACROSS_WORKERS` and :func:`average_running_statistics` — the values of
-  ``BN.EMA_ACROSS_WORKERS``: whether the population statistics that inference and
-  checkpoints read are the mean over workers or each worker's own.
+  ``BN.EMA_ACROSS_WORKERS`` and the averaging of running statistics over workers.
 
 A norm that synchronizes statistics across workers has a bool attribute ``sync_stats``
 (d2_batchnorm's ``SyncBatchNorm`` and ``LevelBatchNorm``; a custom norm may follow the

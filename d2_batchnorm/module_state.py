@@ -60,12 +60,9 @@ def snapshot_bn_statistics(model: nn.Module) -> Dict[str, torch.Tensor]:
     ``{"<module>.running_mean": tensor, "<module>.running_var": tensor}`` (clones) of every
     BN module of ``model`` that tracks running statistics, in any mode.
     """
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm) and m.running_mean is not None:
-            out[f"{name}.running_mean"] = m.running_mean.detach().clone()
-            out[f"{name}.running_var"] = m.running_var.detach().clone()
-    return out
+    return {f"{name}.{k}": getattr(m, k).detach().clone()
+            for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.running_mean is not None
+            for k in ("running_mean", "running_var")}
 
 
 def bn_statistics_distance(

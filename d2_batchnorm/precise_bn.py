@@ -107,15 +107,13 @@ def summarize_errors(errors: Dict[str, RelativeErrors], prefix: str = "precise_b
     ...), the largest of them (``f"{prefix}/max"``) and the fewest units any module had
     (``f"{prefix}/min_units"``; errors from fewer than 2 units are NaN and left out).
     """
-    groups: Dict[str, Dict[str, List[torch.Tensor]]] = {}
+    groups: Dict[str, List[RelativeErrors]] = {}
     for name, e in errors.items():
-        values = groups.setdefault((group_of or bn_module_group)(name), {"mean": [], "std": []})
-        values["mean"].append(e.mean.flatten())
-        values["std"].append(e.std.flatten())
+        groups.setdefault((group_of or bn_module_group)(name), []).append(e)
     out = {}
-    for group, values in sorted(groups.items()):
-        for what, v in values.items():
-            v = torch.cat(v)
+    for group, group_errors in sorted(groups.items()):
+        for what in ("mean", "std"):
+            v = torch.cat([getattr(e, what).flatten() for e in group_errors])
             v = v[~v.isnan()]
             if v.numel():
                 out[f"{prefix}_{what}/{group}/max"] = float(v.max())
@@ -165,30 +163,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _reads_own_statistics(m: _BatchNorm) -> bool:
-    """
-    True for torch's own per-process BN (``_BatchNorm.forward``, (C,) float32/float64
-    buffers), whose batch statistics :class:`_StatisticsRecorder` reads from its buffers.
-    """
-    return (
-        type(m).forward is _BatchNorm.forward
-        and m.running_mean.dim() == 1
-        and m.running_mean.dtype in (torch.float32, torch.float64)
-    )
-
-
 class _StatisticsRecorder:
     """
     Within its ``with`` block, records the statistics of every call's input of the
     statistics modules: one float64 :class:`ChannelMoments` per module, with one row per
     row of its buffers (tensor i of a list input pools into row i of (L, C) buffers), and
     the :class:`~d2_batchnorm.standard_errors.UnitSums` of its sampling units (both:
-    :meth:`snapshot`). Modules of :func:`_reads_own_statistics` run with momentum 1.0
-    (restored by :func:`saved_bn_state`): after a call their buffers hold its input's batch
-    mean and unbiased variance, which :meth:`read_batch_statistics` reads (no second pass
-    over the activations). Synchronized and custom norms (own ``forward``) are measured
-    from their input by :meth:`measure_input` (the rounded batch mean as shift:
-    :meth:`ChannelMoments.of` with all samples).
+    :meth:`snapshot`). torch's own per-process BNs (``_BatchNorm.forward``, (C,) float32/
+    float64 buffers) run with momentum 1.0 (restored by :func:`saved_bn_state`): after a
+    call their buffers hold its input's batch mean and unbiased variance, which
+    :meth:`read_batch_statistics` reads (no second pass over the activations). Synchronized
+    and custom norms (own ``forward``) are measured from their input by
+    :meth:`measure_input` (the rounded batch mean as shift: :meth:`ChannelMoments.of` with
+    all samples).
 
     Either way a call becomes one :class:`ChannelMoments`. :meth:`end_batch` pools a
     module's calls of one forward into one unit (the unit of the standard errors: one
@@ -213,7 +200,8 @@ class _StatisticsRecorder:
 
     def __enter__(self) -> "_StatisticsRecorder":
         for m in self.modules:
-            if _reads_own_statistics(m):
+            if (type(m).forward is _BatchNorm.forward and m.running_mean.dim() == 1
+                    and m.running_mean.dtype in (torch.float32, torch.float64)):  # class docstring
                 m.momentum = 1.0
                 self._handles.append(m.register_forward_hook(self.read_batch_statistics))
             else:
@@ -332,15 +320,13 @@ def update_bn_stats(
             are used until the global count reaches it (the last batch is used whole).
         stop_plans: the :class:`~d2_batchnorm.early_exit.StopPlans` of a caller that runs
             it again on the same model; default: a plan for this call only.
-        target_rel_error: > 0 stops drawing batches as soon as every module's relative
-            standard error (:mod:`d2_batchnorm.standard_errors`: of its mean and standard
-            deviation, relative to the population standard deviation, largest over its
-            channels; from at least ``MIN_UNITS`` units) is at most this, or when
-            ``num_samples`` / ``num_iters`` is reached, whichever comes first. Checked
-            once ``MIN_UNITS`` units can exist, after every batch up to 20 and then every
-            ~10% more batches, from the statistics of all workers, so every rank stops
-            after the same batch; the statistics for a given number of batches are those
-            of a fixed-size run with that many.
+        target_rel_error: > 0 stops drawing batches as soon as every module's largest relative
+            standard error (:meth:`~d2_batchnorm.standard_errors.RelativeErrors.largest`) is
+            at most this, or when ``num_samples`` / ``num_iters`` is reached, whichever comes
+            first. Checked once ``MIN_UNITS`` units can exist, after every batch up to 20 and
+            then every ~10% more batches, from the statistics of all workers, so every rank
+            stops after the same batch; the statistics for a given number of batches are
+            those of a fixed-size run with that many.
 
     Every call of a BN module is a batch of its own (a BN reused within one forward counts
     once per call). Ranks agree on each batch with a small all-reduce of

@@ -76,9 +76,8 @@ class UnitSums(NamedTuple):
     @classmethod
     def start(cls, first: ChannelMoments) -> "UnitSums":
         """No units yet, shifted by the moments of a first unit (count (R,), mean (R, C))."""
-        zeros = torch.zeros_like(first.mean)
-        return cls(first.count.new_zeros(first.count.shape), first.count.new_zeros(first.count.shape),
-                   first.mean.clone(), first.var, zeros, zeros, zeros, zeros, zeros)
+        zeros, zero_rows = torch.zeros_like(first.mean), torch.zeros_like(first.count)
+        return cls(zero_rows, zero_rows, first.mean.clone(), first.var, zeros, zeros, zeros, zeros, zeros)
 
     def add(self, units: ChannelMoments) -> "UnitSums":
         """These sums and k more ``units`` (count (k, R), mean and m2 (k, R, C)) together."""

@@ -290,9 +290,8 @@ class BNMonitor(HookBase):
             if m.weight is not None:
                 row[6] += float((m.weight.detach().double().abs() < GAMMA_COLLAPSE).sum())
             channels[index[bn_module_group(name)]] += var.numel()
-            mean = m.running_mean.detach().double().cpu().flatten()
-            var = var.cpu().flatten()
-            per_module.append(torch.cat([mean, var, -mean, -var]))
+            buffers = torch.cat([m.running_mean.detach().double().flatten(), var.flatten()]).cpu()
+            per_module.append(torch.cat([buffers, -buffers]))
         flat = torch.cat(per_module)
         local[:, 5:] /= channels.clamp(min=1).unsqueeze(1)
         # ONE collective: maxima (and minima, negated) of buffers, and the maxima of the rest
@@ -392,12 +391,10 @@ class BNMonitor(HookBase):
             heads = sorted({bn_module_group(n) for n, m in self._modules
                             if n.startswith(("roi_heads", "head")) and not getattr(m, "sync_stats", False)})
             for group in heads or ["<model>"]:
-                if group.startswith("roi_heads.box_head"):
-                    line = self._fix(("MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION", "shuffle"))
-                elif group.startswith("roi_heads.mask_head"):
-                    line = self._fix(("MODEL.ROI_MASK_HEAD.LEAKAGE_MITIGATION", "shuffle"))
-                else:
-                    line = self._norm_line(group, "SyncBN") or self._fix(("MODEL.ROI_BOX_HEAD.LEAKAGE_MITIGATION", "shuffle"))
+                head = "ROI_MASK_HEAD" if group.startswith("roi_heads.mask_head") else "ROI_BOX_HEAD"
+                shuffle = self._fix((f"MODEL.{head}.LEAKAGE_MITIGATION", "shuffle"))
+                roi_head = group.startswith(("roi_heads.box_head", "roi_heads.mask_head"))
+                line = shuffle if roi_head else self._norm_line(group, "SyncBN") or shuffle
                 self._once("leakage", group, f"the training loss of a fixed batch is {total:.3g} higher with "
                            f"population statistics than with batch statistics ({total / abs(base):.0%}): "
                            f"{group} may read the batch through its statistics (leakage); set {line}")

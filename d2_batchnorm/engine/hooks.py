@@ -1,14 +1,10 @@
 """
-Training hooks for BatchNorm train/test consistency:
+Training hooks for BatchNorm train/test consistency (each class's docstring says what it does):
 
-* :class:`PreciseBN` — precise population statistics (exact across workers) every
-  ``period`` iterations and after the last one, optionally evaluating with the EMA
-  statistics first so both APs are logged ("ema/bbox/AP" next to "bbox/AP"), and how far
-  the EMA statistics were from the precise ones (:func:`bn_statistics_distance`);
-* :class:`FrozenBNLate` — FrozenBN for the last N iterations: every BN normalizes with its
-  population statistics in the training forward; gamma/beta are still learned;
-* :class:`AverageBNStatistics` — with several workers, the running statistics of per-worker
-  BN averaged over workers before a checkpoint, an evaluation or the freeze reads them.
+* :class:`PreciseBN` — precise population statistics, optionally after an evaluation with
+  the EMA ones ("ema/bbox/AP" next to "bbox/AP");
+* :class:`FrozenBNLate` — FrozenBN for the last N iterations;
+* :class:`AverageBNStatistics` — per-worker running statistics averaged over workers.
 
 :func:`build_batchnorm_hooks` builds them and the BatchNorm health hooks from either kind
 of config, in the order to register them (for every trainer). The contexts that choose
@@ -55,8 +51,6 @@ class PreciseBN(HookBase):
     and the relative standard errors of the precise statistics per module group
     (``precise_bn/rel_error_mean/<group>/max``, ``.../median``, ``precise_bn/rel_error_std/...``,
     ``precise_bn/rel_error/max``: :func:`~d2_batchnorm.precise_bn.summarize_errors`).
-    With ``target_rel_error`` > 0 a run stops drawing batches once every module's error is
-    at most that (adaptive PreciseBN; ``num_samples`` / ``num_iter`` is the cap).
 
     With ``ema_eval_function``, at runs that coincide with an evaluation (every
     ``ema_eval_period`` iterations, and the last one) the model is first evaluated with its

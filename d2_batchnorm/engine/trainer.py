@@ -4,7 +4,9 @@ import weakref
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import hooks as d2_hooks
 from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -15,6 +17,7 @@ from ..config import validate_batchnorm_config
 from ..modeling import build_model as build_bn_model
 from ..rng import preserved_rng_state
 from .defaults import resolve_device
+from .hooks import build_batchnorm_hooks
 
 __all__ = ["BNTrainer", "create_ddp_model"]
 
@@ -86,13 +89,9 @@ class BNTrainer(DefaultTrainer):
         writers) with :func:`~d2_batchnorm.engine.hooks.build_batchnorm_hooks` before the
         checkpointer, in place of detectron2's PreciseBN.
         """
-        from detectron2.engine import hooks as d2_hooks
-
-        from . import hooks as bn_hooks
-
         cfg = self.cfg
         ret = [d2_hooks.IterationTimer(), d2_hooks.LRScheduler()]
-        ret += bn_hooks.build_batchnorm_hooks(cfg, self.model, lambda: self.test(self.cfg, self.model))
+        ret += build_batchnorm_hooks(cfg, self.model, lambda: self.test(self.cfg, self.model))
         if comm.is_main_process():
             ret.append(d2_hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
 
@@ -111,8 +110,6 @@ class BNTrainer(DefaultTrainer):
         detectron2's test loader; with ``TEST.BN_STATS: mini_batch`` it batches
         ``TEST.IMS_PER_BATCH`` images per worker (mini-batch statistics need a batch).
         """
-        from detectron2.data import build_detection_test_loader
-
         batch = {"batch_size": cfg.TEST.IMS_PER_BATCH} if cfg.TEST.BN_STATS == "mini_batch" else {}
         return build_detection_test_loader(cfg, dataset_name, **batch)
 
