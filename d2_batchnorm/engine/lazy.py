@@ -25,7 +25,7 @@ from ..layers import convert_sync_batchnorm, set_ema_momentum
 from ..config_kinds import adapt
 from ..rng import preserved_rng_state
 from .hooks import build_batchnorm_hooks
-from .trainer import create_ddp_model
+from .trainer import BNTrainer, create_ddp_model
 
 __all__ = ["build_lazy_model", "lazy_test", "build_lazy_trainer", "build_any_model", "test_any"]
 
@@ -50,16 +50,12 @@ def build_lazy_model(cfg) -> nn.Module:
 
 def build_any_model(cfg) -> nn.Module:
     """The model of either kind of config: :func:`build_lazy_model` or ``BNTrainer.build_model``."""
-    from .trainer import BNTrainer
-
     build = {"lazy-train": build_lazy_model, "train": BNTrainer.build_model}[adapt(cfg).kind]
     return build(cfg)
 
 
 def test_any(cfg, model: nn.Module) -> Dict:
     """The evaluation of either kind of config: :func:`lazy_test` or ``BNTrainer.test``."""
-    from .trainer import BNTrainer
-
     test = {"lazy-train": lazy_test, "train": BNTrainer.test}[adapt(cfg).kind]
     return test(cfg, model)
 
