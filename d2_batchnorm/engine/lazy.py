@@ -3,11 +3,7 @@ Training and evaluation from a LazyConfig (detectron2's Python configs), with th
 :class:`~d2_batchnorm.engine.BNTrainer` uses for yacs configs: the same hooks
 (:func:`~d2_batchnorm.engine.hooks.build_batchnorm_hooks`), DDP for CPU modules too,
 evaluation with the statistics ``train.bn_stats`` selects and without perturbing training.
-
-The config defines ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
-``lr_multiplier`` and ``train`` (detectron2's ``configs/common/train.py`` plus d2_batchnorm's
-settings, :data:`d2_batchnorm.config.SETTINGS`), as for detectron2's
-``tools/lazyconfig_train_net.py``.
+The config defines :data:`d2_batchnorm.config_kinds.LAZY_CONFIG_PARTS` (detectron2's convention).
 """
 import logging
 from typing import Dict
