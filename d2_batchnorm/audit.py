@@ -184,11 +184,10 @@ def _trace_calls(model: nn.Module, names: Sequence[str], input_size: Tuple[int, 
     ``input_size`` (H, W), padded to the backbone's size divisibility. A module taking a
     list (one tensor per level) counts each tensor.
     """
-    wanted = set(names)
     calls: Dict[str, List[int]] = {n: [] for n in names}
     handles = []
     for name, m in model.named_modules():
-        if name in wanted:
+        if name in calls:
             def record(module, args, name=name):
                 xs = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
                 calls[name].extend(int(x[0, 0].numel()) for x in xs if x.dim() >= 2 and x.shape[0] > 0)
@@ -230,13 +229,12 @@ def collect_groups(view: ConfigKind, model: nn.Module) -> List[NormGroup]:
     calls = _trace_calls(model, [n for found in owned.values() for n, _ in found], view.input_size())
     groups = []
     for key, found in owned.items():
-        modules = [m for _, m in found]
         # normalizing by batch statistics in training (FrozenBN, GN and LN do not)
         stat_modules = [(n, m) for n, m in found if isinstance(m, _BatchNorm) and m.training]
         name = "FCOS head" if key == "RETINANET" and "FCOS" in type(model).__name__ else GROUP_NAMES[key]
         group = NormGroup(
             name=name, key=key, norm=view.describe_norm(key),
-            types=dict(Counter(type(m).__name__ for m in modules)),
+            types=dict(Counter(type(m).__name__ for _, m in found)),
             batch_statistics=len(stat_modules), modules=[n for n, _ in found],
         )
         if stat_modules:

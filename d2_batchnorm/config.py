@@ -3,10 +3,7 @@ Config keys of d2_batchnorm and their launch-time validation.
 
 This module holds every key with its default and the checks that involve keys (names,
 ranges, cross-key rules, the world size). The allowed values of a key are defined by the
-code that implements them and imported here: norm names (``layers.NORM_NAMES``), RetinaNet
-statistics modes (``modeling.retinanet.BNRetinaNetHead``), leakage mitigations
-(``modeling.roi_heads``, and the registered heads that declare them), inference statistics
-(``bn_modes.TEST_BN_STATS``, ``bn_modes.EMA_ACROSS_WORKERS``); argument checks themselves are ``checks.check_*``.
+code that implements them and imported here; argument checks themselves are ``checks.check_*``.
 
 ``add_batchnorm_config(cfg)`` extends detectron2's default config in place. detectron2's
 own keys keep their meaning (``TEST.PRECISE_BN.ENABLED``, ``TEST.PRECISE_BN.NUM_ITER``,

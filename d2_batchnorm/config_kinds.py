@@ -16,6 +16,11 @@ import logging
 import os
 from typing import Dict, List, Tuple
 
+import torch
+from detectron2.config import LazyConfig as D2LazyConfig
+from detectron2.config import get_cfg, instantiate
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import transforms as T
 from omegaconf import DictConfig, OmegaConf
 
 from .config import add_batchnorm_config, config_value, images_per_worker, split_batch, validate_batchnorm_config
@@ -38,8 +43,6 @@ LAZY_CONFIG_PARTS = ("model", "dataloader", "optimizer", "lr_multiplier", "train
 
 def get_bn_cfg():
     """detectron2's default config extended with d2_batchnorm's keys."""
-    from detectron2.config import get_cfg
-
     return add_batchnorm_config(get_cfg())
 
 
@@ -94,8 +97,6 @@ class ConfigKind:
         one whose device is "cpu" instead of a CUDA device (logged), so a config written
         for GPUs runs as is.
         """
-        import torch
-
         device = self.get("MODEL.DEVICE")
         if torch.cuda.is_available() or not str(device).startswith("cuda"):
             return self
@@ -201,8 +202,6 @@ class YacsConfig(ConfigKind):
         return self.cfg.TEST.IMS_PER_BATCH
 
     def train_loader(self, datasets, ims_per_batch, world_size):
-        from detectron2.data import build_detection_train_loader
-
         cfg = self.copy().cfg
         cfg.DATALOADER.NUM_WORKERS = 0
         cfg.DATASETS.TRAIN = tuple(datasets)
@@ -211,13 +210,9 @@ class YacsConfig(ConfigKind):
         return build_detection_train_loader(cfg)
 
     def test_loader(self):
-        from detectron2.data import build_detection_test_loader
-
         return build_detection_test_loader(self.cfg, self.cfg.DATASETS.TEST[0])
 
     def test_transform(self):
-        from detectron2.data import transforms as T
-
         size = self.cfg.INPUT.MIN_SIZE_TEST
         return self.cfg.INPUT.FORMAT, [T.ResizeShortestEdge([size, size], self.cfg.INPUT.MAX_SIZE_TEST)]
 
@@ -251,8 +246,6 @@ class LazyConfig(ConfigKind):
             ValueError: a missing file, a config that fails to load or lacks one of
             :data:`LAZY_CONFIG_PARTS`, a bad override or a bad value — the message names it.
         """
-        from detectron2.config import LazyConfig as D2LazyConfig
-
         _check_file(config_file)
         try:
             cfg = LazyConfig.read(config_file)
@@ -272,8 +265,6 @@ class LazyConfig(ConfigKind):
 
     @staticmethod
     def read(config_file):
-        from detectron2.config import LazyConfig as D2LazyConfig
-
         return D2LazyConfig.load(config_file)
 
     def get(self, key):
@@ -326,8 +317,6 @@ class LazyConfig(ConfigKind):
         return self.cfg.dataloader.test.batch_size
 
     def train_loader(self, datasets, ims_per_batch, world_size):
-        from detectron2.config import instantiate
-
         loader = copy.deepcopy(self.cfg.dataloader.train)
         loader.num_workers = 0
         loader.dataset.names = list(datasets)
@@ -335,13 +324,9 @@ class LazyConfig(ConfigKind):
         return instantiate(loader)
 
     def test_loader(self):
-        from detectron2.config import instantiate
-
         return instantiate(self.cfg.dataloader.test)
 
     def test_transform(self):
-        from detectron2.config import instantiate
-
         mapper = self.cfg.dataloader.test.mapper
         return mapper.image_format, list(instantiate(mapper.augmentations))
 

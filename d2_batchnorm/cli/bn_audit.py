@@ -9,13 +9,10 @@ Audits a config's BatchNorm before training: where it will bite, why, and the fi
         [--samples 256] [--eval]
 
 Builds the model exactly as training would (on CPU, no weights, no training: seconds) and
-prints one row per group of normalization modules (backbone, FPN, RetinaNet head, box
-head, mask head): its norm, its training batch (images per normalization: images per
-worker × workers of its sync group), values per channel per batch, how its population
-statistics are computed and whether that matches training; then the findings
-(:mod:`d2_batchnorm.audit`), each with the paper's reason and the config line that fixes
-it. Writes ``bn_audit.md`` and ``bn_audit.json`` into ``--output`` (default: the config's
-OUTPUT_DIR). Exits 0 without findings, 1 with findings, 2 on bad input (one ``error:`` line).
+prints its audit (:mod:`d2_batchnorm.audit`: one row per group of normalization modules,
+then the findings, each with the paper's reason and the config line that fixes it). Writes
+``bn_audit.md`` and ``bn_audit.json`` into ``--output`` (default: the config's OUTPUT_DIR).
+Exits 0 without findings, 1 with findings, 2 on bad input (one ``error:`` line).
 
 ``MODEL.WEIGHTS`` (a LazyConfig: ``train.init_checkpoint=``) given on the command line also
 measures, in this one process: PreciseBN

@@ -57,8 +57,10 @@ import shutil
 import sys
 from typing import List, Tuple
 
+import torch
+
 from d2_batchnorm.checks import check_int
-from d2_batchnorm.engine.cluster import CLUSTERS, SubmissionRefused
+from d2_batchnorm.engine.cluster import CLUSTERS, SubmissionRefused, partition_gpus
 from d2_batchnorm.experiments import (CONFIG_SUFFIXES, LocalLauncher, SubmititLauncher, paired_summary,
                                       parse_seeds, plot, read_dir, run_all, split_opts, train_command,
                                       write_seed_tables, write_tables)
@@ -80,12 +82,8 @@ def submitit_resources(args) -> dict:
     """
     gpus = args.gpus_per_node
     if gpus is None and args.cluster == "slurm":
-        from d2_batchnorm.engine.cluster import partition_gpus
-
         gpus = args.num_gpus if partition_gpus(args.partition or None) > 0 else 0
     elif gpus is None:
-        import torch
-
         gpus = args.num_gpus if torch.cuda.is_available() else 0
     tasks = args.tasks_per_node or gpus or args.num_gpus
     if args.cluster == "local" and args.nodes != 1:

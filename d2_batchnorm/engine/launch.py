@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.engine import default_argument_parser
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
@@ -190,8 +191,6 @@ def launch_cli(main_func, load_config, argv=None) -> int:
     default ``--dist-url`` (one fixed port per user) becomes "auto" on one machine, so two
     jobs at once do not collide. Returns the exit status.
     """
-    from detectron2.engine import default_argument_parser
-
     parser = default_argument_parser()
     args = parser.parse_args(argv)
     if args.dist_url == parser.get_default("dist_url") and args.num_machines == 1:

@@ -3,11 +3,7 @@ Training and evaluation from a LazyConfig (detectron2's Python configs), with th
 :class:`~d2_batchnorm.engine.BNTrainer` uses for yacs configs: the same hooks
 (:func:`~d2_batchnorm.engine.hooks.build_batchnorm_hooks`), DDP for CPU modules too,
 evaluation with the statistics ``train.bn_stats`` selects and without perturbing training.
-
-The config defines ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
-``lr_multiplier`` and ``train`` (detectron2's ``configs/common/train.py`` plus d2_batchnorm's
-settings, :data:`d2_batchnorm.config.SETTINGS`), as for detectron2's
-``tools/lazyconfig_train_net.py``.
+The config defines :data:`d2_batchnorm.config_kinds.LAZY_CONFIG_PARTS` (detectron2's convention).
 """
 import logging
 from typing import Dict
@@ -25,7 +21,7 @@ from ..layers import convert_sync_batchnorm, set_ema_momentum
 from ..config_kinds import adapt
 from ..rng import preserved_rng_state
 from .hooks import build_batchnorm_hooks
-from .trainer import create_ddp_model
+from .trainer import BNTrainer, create_ddp_model
 
 __all__ = ["build_lazy_model", "lazy_test", "build_lazy_trainer", "build_any_model", "test_any"]
 
@@ -50,16 +46,12 @@ def build_lazy_model(cfg) -> nn.Module:
 
 def build_any_model(cfg) -> nn.Module:
     """The model of either kind of config: :func:`build_lazy_model` or ``BNTrainer.build_model``."""
-    from .trainer import BNTrainer
-
     build = {"lazy-train": build_lazy_model, "train": BNTrainer.build_model}[adapt(cfg).kind]
     return build(cfg)
 
 
 def test_any(cfg, model: nn.Module) -> Dict:
     """The evaluation of either kind of config: :func:`lazy_test` or ``BNTrainer.test``."""
-    from .trainer import BNTrainer
-
     test = {"lazy-train": lazy_test, "train": BNTrainer.test}[adapt(cfg).kind]
     return test(cfg, model)
 
